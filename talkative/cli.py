@@ -16,7 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("talkative.commands.serve", "run the analysis server (REST, WebSocket and web UI)"),
     "analyze": ("talkative.commands.analyze", "explain every token of a text and score the explanations"),
     "models": ("talkative.commands.models", "list model groups, prepare the bundled model"),
-    "train": ("talkative.commands.train", "train an NLA (stages ar-sft, av-sft, grpo) or extract activations"),
+    "train": (
+        "talkative.commands.train",
+        "train an NLA (stages ar-sft, av-sft, grpo) or extract activations",
+    ),
     "eval": ("talkative.commands.evaluate", "evaluate a checkpoint on held-out activations"),
     "convert": ("talkative.commands.convert", "convert a checkpoint between formats"),
     "inspect": ("talkative.commands.inspect", "describe a checkpoint of any format"),
@@ -25,7 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
-    parser = argparse.ArgumentParser(prog="talkative", description="Natural language autoencoders: explain activations in words.")
+    parser = argparse.ArgumentParser(
+        prog="talkative", description="Natural language autoencoders: explain activations in words."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     runners: dict[str, Callable[[argparse.Namespace], int]] = {}
     argv = sys.argv[1:]

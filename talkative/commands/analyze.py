@@ -12,10 +12,18 @@ from typing import Any
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", help="text to analyse (or use --messages)")
     p.add_argument("--messages", type=Path, help="JSON file with a list of {role, content} chat messages")
-    p.add_argument("--checkpoint", help="NLA checkpoint (native, upstream .pt or official); default: the demo checkpoint")
-    p.add_argument("--layer", type=int, help="layer for an untrained NLA (a trained checkpoint fixes its own)")
-    p.add_argument("-k", "--best-of-k", type=int, default=8, help="explanations sampled per position (default 8)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 for greedy (default 1.0)")
+    p.add_argument(
+        "--checkpoint", help="NLA checkpoint (native, upstream .pt or official); default: the demo checkpoint"
+    )
+    p.add_argument(
+        "--layer", type=int, help="layer for an untrained NLA (a trained checkpoint fixes its own)"
+    )
+    p.add_argument(
+        "-k", "--best-of-k", type=int, default=8, help="explanations sampled per position (default 8)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature, 0 for greedy (default 1.0)"
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-kl", action="store_true", help="skip the KL divergence")
     p.add_argument("--no-salience", action="store_true", help="skip per-token salience")
@@ -26,7 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="analyse on a running Talkative server at this URL instead of locally")
     p.add_argument("--api-key", help="API key for --server (default: $TALKATIVE_API_KEY)")
     p.add_argument("--model-id", help="with --server: the model to use (default: the server's current model)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling an upstream .pt that needs it")
+    p.add_argument(
+        "--trust-checkpoint", action="store_true", help="allow unpickling an upstream .pt that needs it"
+    )
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local(args: argparse.Namespace, text: str | None, messages: Any, options: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _local(
+    args: argparse.Namespace, text: str | None, messages: Any, options: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from ..defaults import default_checkpoint_spec
     from ..nla.analysis import AnalysisError, analyze
     from ..nla.checkpoint import CheckpointError
@@ -86,7 +98,9 @@ def _local(args: argparse.Namespace, text: str | None, messages: Any, options: d
     return result.rows, result.metadata
 
 
-def _remote(args: argparse.Namespace, text: str | None, messages: Any, options: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _remote(
+    args: argparse.Namespace, text: str | None, messages: Any, options: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from ..client import Client
 
     with Client(args.server, api_key=args.api_key) as client:
@@ -102,8 +116,20 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{meta.get('model', '')} · layer {meta.get('layer')} · k={meta.get('best_of_k')}", show_lines=False)
-    for col, justify in (("pos", "right"), ("token", "left"), ("explanation", "left"), ("mse", "right"), ("rel rmse", "right"), ("cos", "right"), ("fve", "right"), ("KL", "right")):
+    table = Table(
+        title=f"{meta.get('model', '')} · layer {meta.get('layer')} · k={meta.get('best_of_k')}",
+        show_lines=False,
+    )
+    for col, justify in (
+        ("pos", "right"),
+        ("token", "left"),
+        ("explanation", "left"),
+        ("mse", "right"),
+        ("rel rmse", "right"),
+        ("cos", "right"),
+        ("fve", "right"),
+        ("KL", "right"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in rows:
         table.add_row(

@@ -88,7 +88,10 @@ def render_messages(nla: NLA, messages: Sequence[ChatMessage | dict[str, str]]) 
     last_user = msgs[-1]["role"] == "user"
     return str(
         tok.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=last_user, continue_final_message=not last_user and msgs[-1]["role"] == "assistant"
+            msgs,
+            tokenize=False,
+            add_generation_prompt=last_user,
+            continue_final_message=not last_user and msgs[-1]["role"] == "assistant",
         )
     )
 
@@ -197,12 +200,16 @@ def overrides_for(nla: NLA, opts: Resolved) -> PromptOverrides:
     add_ids: list[int] = []
     for piece in opts.add_tokens:
         add_ids.extend(encode_piece(lm, piece))
-    if (opts.replace_left is not None or opts.replace_right is not None or opts.hard_tokens) and not isinstance(
-        nla.verbalizer, LayerReplacementVerbalizer
-    ):
-        raise AnalysisError("replace_left, replace_right and do_hard_tokens need a layer-replacement (soft prompt) verbalizer")
+    if (
+        opts.replace_left is not None or opts.replace_right is not None or opts.hard_tokens
+    ) and not isinstance(nla.verbalizer, LayerReplacementVerbalizer):
+        raise AnalysisError(
+            "replace_left, replace_right and do_hard_tokens need a layer-replacement (soft prompt) verbalizer"
+        )
     if isinstance(nla.verbalizer, LayerReplacementVerbalizer) and len(add_ids) > nla.verbalizer.t_text:
-        raise AnalysisError(f"add_tokens gives {len(add_ids)} tokens; explanations here are {nla.verbalizer.t_text} tokens long")
+        raise AnalysisError(
+            f"add_tokens gives {len(add_ids)} tokens; explanations here are {nla.verbalizer.t_text} tokens long"
+        )
     return PromptOverrides(
         add_ids=add_ids,
         replace_left_ids=None if opts.replace_left is None else encode_piece(lm, opts.replace_left),
@@ -228,7 +235,9 @@ def _steps(nla: NLA, overrides: PromptOverrides) -> int:
 def _units(nla: NLA, expl: Explanation) -> list[int]:
     r = nla.reconstructor
     if isinstance(r, SoftPromptReconstructor):
-        if r.lm.tokenizer is nla.verbalizer.lm.tokenizer or isinstance(nla.verbalizer, LayerReplacementVerbalizer):
+        if r.lm.tokenizer is nla.verbalizer.lm.tokenizer or isinstance(
+            nla.verbalizer, LayerReplacementVerbalizer
+        ):
             return list(expl.ids)
         return encode_piece(r.lm, expl.text)
     return r.units(expl.text)
@@ -254,11 +263,11 @@ def run_batch(
     timings: dict[str, float] | None = None,
 ) -> list[list[dict[str, Any]]]:
     """Analyse the given positions of each prepared input in one engine batch; rows per part, in order."""
-    parts = [(p, list(pos)) for p, pos in parts if pos]
-    if not parts:
+    items = [(p, list(pos)) for p, pos in parts if pos]
+    if not items:
         return []
     with torch.no_grad():
-        return _run_batch(nla, parts, opts, tuned, timings)
+        return _run_batch(nla, items, opts, tuned, timings)
 
 
 def _run_batch(
@@ -279,7 +288,9 @@ def _run_batch(
     n_steps = _steps(nla, overrides)
     uniforms = None
     if opts.temperature > 0:
-        uniforms = torch.stack([row_uniforms(s, [key], n_steps)[0] for s, key in zip(seeds, keys, strict=True)])
+        uniforms = torch.stack(
+            [row_uniforms(s, [key], n_steps)[0] for s, key in zip(seeds, keys, strict=True)]
+        )
     explanations = nla.verbalizer.generate(A, k, uniforms, opts.temperature, overrides)
     t = _timed(timings, "verbalize", t)
 
@@ -318,7 +329,9 @@ def _run_batch(
     if opts.logit_lens or opts.tuned_lens:
         t = _timed(timings, "lens", t)
 
-    metrics = M.all_metrics(A, best_hat, nla.fve_variance) if (opts.evaluate and best_hat is not None) else None
+    metrics = (
+        M.all_metrics(A, best_hat, nla.fve_variance) if (opts.evaluate and best_hat is not None) else None
+    )
     out: list[list[dict[str, Any]]] = []
     g = 0
     for p, pos in parts:
@@ -370,7 +383,9 @@ def _structured(nla: NLA, units: list[int]) -> list[str]:
     return [tok.decode([u]) for u in units[start:stop]]
 
 
-def _salience(nla: NLA, A: Tensor, best_units: list[list[int]], current: Tensor, base: Tensor) -> list[list[float] | None]:
+def _salience(
+    nla: NLA, A: Tensor, best_units: list[list[int]], current: Tensor, base: Tensor
+) -> list[list[float] | None]:
     """(score with unit i replaced by a space − score) / score, every ablation of every position in one pass."""
     rec = nla.reconstructor
     space = rec.space_id
@@ -486,11 +501,19 @@ def analyze(
         rows.extend(run_batch(nla, [(prep, chunk)], opts, tuned=tuned, timings=timings)[0])
         if progress is not None:
             progress(len(rows), total)
-    return Analysis(rows=rows, metadata=metadata(nla, prep, opts, size, timings, time.perf_counter() - started, rows))
+    return Analysis(
+        rows=rows, metadata=metadata(nla, prep, opts, size, timings, time.perf_counter() - started, rows)
+    )
 
 
 def metadata(
-    nla: NLA, prep: Prepared, opts: Resolved, batch_size: int, timings: dict[str, float], seconds: float, rows: Sequence[dict[str, Any]]
+    nla: NLA,
+    prep: Prepared,
+    opts: Resolved,
+    batch_size: int,
+    timings: dict[str, float],
+    seconds: float,
+    rows: Sequence[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "model": nla.name,

@@ -16,7 +16,12 @@ import torch
 
 from .lm import LM, LMPool
 from .reconstructor import DEFAULT_AR_PROMPT, Reconstructor, SoftPromptReconstructor, TemplateReconstructor
-from .verbalizer import DEFAULT_AV_PROMPT, EmbeddingReplacementVerbalizer, LayerReplacementVerbalizer, Verbalizer
+from .verbalizer import (
+    DEFAULT_AV_PROMPT,
+    EmbeddingReplacementVerbalizer,
+    LayerReplacementVerbalizer,
+    Verbalizer,
+)
 
 FORMAT = "talkative-nla"
 FORMAT_VERSION = 1
@@ -38,7 +43,9 @@ class NLA:
     name: str = "nla"
     provenance: dict[str, Any] = field(default_factory=dict)
     fve_baseline: dict[str, Any] | None = None
-    bases: dict[str, str] = field(default_factory=lambda: {"verbalizer": "subject", "reconstructor": "subject"})
+    bases: dict[str, str] = field(
+        default_factory=lambda: {"verbalizer": "subject", "reconstructor": "subject"}
+    )
 
     @property
     def d_model(self) -> int:
@@ -70,7 +77,9 @@ class NLA:
         """An untrained NLA over `subject` at `layer`, upstream architecture, sharing the subject's weights."""
         if not 0 <= layer < subject.n_layers:
             raise CheckpointError(f"layer {layer} outside 0..{subject.n_layers - 1} for {subject.source}")
-        verbalizer = LayerReplacementVerbalizer(subject, prompt=av_prompt, patch_layers=patch_layers, t_text=t_text)
+        verbalizer = LayerReplacementVerbalizer(
+            subject, prompt=av_prompt, patch_layers=patch_layers, t_text=t_text
+        )
         reconstructor = SoftPromptReconstructor(
             subject,
             prompt=ar_prompt,
@@ -216,7 +225,10 @@ def build_reconstructor(cfg: dict[str, Any], lm: LM) -> Reconstructor:
             head=cfg.get("head", "none"),
         )
     if mode == "template":
-        kwargs: dict[str, Any] = {"output_layer": cfg.get("output_layer"), "head_bias": bool(cfg.get("head_bias", False))}
+        kwargs: dict[str, Any] = {
+            "output_layer": cfg.get("output_layer"),
+            "head_bias": bool(cfg.get("head_bias", False)),
+        }
         if "template" in cfg:
             kwargs["template"] = cfg["template"]
         return TemplateReconstructor(lm, **kwargs)
@@ -265,7 +277,13 @@ def load_nla(
     if fmt == "upstream":
         from .formats.upstream import load_upstream
 
-        return load_upstream(Path(path), pool=pool, trust_checkpoint=trust_checkpoint, subject_override=subject_override, **kwargs)
+        return load_upstream(
+            Path(path),
+            pool=pool,
+            trust_checkpoint=trust_checkpoint,
+            subject_override=subject_override,
+            **kwargs,
+        )
     from .formats.official import load_official
 
     return load_official(Path(path), pool=pool, subject_override=subject_override, **kwargs)

@@ -68,7 +68,11 @@ def prompt_text(lm: LM, req: GenerationRequest) -> str:
     if not getattr(lm.tokenizer, "chat_template", None):
         raise GenerationError("this model has no chat template; send text instead of messages")
     cont = msgs[-1]["role"] == "assistant"
-    return str(lm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont))
+    return str(
+        lm.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
+        )
+    )
 
 
 class _Detok:
@@ -104,12 +108,16 @@ def stream(lm: LM, req: GenerationRequest, result: GenerationResult | None = Non
     if not ids:
         raise GenerationError("the prompt has no tokens")
     if req.max_prompt_tokens is not None and len(ids) > req.max_prompt_tokens:
-        raise GenerationError(f"the prompt has {len(ids)} tokens, more than the limit of {req.max_prompt_tokens}")
+        raise GenerationError(
+            f"the prompt has {len(ids)} tokens, more than the limit of {req.max_prompt_tokens}"
+        )
     n = req.num_completions
     res = result if result is not None else GenerationResult(prompt=text, prompt_tokens=len(ids))
     res.prompt, res.prompt_tokens = text, len(ids)
     stops = _end_ids(lm) if req.stop_at_end_of_turn else set()
-    uniforms = row_uniforms(req.seed, [(c,) for c in range(n)], req.max_new_tokens) if req.temperature > 0 else None
+    uniforms = (
+        row_uniforms(req.seed, [(c,) for c in range(n)], req.max_new_tokens) if req.temperature > 0 else None
+    )
     detoks = [_Detok(lm.tokenizer) for _ in range(n)]
     done = [False] * n
     reasons = ["length"] * n
@@ -134,7 +142,9 @@ def stream(lm: LM, req: GenerationRequest, result: GenerationResult | None = Non
                 elif t == req.max_new_tokens - 1:
                     finish, done[c] = "length", True
                 piece = "" if tid in stops else detoks[c].push(tid)
-                yield TokenEvent(completion=c, token=piece, token_id=tid, position=position, finish_reason=finish)
+                yield TokenEvent(
+                    completion=c, token=piece, token_id=tid, position=position, finish_reason=finish
+                )
             if all(done):
                 break
             step = torch.tensor(toks, dtype=torch.long, device=lm.device).unsqueeze(1)

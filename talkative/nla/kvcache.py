@@ -24,7 +24,9 @@ class Cache(Protocol):
         """Register a block of new keys at `positions` [B, q]; return the positions of every visible key [B, K]."""
         ...
 
-    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]: ...
+    def update(
+        self, keys: Tensor, values: Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[Tensor, Tensor]: ...
 
     def end(self) -> None: ...
 
@@ -56,7 +58,9 @@ class KVCache:
         self._pending = q
         return self.kpos[:, : self.length + q]
 
-    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+    def update(
+        self, keys: Tensor, values: Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[Tensor, Tensor]:
         start, stop = self.length, self.length + self._pending
         if layer_idx not in self.keys:
             shape = (self.batch, keys.shape[1], self.capacity, keys.shape[3])
@@ -137,7 +141,9 @@ class PrefixView:
         self._kpos = torch.cat([base, positions], dim=1)
         return self._kpos
 
-    def update(self, keys: Tensor, values: Tensor, layer_idx: int, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+    def update(
+        self, keys: Tensor, values: Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[Tensor, Tensor]:
         n = self.prefix.length
         pk = self.prefix.keys[layer_idx][:, :, :n].expand(keys.shape[0], -1, -1, -1)
         pv = self.prefix.values[layer_idx][:, :, :n].expand(values.shape[0], -1, -1, -1)

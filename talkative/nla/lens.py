@@ -40,7 +40,7 @@ class TunedLens(nn.Module):
         self.layer_translators = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(n_layers))
 
     def forward(self, h: Tensor, layer: int) -> Tensor:
-        t = self.layer_translators[layer]
+        t: nn.Linear = self.layer_translators[layer]  # type: ignore[assignment]
         return h + t(h.to(t.weight.dtype)).to(h.dtype)
 
 
@@ -55,17 +55,23 @@ def load_tuned_lens(directory: str | Path, lm: LM) -> TunedLens:
     if cfg.is_file():
         meta = json.loads(cfg.read_text())
         if int(meta.get("d_model", lm.d_model)) != lm.d_model:
-            raise LensError(f"tuned lens d_model {meta.get('d_model')} does not match the subject's {lm.d_model}")
+            raise LensError(
+                f"tuned lens d_model {meta.get('d_model')} does not match the subject's {lm.d_model}"
+            )
     if n == 0:
         raise LensError(f"{params} holds no layer_translators")
     lens = TunedLens(lm.d_model, n)
     missing, unexpected = lens.load_state_dict(state, strict=False)
     if missing or [k for k in unexpected if not k.startswith("unembed")]:
-        raise LensError(f"{params} does not look like a tuned lens: missing {missing}, unexpected {unexpected}")
+        raise LensError(
+            f"{params} does not look like a tuned lens: missing {missing}, unexpected {unexpected}"
+        )
     return lens.eval()
 
 
 def tuned_lens_logits(lm: LM, lens: TunedLens, h: Tensor, layer: int) -> Tensor:
     if layer >= len(lens.layer_translators):
-        raise LensError(f"the tuned lens has translators for {len(lens.layer_translators)} layers, not layer {layer}")
+        raise LensError(
+            f"the tuned lens has translators for {len(lens.layer_translators)} layers, not layer {layer}"
+        )
     return lm.logits(lm.final_norm(lens(h.float(), layer).to(lm.dtype)))

@@ -102,22 +102,27 @@ class LM:
         self.tokenizer = tokenizer
         self.source = source
         self.arch = describe_arch(model.config)
-        body = getattr(model, "model", None) or model.transformer
+        body: Any = getattr(model, "model", None) or model.transformer
         body = getattr(body, "language_model", body)  # multimodal Gemma-3 wrapper
         self.body = body
+        self.blocks: Any
+        self.norm: Any
+        self.embed_tokens: Any
+        self.wpe: Any
+        self.rotary: Any
         if self.arch.family == "gpt2":
             self.blocks = body.h
             self.norm = body.ln_f
             self.embed_tokens = body.wte
-            self.wpe: nn.Module | None = body.wpe
-            self.rotary: nn.Module | None = None
+            self.wpe = body.wpe
+            self.rotary = None
         else:
             self.blocks = body.layers
             self.norm = body.norm
             self.embed_tokens = body.embed_tokens
             self.wpe = None
             self.rotary = body.rotary_emb
-        self.lm_head: nn.Module | None = getattr(model, "lm_head", None)
+        self.lm_head: Any = getattr(model, "lm_head", None)
         self.attn_impl = getattr(text_config(model.config), "_attn_implementation", "sdpa")
 
     # -- properties --------------------------------------------------------------------------------------------
@@ -266,8 +271,10 @@ def load_lm(
         _truncate_config(tc, num_layers)
     # Gemma-2 softcaps attention scores, which SDPA cannot do.
     attn = "eager" if arch.model_type == "gemma2" else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=parse_dtype(dtype), attn_implementation=attn)
-    model.to(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=parse_dtype(dtype), attn_implementation=attn
+    )
+    model.to(device)  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LM(model, tokenizer, source=source)
 
@@ -288,7 +295,9 @@ class LMPool:
         self.device = device
         self._models: dict[tuple[str, torch.dtype, int | None], LM] = {}
 
-    def get(self, source: str, *, num_layers: int | None = None, dtype: str | torch.dtype | None = None) -> LM:
+    def get(
+        self, source: str, *, num_layers: int | None = None, dtype: str | torch.dtype | None = None
+    ) -> LM:
         dt = self.dtype if dtype is None else parse_dtype(dtype)
         key = (source, dt, num_layers)
         if key not in self._models:

@@ -18,7 +18,9 @@ def parse_init(spec: str) -> tuple[str, int]:
     return source, int(layer)
 
 
-def open_nla(spec: str, *, pool: LMPool | None = None, dtype: str = "float32", layer: int | None = None, **kwargs: Any) -> NLA:
+def open_nla(
+    spec: str, *, pool: LMPool | None = None, dtype: str = "float32", layer: int | None = None, **kwargs: Any
+) -> NLA:
     """`layer` overrides the layer of an untrained init (a trained checkpoint's layer is fixed)."""
     pool = pool or LMPool(dtype=dtype)
     if spec.startswith(INIT_PREFIX):

@@ -25,12 +25,27 @@ class OptimizeExplanationsConfig(BaseModel):
     """Explanation search: sample `best_of_k` explanations per position, keep the best reconstruction."""
 
     model_config = ConfigDict(extra="forbid")
-    use_batched: bool = Field(True, description="Batched best-of-k (the only search this engine runs; false gives the same result).")
-    best_of_k: int = Field(8, ge=1, le=MAX_BEST_OF_K, description="Explanations sampled per position; the best is kept.")
-    n_groups_per_rollout: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="Positions per engine batch (same as batch_size).")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature for explanations (overrides the top-level one); 0 = greedy.")
-    num_samples_per_iteration: int = Field(16, ge=1, le=64, description="Upstream's sequential optimiser only; must stay at its default.")
-    salience_pct_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Upstream's sequential optimiser only; must stay at its default.")
+    use_batched: bool = Field(
+        True, description="Batched best-of-k (the only search this engine runs; false gives the same result)."
+    )
+    best_of_k: int = Field(
+        8, ge=1, le=MAX_BEST_OF_K, description="Explanations sampled per position; the best is kept."
+    )
+    n_groups_per_rollout: int | None = Field(
+        None, ge=1, le=MAX_BATCH_SIZE, description="Positions per engine batch (same as batch_size)."
+    )
+    temperature: float | None = Field(
+        None,
+        ge=0.0,
+        le=2.0,
+        description="Sampling temperature for explanations (overrides the top-level one); 0 = greedy.",
+    )
+    num_samples_per_iteration: int = Field(
+        16, ge=1, le=64, description="Upstream's sequential optimiser only; must stay at its default."
+    )
+    salience_pct_threshold: float = Field(
+        0.0, ge=0.0, le=1.0, description="Upstream's sequential optimiser only; must stay at its default."
+    )
 
     @model_validator(mode="after")
     def _sequential_only(self) -> OptimizeExplanationsConfig:
@@ -47,25 +62,61 @@ class AnalyzeOptions(BaseModel):
     """Options of one analysis (the seed's AnalyzeOptions, plus `return_vectors` and `last_n_messages`)."""
 
     model_config = ConfigDict(extra="forbid")
-    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="Positions per engine batch; automatic from a row budget when absent.")
-    seed: int = Field(42, ge=0, le=2**63 - 1, description="Same seed, same explanations, whatever else is batched with them.")
-    no_eval: bool = Field(False, description="Leave out the reconstruction metrics and KL (explanations only).")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description="Positions per engine batch; automatic from a row budget when absent.",
+    )
+    seed: int = Field(
+        42,
+        ge=0,
+        le=2**63 - 1,
+        description="Same seed, same explanations, whatever else is batched with them.",
+    )
+    no_eval: bool = Field(
+        False, description="Leave out the reconstruction metrics and KL (explanations only)."
+    )
     no_kl: bool = Field(False, description="Skip the KL divergence of the subject's next-token prediction.")
-    tuned_lens: bool = Field(False, description="Add tuned-lens top tokens (needs TUNED_LENS_DIR on the server).")
-    logit_lens_analysis: bool = Field(False, description="Add logit-lens top tokens (final norm, then unembedding).")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Explanation sampling temperature (0.1–2; 0 = greedy). Default 1.0.")
-    do_hard_tokens: bool = Field(False, description="Use the prompt's plain token embeddings instead of the trained soft prompt.")
+    tuned_lens: bool = Field(
+        False, description="Add tuned-lens top tokens (needs TUNED_LENS_DIR on the server)."
+    )
+    logit_lens_analysis: bool = Field(
+        False, description="Add logit-lens top tokens (final norm, then unembedding)."
+    )
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="Explanation sampling temperature (0.1–2; 0 = greedy). Default 1.0."
+    )
+    do_hard_tokens: bool = Field(
+        False, description="Use the prompt's plain token embeddings instead of the trained soft prompt."
+    )
     return_structured: bool = Field(True, description="Also return the explanation split into tokens.")
-    move_devices: bool = Field(False, description="Upstream donor-model device shuffling; not applicable here, must be false.")
+    move_devices: bool = Field(
+        False, description="Upstream donor-model device shuffling; not applicable here, must be false."
+    )
     calculate_salience: bool = Field(True, description="Compute salience (with calculate_token_salience).")
-    calculate_token_salience: bool = Field(True, description="Per-explanation-token salience by ablation to a space.")
-    add_tokens: list[str] | None = Field(None, max_length=64, description="Forced start of every explanation.")
-    replace_left: str | None = Field(None, max_length=2000, description="Replace the verbalizer prompt before the placeholder.")
-    replace_right: str | None = Field(None, max_length=2000, description="Replace the verbalizer prompt after the placeholder.")
+    calculate_token_salience: bool = Field(
+        True, description="Per-explanation-token salience by ablation to a space."
+    )
+    add_tokens: list[str] | None = Field(
+        None, max_length=64, description="Forced start of every explanation."
+    )
+    replace_left: str | None = Field(
+        None, max_length=2000, description="Replace the verbalizer prompt before the placeholder."
+    )
+    replace_right: str | None = Field(
+        None, max_length=2000, description="Replace the verbalizer prompt after the placeholder."
+    )
     optimize_explanations_config: OptimizeExplanationsConfig | None = None
-    last_n_messages: int | None = Field(None, ge=1, le=10_000, description="With chat messages: analyse only the last N messages.")
-    return_vectors: bool = Field(False, description="Include the activation and its reconstruction in every row.")
-    use_chat_format: bool | None = Field(None, description="Upstream UI flag; chat input is recognised by sending messages.")
+    last_n_messages: int | None = Field(
+        None, ge=1, le=10_000, description="With chat messages: analyse only the last N messages."
+    )
+    return_vectors: bool = Field(
+        False, description="Include the activation and its reconstruction in every row."
+    )
+    use_chat_format: bool | None = Field(
+        None, description="Upstream UI flag; chat input is recognised by sending messages."
+    )
 
     @field_validator("temperature")
     @classmethod
@@ -78,14 +129,18 @@ class AnalyzeOptions(BaseModel):
     @classmethod
     def _move(cls, v: bool) -> bool:
         if v:
-            raise ValueError("move_devices is an upstream workaround for donor models on another GPU; it does not apply here")
+            raise ValueError(
+                "move_devices is an upstream workaround for donor models on another GPU; it does not apply here"
+            )
         return v
 
     @model_validator(mode="after")
     def _opt_temperature(self) -> AnalyzeOptions:
         cfg = self.optimize_explanations_config
         if cfg is not None and cfg.temperature is not None and 0 < cfg.temperature < 0.1:
-            raise ValueError("optimize_explanations_config.temperature must be 0 (greedy) or between 0.1 and 2.0")
+            raise ValueError(
+                "optimize_explanations_config.temperature must be 0 (greedy) or between 0.1 and 2.0"
+            )
         return self
 
 

@@ -60,7 +60,9 @@ class SoftPromptReconstructor(nn.Module):
     ) -> None:
         super().__init__()
         if prompt.count(TEXT_PLACEHOLDER) > 1:
-            raise ValueError(f"the reconstructor prompt may contain {TEXT_PLACEHOLDER} at most once: {prompt!r}")
+            raise ValueError(
+                f"the reconstructor prompt may contain {TEXT_PLACEHOLDER} at most once: {prompt!r}"
+            )
         if not 0 <= output_layer < lm.n_layers:
             raise ValueError(f"output_layer must be in 0..{lm.n_layers - 1}, got {output_layer}")
         if head not in ("none", "linear", "linear_nobias"):
@@ -115,7 +117,9 @@ class SoftPromptReconstructor(nn.Module):
                 cur = cur + self.special_vector
             parts.append(cur.to(lm.dtype).unsqueeze(1))
         elif self.special_vector is not None:
-            parts[-1] = torch.cat([parts[-1][:, :-1], (parts[-1][:, -1:].float() + self.special_vector).to(lm.dtype)], 1)
+            parts[-1] = torch.cat(
+                [parts[-1][:, :-1], (parts[-1][:, -1:].float() + self.special_vector).to(lm.dtype)], 1
+            )
         return self._scale(torch.cat(parts, dim=1))
 
     def _prefix(self) -> KVCache | None:
@@ -147,7 +151,9 @@ class SoftPromptReconstructor(nn.Module):
         if torch.is_grad_enabled() or n_pre == 0:
             if n_pre:
                 pp = torch.arange(n_pre, device=lm.device).unsqueeze(0).expand(B, -1)
-                pre = lm.add_positions(self._scale(self.soft_prompt.to(lm.dtype)).unsqueeze(0).expand(B, -1, -1), pp)
+                pre = lm.add_positions(
+                    self._scale(self.soft_prompt.to(lm.dtype)).unsqueeze(0).expand(B, -1, -1), pp
+                )
                 rows = torch.cat([pre, rows], dim=1)
                 positions = torch.cat([pp, positions], dim=1)
             h = lm.forward(rows, positions, stop=self.output_layer + 1)
@@ -234,7 +240,9 @@ class TemplateReconstructor(nn.Module):
         ids = torch.tensor(self.pre_ids, dtype=torch.long, device=lm.device).unsqueeze(0)
         positions = torch.arange(n, device=lm.device).unsqueeze(0)
         cache = KVCache(1, n)
-        lm.forward(lm.add_positions(lm.embed(ids), positions), positions, stop=self.output_layer + 1, cache=cache)
+        lm.forward(
+            lm.add_positions(lm.embed(ids), positions), positions, stop=self.output_layer + 1, cache=cache
+        )
         self._memo.put(key, cache)
         return cache
 

@@ -41,8 +41,12 @@ def sample_next(logits: Tensor, temperature: float, uniforms: Tensor | None, top
         keep = (cum - sorted_p) < top_p  # always keeps the most likely token
         sorted_p = sorted_p * keep
         cdf = sorted_p.cumsum(dim=-1)
-        idx = torch.searchsorted(cdf, (uniforms.float() * cdf[:, -1]).unsqueeze(-1), right=True).clamp_max(cdf.shape[-1] - 1)
+        idx = torch.searchsorted(cdf, (uniforms.float() * cdf[:, -1]).unsqueeze(-1), right=True).clamp_max(
+            cdf.shape[-1] - 1
+        )
         return order.gather(-1, idx).squeeze(-1)
     cdf = probs.cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, (uniforms.float() * cdf[:, -1]).unsqueeze(-1), right=True).clamp_max(cdf.shape[-1] - 1)
+    idx = torch.searchsorted(cdf, (uniforms.float() * cdf[:, -1]).unsqueeze(-1), right=True).clamp_max(
+        cdf.shape[-1] - 1
+    )
     return idx.squeeze(-1)

@@ -142,12 +142,16 @@ def _convert_bundled(spec: BundledModel, target: Path, *, progress: bool) -> Non
 
     gguf = _gguf_location(spec)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    steps = tqdm(total=4, desc=f"preparing {spec.name} (one-time conversion)", disable=not progress, unit="step")
+    steps = tqdm(
+        total=4, desc=f"preparing {spec.name} (one-time conversion)", disable=not progress, unit="step"
+    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         steps.update()
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         steps.update()
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if hasattr(config, "quantization_config"):
@@ -156,7 +160,9 @@ def _convert_bundled(spec: BundledModel, target: Path, *, progress: bool) -> Non
         result = plain.load_state_dict(gguf_model.state_dict(), strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]
         if missing or result.unexpected_keys:
-            raise ModelSourceError(f"GGUF conversion mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+            raise ModelSourceError(
+                f"GGUF conversion mismatch: missing {missing}, unexpected {result.unexpected_keys}"
+            )
         steps.update()
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

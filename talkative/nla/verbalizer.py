@@ -51,7 +51,12 @@ class PromptOverrides:
     hard_tokens: bool = False
 
     def key(self) -> tuple[object, ...]:
-        return (tuple(self.add_ids), _tup(self.replace_left_ids), _tup(self.replace_right_ids), self.hard_tokens)
+        return (
+            tuple(self.add_ids),
+            _tup(self.replace_left_ids),
+            _tup(self.replace_right_ids),
+            self.hard_tokens,
+        )
 
 
 def _tup(x: list[int] | None) -> tuple[int, ...] | None:
@@ -97,7 +102,9 @@ class LayerReplacementVerbalizer(nn.Module):
     ) -> None:
         super().__init__()
         if prompt.count(EMBED_PLACEHOLDER) != 1:
-            raise ValueError(f"the verbalizer prompt must contain {EMBED_PLACEHOLDER} exactly once: {prompt!r}")
+            raise ValueError(
+                f"the verbalizer prompt must contain {EMBED_PLACEHOLDER} exactly once: {prompt!r}"
+            )
         if not 0 <= patch_layers <= lm.n_layers:
             raise ValueError(f"patch_layers must be in 0..{lm.n_layers}, got {patch_layers}")
         if t_text < 1:
@@ -127,14 +134,18 @@ class LayerReplacementVerbalizer(nn.Module):
 
     def _left(self, ov: PromptOverrides) -> Tensor:
         if ov.replace_left_ids is not None:
-            return self.lm.embed_rows(torch.tensor(ov.replace_left_ids, dtype=torch.long, device=self.lm.device))
+            return self.lm.embed_rows(
+                torch.tensor(ov.replace_left_ids, dtype=torch.long, device=self.lm.device)
+            )
         if ov.hard_tokens:
             return self.lm.embed_rows(torch.tensor(self.left_ids, dtype=torch.long, device=self.lm.device))
         return self.prompt_left_emb.to(self.lm.dtype)
 
     def _right(self, ov: PromptOverrides) -> Tensor:
         if ov.replace_right_ids is not None:
-            return self.lm.embed_rows(torch.tensor(ov.replace_right_ids, dtype=torch.long, device=self.lm.device))
+            return self.lm.embed_rows(
+                torch.tensor(ov.replace_right_ids, dtype=torch.long, device=self.lm.device)
+            )
         if ov.hard_tokens:
             return self.lm.embed_rows(torch.tensor(self.right_ids, dtype=torch.long, device=self.lm.device))
         return self.prompt_right_emb.to(self.lm.dtype)
@@ -155,7 +166,9 @@ class LayerReplacementVerbalizer(nn.Module):
 
         return patch if n > 0 else None
 
-    def _rest_inputs(self, A: Tensor, ov: PromptOverrides, n_left: int, extra_ids: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def _rest_inputs(
+        self, A: Tensor, ov: PromptOverrides, n_left: int, extra_ids: Tensor | None
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Inputs from the placeholder on: [P_0(A); right prompt; forced prefix; extra teacher-forced tokens]."""
         lm = self.lm
         G = A.shape[0]
@@ -175,7 +188,11 @@ class LayerReplacementVerbalizer(nn.Module):
         n = left.shape[0]
         if n == 0:
             return 0, None
-        key = (ov.replace_left_ids and tuple(ov.replace_left_ids), ov.hard_tokens, *_tensor_key(self.prompt_left_emb))
+        key = (
+            ov.replace_left_ids and tuple(ov.replace_left_ids),
+            ov.hard_tokens,
+            *_tensor_key(self.prompt_left_emb),
+        )
         cached = None if torch.is_grad_enabled() else self._memo.get(key)
         if cached is not None:
             return n, cached
@@ -203,11 +220,17 @@ class LayerReplacementVerbalizer(nn.Module):
         n_forced = len(ov.add_ids)
         n_sample = self.t_text - n_forced
         if n_sample < 0:
-            raise ValueError(f"add_tokens gives {n_forced} tokens, more than the explanation length {self.t_text}")
+            raise ValueError(
+                f"add_tokens gives {n_forced} tokens, more than the explanation length {self.t_text}"
+            )
         G = A.shape[0]
         n_left, prefix = self._prefix(ov)
         x, positions, projections = self._rest_inputs(A, ov, n_left, None)
-        cache = prefix.broadcast(G, extra_capacity=x.shape[1] + 1) if prefix is not None else KVCache(G, x.shape[1] + 1)
+        cache = (
+            prefix.broadcast(G, extra_capacity=x.shape[1] + 1)
+            if prefix is not None
+            else KVCache(G, x.shape[1] + 1)
+        )
         sampled: list[Tensor] = []
         if n_sample > 0:
             h = lm.forward(x, positions, cache=cache, patch=self._patch(projections, 0))
@@ -228,16 +251,23 @@ class LayerReplacementVerbalizer(nn.Module):
         forced = torch.tensor(ov.add_ids, dtype=torch.long).unsqueeze(0).expand(rows, -1)
         ids = torch.cat([forced, torch.stack(sampled, 1).cpu()] if sampled else [forced], dim=1)
         texts = lm.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=False)
-        return [Explanation(ids=r, text=t, finish_reason="length", raw=t) for r, t in zip(ids.tolist(), texts, strict=True)]
+        return [
+            Explanation(ids=r, text=t, finish_reason="length", raw=t)
+            for r, t in zip(ids.tolist(), texts, strict=True)
+        ]
 
     # -- training ------------------------------------------------------------------------------------------------
-    def token_logprobs(self, A: Tensor, ids: Tensor, overrides: PromptOverrides | None = None) -> tuple[Tensor, Tensor]:
+    def token_logprobs(
+        self, A: Tensor, ids: Tensor, overrides: PromptOverrides | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Teacher-forced log p(ids[:, t]) and entropies [B, T] given A [B, d] (differentiable, no cache)."""
         ov = overrides or PromptOverrides()
         lm = self.lm
         left = self._left(ov)
         n_left = left.shape[0]
-        x, positions, projections = self._rest_inputs(A, ov, n_left, ids[:, :-1] if ids.shape[1] > 1 else None)
+        x, positions, projections = self._rest_inputs(
+            A, ov, n_left, ids[:, :-1] if ids.shape[1] > 1 else None
+        )
         B = A.shape[0]
         if n_left:
             lp = torch.arange(n_left, device=lm.device).unsqueeze(0).expand(B, -1)
@@ -283,12 +313,16 @@ class EmbeddingReplacementVerbalizer(nn.Module):
         if len(enc) != 1 or (tok.unk_token_id is not None and enc[0] == tok.unk_token_id):
             raise ValueError(f"injection marker {marker!r} must encode to exactly one known token, got {enc}")
         if marker_id is not None and enc[0] != marker_id:
-            raise ValueError(f"injection marker {marker!r} encodes to {enc[0]}, the checkpoint says {marker_id}")
+            raise ValueError(
+                f"injection marker {marker!r} encodes to {enc[0]}, the checkpoint says {marker_id}"
+            )
         self.marker_id = enc[0]
         self.prompt_ids = self.render(template.replace("{injection_char}", marker))
         hits = [i for i, t in enumerate(self.prompt_ids) if t == self.marker_id]
         if len(hits) != 1 or not 0 < hits[0] < len(self.prompt_ids) - 1:
-            raise ValueError(f"the AV prompt must contain the marker exactly once, inside the prompt; found at {hits}")
+            raise ValueError(
+                f"the AV prompt must contain the marker exactly once, inside the prompt; found at {hits}"
+            )
         self.inject_pos = hits[0]
         for name, want, got in (
             ("left", left_neighbor_id, self.prompt_ids[self.inject_pos - 1]),
@@ -304,7 +338,9 @@ class EmbeddingReplacementVerbalizer(nn.Module):
     def render(self, content: str) -> list[int]:
         """Chat-templated user turn with the generation prompt, exactly one BOS (render, then encode plain)."""
         tok = self.lm.tokenizer
-        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
     def inject(self, A: Tensor) -> Tensor:
@@ -337,15 +373,23 @@ class EmbeddingReplacementVerbalizer(nn.Module):
     ) -> list[Explanation]:
         ov = overrides or PromptOverrides()
         if ov.replace_left_ids is not None or ov.replace_right_ids is not None or ov.hard_tokens:
-            raise ValueError("replace_left, replace_right and do_hard_tokens apply to layer-replacement verbalizers only")
+            raise ValueError(
+                "replace_left, replace_right and do_hard_tokens apply to layer-replacement verbalizers only"
+            )
         lm = self.lm
         budget = max_new_tokens or self.max_new_tokens
         G = A.shape[0]
         prefix = self._prefix()
-        rest_ids = torch.tensor(self.prompt_ids[self.inject_pos :] + ov.add_ids, dtype=torch.long, device=lm.device)
+        rest_ids = torch.tensor(
+            self.prompt_ids[self.inject_pos :] + ov.add_ids, dtype=torch.long, device=lm.device
+        )
         x = lm.embed(rest_ids).unsqueeze(0).expand(G, -1, -1).clone()
         x[:, 0] = self.inject(A).to(x.dtype)
-        positions = torch.arange(self.inject_pos, self.inject_pos + x.shape[1], device=lm.device).unsqueeze(0).expand(G, -1)
+        positions = (
+            torch.arange(self.inject_pos, self.inject_pos + x.shape[1], device=lm.device)
+            .unsqueeze(0)
+            .expand(G, -1)
+        )
         x = lm.add_positions(x, positions)
         cache = prefix.broadcast(G, extra_capacity=x.shape[1])
         h = lm.forward(x, positions, cache=cache)

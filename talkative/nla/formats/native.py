@@ -53,10 +53,14 @@ def read_config(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path} is not a {FORMAT} config (format={cfg.get('format') if isinstance(cfg, dict) else None!r})")
+        raise CheckpointError(
+            f"{cfg_path} is not a {FORMAT} config (format={cfg.get('format') if isinstance(cfg, dict) else None!r})"
+        )
     version = cfg.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_path} has format_version {version!r}; this Talkative reads up to {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{cfg_path} has format_version {version!r}; this Talkative reads up to {FORMAT_VERSION}"
+        )
     for key in ("subject", "layer", "d_model", "verbalizer", "reconstructor"):
         if key not in cfg:
             raise CheckpointError(f"{cfg_path} lacks the required key {key!r}")
@@ -70,7 +74,9 @@ def _resolve(path: Path, source: str) -> str:
     return source
 
 
-def _base(cfg: dict[str, Any], role: str, path: Path, subject: LM, pool: LMPool, num_layers: int | None) -> LM:
+def _base(
+    cfg: dict[str, Any], role: str, path: Path, subject: LM, pool: LMPool, num_layers: int | None
+) -> LM:
     base = cfg.get("base", "subject")
     if base == "subject":
         return subject
@@ -78,7 +84,9 @@ def _base(cfg: dict[str, Any], role: str, path: Path, subject: LM, pool: LMPool,
         return pool.get(str((path / base["path"]).resolve()), num_layers=num_layers)
     if isinstance(base, dict) and "source" in base:
         return pool.get(_resolve(path, base["source"]), num_layers=num_layers)
-    raise CheckpointError(f"{role}.base must be 'subject', {{'path': ...}} or {{'source': ...}}, got {base!r}")
+    raise CheckpointError(
+        f"{role}.base must be 'subject', {{'path': ...}} or {{'source': ...}}, got {base!r}"
+    )
 
 
 def load_native(path: Path, *, pool: LMPool, subject_override: str | None = None) -> NLA:
@@ -90,7 +98,9 @@ def load_native(path: Path, *, pool: LMPool, subject_override: str | None = None
     subject = pool.get(source)
     layer = int(cfg["layer"])
     if subject.d_model != int(cfg["d_model"]):
-        raise CheckpointError(f"checkpoint d_model {cfg['d_model']} but subject {source} has d_model {subject.d_model}")
+        raise CheckpointError(
+            f"checkpoint d_model {cfg['d_model']} but subject {source} has d_model {subject.d_model}"
+        )
     if not 0 <= layer < subject.n_layers:
         raise CheckpointError(f"checkpoint layer {layer} outside the subject's 0..{subject.n_layers - 1}")
     vcfg, rcfg = cfg["verbalizer"], cfg["reconstructor"]
