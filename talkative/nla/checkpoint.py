@@ -203,7 +203,7 @@ def build_verbalizer(cfg: dict[str, Any], lm: LM) -> Verbalizer:
             lm,
             template=cfg["template"],
             marker=cfg["marker"],
-            injection_scale=float(cfg["injection_scale"]),
+            injection_scale=None if cfg["injection_scale"] is None else float(cfg["injection_scale"]),
             marker_id=cfg.get("marker_id"),
             left_neighbor_id=cfg.get("left_neighbor_id"),
             right_neighbor_id=cfg.get("right_neighbor_id"),

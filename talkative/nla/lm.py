@@ -15,13 +15,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .kvcache import Cache, attention_mask
-from .sources import resolve_source
+from .sources import ModelSourceError, resolve_source
+from .sources import adapter_base as adapter_base_of
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -251,6 +253,28 @@ class LM:
         return self.forward(h, positions, stop=layer + 1)
 
 
+def sequence_bos_id(tokenizer: Any) -> int | None:
+    """The tokenizer's BOS id when it is a real start-of-sequence token, None otherwise.
+
+    Some tokenizers declare as BOS a token their chat template opens every turn with (SmolLM2: `<|im_start|>`,
+    never added when encoding); such a token is a turn marker, not a BOS, and no prompt must start with it.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return None
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tokenize=False
+            )
+        except Exception:  # templates that refuse this conversation say nothing about the BOS
+            return int(bos_id)
+        if str(text).count(bos) > 1:
+            return None
+    return int(bos_id)
+
+
 def load_lm(
     source: str,
     *,
@@ -258,12 +282,22 @@ def load_lm(
     device: str = "cpu",
     num_layers: int | None = None,
     progress: bool = True,
+    adapter_base: str | None = None,
 ) -> LM:
-    """Load an LM from a local directory, `bundled:NAME` or a hub id; `num_layers` keeps only the first blocks."""
+    """Load an LM from a local directory, `bundled:NAME` or a hub id; `num_layers` keeps only the first blocks.
+
+    A PEFT LoRA adapter directory loads as its base model (the adapter's `base_model_name_or_path`, or
+    `adapter_base` when given: e.g. a local copy of that base) with the adapter merged into a private copy of
+    the base weights.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_source(source, progress=progress)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    adapter_dir = None
+    named_base = adapter_base_of(path)
+    if named_base is not None:
+        adapter_dir, path = path, resolve_source(adapter_base or named_base, progress=progress)
     config = AutoConfig.from_pretrained(path)
     tc = text_config(config)
     arch = describe_arch(config)
@@ -272,11 +306,39 @@ def load_lm(
     # Gemma-2 softcaps attention scores, which SDPA cannot do.
     attn = "eager" if arch.model_type == "gemma2" else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=parse_dtype(dtype), attn_implementation=attn
+        path,
+        config=config,
+        dtype=parse_dtype(dtype),
+        attn_implementation=attn,
+        # A truncated reconstructor backbone may carry placeholder head weights of another shape
+        # (the official release's Megatron-compatible ARs: lm_head = eye(d)); they are never used.
+        ignore_mismatched_sizes=num_layers is not None,
     )
+    if adapter_dir is not None:
+        model = merge_adapter(model, adapter_dir)
     model.to(device)  # type: ignore[arg-type]
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tok_dir = adapter_dir if adapter_dir is not None and _has_tokenizer(adapter_dir) else path
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     return LM(model, tokenizer, source=source)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
+def merge_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Merge a PEFT (LoRA) adapter into `model`'s own weights; the model must be a private copy."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        raise ModelSourceError(
+            f"{adapter_dir} is a PEFT adapter; loading it needs the peft package"
+        ) from None
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except Exception as exc:
+        raise ModelSourceError(f"cannot merge the adapter in {adapter_dir}: {exc}") from exc
+    return merged  # type: ignore[no-any-return]
 
 
 def _truncate_config(cfg: Any, n: int) -> None:
@@ -296,15 +358,23 @@ class LMPool:
         self._models: dict[tuple[str, torch.dtype, int | None], LM] = {}
 
     def get(
-        self, source: str, *, num_layers: int | None = None, dtype: str | torch.dtype | None = None
+        self,
+        source: str,
+        *,
+        num_layers: int | None = None,
+        dtype: str | torch.dtype | None = None,
+        adapter_base: str | None = None,
     ) -> LM:
+        """`adapter_base` says where the base of a PEFT adapter source is (the merged model is its own copy)."""
         dt = self.dtype if dtype is None else parse_dtype(dtype)
         key = (source, dt, num_layers)
         if key not in self._models:
             full = self._models.get((source, dt, None))
             if num_layers is not None and full is not None:
                 return full  # a full model serves any truncated role; its forwards stop early anyway
-            self._models[key] = load_lm(source, dtype=dt, device=self.device, num_layers=num_layers)
+            self._models[key] = load_lm(
+                source, dtype=dt, device=self.device, num_layers=num_layers, adapter_base=adapter_base
+            )
         return self._models[key]
 
     def add(self, lm: LM, source: str | None = None) -> LM:

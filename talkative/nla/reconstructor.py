@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .kvcache import KVCache
-from .lm import LM
+from .lm import LM, sequence_bos_id
 from .verbalizer import _PrefixMemo, _tensor_key, encode_piece
 
 TEXT_PLACEHOLDER = "<text>"
@@ -192,6 +192,13 @@ class TemplateReconstructor(nn.Module):
             raise ValueError("the AR template must contain {explanation} exactly once")
         self.lm = lm
         self.template = template
+        bos = sequence_bos_id(lm.tokenizer)
+        if bos is not None and lm.tokenizer("x", add_special_tokens=True)["input_ids"][:1] != [bos]:
+            raise ValueError(
+                f"the AR tokenizer has a BOS token ({lm.tokenizer.bos_token!r}) but does not add it; the official "
+                "reconstructor reads BOS + template (without it FVE collapses): fix the tokenizer's "
+                "add_bos_token / post-processor"
+            )
         self.output_layer = lm.n_layers - 1 if output_layer is None else output_layer
         if not 0 <= self.output_layer < lm.n_layers:
             raise ValueError(f"output_layer {self.output_layer} outside the backbone's {lm.n_layers} blocks")

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 BUNDLED_PREFIX = "bundled:"
 COMPLETE_MARKER = ".talkative-complete"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ModelSourceError(RuntimeError):
@@ -60,12 +61,31 @@ def resolve_source(source: str, *, progress: bool = True) -> Path:
         return ensure_bundled(source[len(BUNDLED_PREFIX) :], progress=progress)
     path = Path(source).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(f"{path} exists but is not a model directory (no config.json in it)")
+        if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+            raise ModelSourceError(
+                f"{path} exists but is not a model directory (no config.json or {ADAPTER_CONFIG} in it)"
+            )
         return path
     if source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
         raise ModelSourceError(f"model directory {source!r} does not exist")
     return _from_hub(source)
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """For a PEFT adapter directory (adapter_config.json, no config.json): the base model it names; else None."""
+    p = Path(path).expanduser()
+    if not (p / ADAPTER_CONFIG).is_file() or (p / "config.json").is_file():
+        return None
+    import json
+
+    try:
+        cfg = json.loads((p / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(f"{p / ADAPTER_CONFIG} cannot be read: {exc}") from None
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    if not base:
+        raise ModelSourceError(f"{p / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path)")
+    return str(base)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .kvcache import KVCache
-from .lm import LM
+from .lm import LM, sequence_bos_id
 from .sampling import sample_next
 
 EMBED_PLACEHOLDER = "<embed>"
@@ -294,7 +294,7 @@ class EmbeddingReplacementVerbalizer(nn.Module):
         *,
         template: str,
         marker: str,
-        injection_scale: float,
+        injection_scale: float | None,
         marker_id: int | None = None,
         left_neighbor_id: int | None = None,
         right_neighbor_id: int | None = None,
@@ -305,7 +305,8 @@ class EmbeddingReplacementVerbalizer(nn.Module):
         self.lm = lm
         self.template = template
         self.marker = marker
-        self.injection_scale = float(injection_scale)
+        # None: the raw vector goes in (the official sidecar's `null`); a float: A is rescaled to that L2 norm.
+        self.injection_scale = None if injection_scale is None else float(injection_scale)
         self.max_new_tokens = max_new_tokens
         self.stop = stop
         tok = lm.tokenizer
@@ -330,6 +331,11 @@ class EmbeddingReplacementVerbalizer(nn.Module):
         ):
             if want is not None and want != got:
                 raise ValueError(f"{name} neighbour of the marker is token {got}, the checkpoint says {want}")
+        bos = sequence_bos_id(tok)
+        if bos is not None and self.prompt_ids.count(bos) > 1:
+            raise ValueError(
+                f"the AV prompt starts with {self.prompt_ids.count(bos)} BOS tokens; the chat template must give one"
+            )
         if lm.d_model != lm.embed_tokens.weight.shape[1]:
             raise ValueError("d_model differs from the embedding width")
         self.eos_ids = _end_ids(lm)
@@ -346,6 +352,8 @@ class EmbeddingReplacementVerbalizer(nn.Module):
     def inject(self, A: Tensor) -> Tensor:
         """A rescaled to L2 norm `injection_scale` (rescaled, not multiplied), in fp32."""
         a = A.float()
+        if self.injection_scale is None:
+            return a
         return a / (a.norm(dim=-1, keepdim=True).clamp_min(1e-12) / self.injection_scale)
 
     def _prefix(self) -> KVCache:
