@@ -36,6 +36,17 @@ def space_token_id(lm: LM) -> int:
     return int(eos if eos is not None else 0)
 
 
+def identity_linear(d: int, *, bias: bool) -> nn.Linear:
+    """A d×d affine initialised to the identity without drawing from the global RNG (loading a checkpoint must
+    leave the caller's random state alone)."""
+    lin = torch.nn.utils.skip_init(nn.Linear, d, d, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(d))
+        if lin.bias is not None:
+            lin.bias.zero_()
+    return lin
+
+
 def _pad(units: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
     lengths = torch.tensor([len(u) for u in units], dtype=torch.long)
     width = int(lengths.max()) if len(units) else 0
@@ -83,11 +94,7 @@ class SoftPromptReconstructor(nn.Module):
         self.head_kind = head
         self.head: nn.Linear | None = None
         if head != "none":
-            self.head = nn.Linear(d, d, bias=head == "linear")
-            with torch.no_grad():
-                self.head.weight.copy_(torch.eye(d))
-                if self.head.bias is not None:
-                    self.head.bias.zero_()
+            self.head = identity_linear(d, bias=head == "linear")
         self.space_id = space_token_id(lm)
         self._memo = _PrefixMemo()
 
@@ -203,11 +210,7 @@ class TemplateReconstructor(nn.Module):
         if not 0 <= self.output_layer < lm.n_layers:
             raise ValueError(f"output_layer {self.output_layer} outside the backbone's {lm.n_layers} blocks")
         d = lm.d_model
-        self.head = nn.Linear(d, d, bias=head_bias)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.eye(d))
-            if self.head.bias is not None:
-                self.head.bias.zero_()
+        self.head = identity_linear(d, bias=head_bias)
         pre, post = template.split("{explanation}")
         self.pre_text, self.post_text = pre, post
         # The template's last prefix token may merge with the explanation's first characters, so the cached

@@ -88,22 +88,27 @@ def _safe_globals() -> list[Any]:
     return out
 
 
+class _Unreadable(Exception):
+    pass
+
+
 def _load_pickle(file: Path, trust: bool) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        try:  # a well-formed file that names globals outside the allow-list, or just a broken file?
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+        except Exception:
+            needed = []
+        if not needed:
+            raise _Unreadable(str(exc).splitlines()[0]) from None
         if not trust:
-            try:
-                needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
-            except Exception:
-                needed = []
-            extra = [n for n in needed if not n.startswith("numpy")]
+            extra = [n for n in needed if not n.startswith("numpy")] or needed
             raise _SafeLoadRefused(
-                f"{file} needs arbitrary unpickling to load"
-                + (f" (it contains {', '.join(extra or needed)})" if needed else f" ({exc})")
-                + ". Unpickling can run code from the file: pass --trust-checkpoint (trust_checkpoint=True) "
-                "only for a file whose origin you trust."
+                f"{file} needs arbitrary unpickling to load (it contains {', '.join(extra)}). Unpickling can run "
+                "code from the file: pass --trust-checkpoint (trust_checkpoint=True) only for a file whose "
+                "origin you trust."
             ) from None
         obj = torch.load(file, map_location="cpu", weights_only=False)
     if not isinstance(obj, Mapping):
@@ -123,7 +128,7 @@ def read_checkpoint_file(path: Path, *, trust: bool = False) -> tuple[Path, dict
             return file, _load_pickle(file, trust)
         except CheckpointError:
             raise
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        except (_Unreadable, RuntimeError, EOFError, OSError, ValueError) as exc:
             errors.append(f"{file.name}: {exc}".splitlines()[0])
             log.warning("skipping unreadable checkpoint %s: %s", file, exc)
     raise CheckpointError(f"no readable checkpoint in {path}: " + "; ".join(errors))
