@@ -355,7 +355,7 @@ def test_release_naming_finds_the_partner(make_tiny, tmp_path):
         assert detect_format(tmp_path / p) == "official"
         assert load_nla(tmp_path / p, pool=pool).layer == 2
     (tmp_path / "nla-tiny-L2-ar").rename(tmp_path / "elsewhere")
-    with pytest.raises(CheckpointError, match="partner|no AR directory"):
+    with pytest.raises(CheckpointError, match="no AR directory"):
         load_nla(tmp_path / "nla-tiny-L2-av", pool=pool)
 
 
@@ -379,5 +379,5 @@ def test_subject_named_by_a_hub_id_fails_clearly_offline(make_tiny, tmp_path, mo
         meta["base_checkpoint"] = "Qwen/Qwen2.5-7B-Instruct"
 
     build(tmp_path / "c", make_tiny, av_meta=hub, ar_meta=hub)
-    with pytest.raises(ModelSourceError, match="Qwen/Qwen2.5-7B-Instruct"):
+    with pytest.raises(ModelSourceError, match=r"Qwen/Qwen2\.5-7B-Instruct"):
         load_nla(tmp_path / "c", pool=LMPool())
