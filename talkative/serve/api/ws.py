@@ -1,0 +1,219 @@
+"""The WebSocket protocol at `/ws` (seed contract §4): one JSON object per frame, each with a `type`.
+
+Client -> server: `analyze`, `cancel_request` (alias `interrupt`), `list_model_groups`, `switch_model_grouped`,
+`ping`, and our `subscribe` / `status` for picking a request up by id after a reconnect. A malformed frame gets an
+`error` and the connection stays open. Every reply echoes the frame's `client_request_id`; every message about a
+job carries the job's. The handlers are small functions in a table, not one long if/elif.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from ...nla.analysis import AnalysisError
+from ..hub import Connection
+from ..registry import UnknownModel
+from ..scheduler import SchedulerError
+from ..service import Service
+from .deps import service_of, websocket_identity
+from .errors import describe_validation_error
+
+log = logging.getLogger("talkative.serve.ws")
+router = APIRouter()
+
+MAX_FRAME_CHARS = 1_000_000
+
+Handler = Callable[[Service, Connection, dict[str, Any]], Awaitable[None]]
+HANDLERS: dict[str, Handler] = {}
+
+
+class ProtocolError(Exception):
+    def __init__(self, message: str, code: int = 400, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+def handles(*types: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        for t in types:
+            HANDLERS[t] = fn
+        return fn
+
+    return register
+
+
+def _crid(data: dict[str, Any]) -> str | None:
+    value = data.get("client_request_id")
+    return value if isinstance(value, str) else None
+
+
+def _job_id(data: dict[str, Any]) -> str:
+    value = data.get("request_id")
+    if not isinstance(value, str) or not value:
+        raise ProtocolError("'request_id' (a string) is required")
+    return value
+
+
+@router.websocket("/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    identity = await websocket_identity(websocket)
+    if identity is None:
+        await websocket.close(code=1008, reason="missing or wrong API key")
+        return
+    await websocket.accept()
+    svc = service_of(websocket)
+    conn = svc.hub.attach(websocket, identity)
+    sender = asyncio.get_running_loop().create_task(svc.hub.run_sender(conn))
+    conn.send(
+        {
+            "type": "connection_established",
+            "connection_id": conn.id,
+            "message": "Connected to the Talkative analysis server",
+            "current_model": svc.scheduler.current_model,
+            "model_info": svc.scheduler.model_info(svc.scheduler.current_model)
+            if svc.scheduler.current_model
+            else None,
+        }
+    )
+    conn.want_queue_update()
+    try:
+        while not conn.closed:
+            frame = await websocket.receive()
+            if frame["type"] == "websocket.disconnect":
+                break
+            raw = frame.get("text")
+            if raw is None and frame.get("bytes") is not None:
+                raw = frame["bytes"].decode("utf-8", errors="replace")
+            await _handle(svc, conn, raw or "")
+    except WebSocketDisconnect:
+        pass
+    except RuntimeError as exc:  # receive after the sender closed the socket
+        log.debug("connection %s: %s", conn.id, exc)
+    finally:
+        svc.hub.detach(conn)
+        sender.cancel()
+
+
+async def _handle(svc: Service, conn: Connection, raw: str) -> None:
+    data: Any = None
+    try:
+        if len(raw) > MAX_FRAME_CHARS:
+            raise ProtocolError(f"frame too large ({len(raw)} characters, at most {MAX_FRAME_CHARS})")
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ProtocolError(f"message is not valid JSON: {exc.msg}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            raise ProtocolError("a message must be a JSON object with a string 'type'")
+        handler = HANDLERS.get(data["type"])
+        if handler is None:
+            raise ProtocolError(f"unknown message type {data['type']!r} (known: {', '.join(sorted(HANDLERS))})")
+        await handler(svc, conn, data)
+    except ProtocolError as exc:
+        _error(conn, data, str(exc), exc.code, exc.request_id)
+    except ValidationError as exc:
+        _error(conn, data, describe_validation_error(exc.errors()), 400)
+    except SchedulerError as exc:
+        _error(conn, data, exc.detail, exc.status)
+    except (UnknownModel, KeyError) as exc:
+        _error(conn, data, str(exc) if isinstance(exc, UnknownModel) else f"unknown request_id {exc.args[0]!r}", 404)
+    except AnalysisError as exc:
+        _error(conn, data, str(exc), 400)
+    except Exception:
+        log.exception("handling a WebSocket message failed")
+        _error(conn, data, "internal error while handling the message", 500)
+
+
+def _error(conn: Connection, data: Any, message: str, code: int, request_id: str | None = None) -> None:
+    crid = _crid(data) if isinstance(data, dict) else None
+    if request_id is None and isinstance(data, dict) and isinstance(data.get("request_id"), str):
+        request_id = data["request_id"]
+    conn.send({"type": "error", "error": message, "code": code, "request_id": request_id, "client_request_id": crid})
+
+
+# -- handlers -------------------------------------------------------------------------------------------------------
+@handles("analyze")
+async def analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    from .models import AnalyzeRequest
+
+    body = {k: v for k, v in data.items() if k != "type"}
+    req = AnalyzeRequest.model_validate(body)
+    await svc.submit_analysis(req, owner=conn.identity.key, subscriber=conn)
+
+
+@handles("cancel_request", "interrupt")
+async def cancel(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    job_id = data.get("request_id")
+    if not isinstance(job_id, str) and _crid(data) is not None:
+        job_id = next(
+            (
+                j.id
+                for j in svc.scheduler.jobs.values()
+                if j.client_request_id == _crid(data) and j.id in conn.jobs
+            ),
+            None,
+        )
+        if job_id is None:
+            raise ProtocolError(f"no active request of this connection has client_request_id {_crid(data)!r}", 404)
+    job = await svc.scheduler.cancel(_job_id({"request_id": job_id}))
+    if not svc.hub.is_subscribed(job.id, conn):
+        conn.send(
+            {
+                "type": "request_cancelled",
+                "request_id": job.id,
+                "client_request_id": job.client_request_id,
+                "message": job.error,
+            }
+        )
+
+
+@handles("list_model_groups")
+async def list_model_groups(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    conn.send({"type": "model_groups_list", **svc.models_listing(), "client_request_id": _crid(data)})
+
+
+@handles("switch_model_grouped", "switch_model")
+async def switch_model(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    model_id = data.get("model_id")
+    if not isinstance(model_id, str) or not model_id:
+        raise ProtocolError("'model_id' (a string) is required")
+    await svc.submit_switch(model_id, client_request_id=_crid(data), owner=conn.identity.key, subscriber=conn)
+
+
+@handles("ping")
+async def ping(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    conn.send({"type": "pong", "time": time.time(), "client_request_id": _crid(data)})
+
+
+@handles("subscribe")
+async def subscribe(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    """Follow a request by id (e.g. after a reconnect): its status now, then its messages; a finished request
+    gets its final message (`result`, `error`, ...) at once."""
+    job_id = _job_id(data)
+    job = await svc.scheduler.get(job_id)
+    if job is None:
+        raise KeyError(job_id)
+    conn.send({"type": "status", **job.status_body(svc.scheduler.queue_position(job_id)), "result": None})
+    if job.terminal:
+        final = svc.scheduler.final_message(job)
+        conn.send({**final, "request_id": job.id, "client_request_id": job.client_request_id})
+    else:
+        svc.hub.subscribe(job, conn)
+
+
+@handles("status")
+async def status(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    job_id = _job_id(data)
+    job = await svc.scheduler.get(job_id)
+    if job is None:
+        raise KeyError(job_id)
+    conn.send({"type": "status", **job.status_body(svc.scheduler.queue_position(job_id))})
