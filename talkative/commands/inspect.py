@@ -101,7 +101,7 @@ def model_group_entry(info: dict[str, Any], path: Path) -> dict[str, Any]:
             {
                 "id": f"{gid}-{_slug(path.stem if path.is_file() else path.name)}-l{info['layer']}",
                 "name": f"{name} L{info['layer']} ({info['format']})",
-                "lens_checkpoint_path": str(path.resolve()),
+                "checkpoint": str(path.resolve()),
                 "different_activations_orig_path": donor,
                 "layer": info["layer"],
                 "description": "",
