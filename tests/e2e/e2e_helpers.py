@@ -118,6 +118,8 @@ class Server:
             body = self.status(request_id)
             if until(body):
                 return body
+            if body["status"] in ("completed", "failed", "cancelled"):
+                raise AssertionError(f"{request_id} ended before getting there: {body}")
             time.sleep(0.05)
         raise AssertionError(f"{request_id} did not get there in {timeout}s: {self.status(request_id)}")
 
