@@ -111,3 +111,13 @@ def tiny_llama(make_tiny) -> LM:
 def smollm2() -> LM:
     """The bundled SmolLM2-135M-Instruct, loaded once per test session (fp32)."""
     return load_lm(DEFAULT_SOURCE, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, make_tiny, tokenizer):
+    """A tiny random Llama saved as an HF directory (with the SmolLM2 tokenizer): a model source for loaders."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = make_tiny("llama", seed=3)
+    lm.model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

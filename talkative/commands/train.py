@@ -1,0 +1,87 @@
+"""`talkative train STAGE --config FILE [--resume]` for STAGE in ar-sft, av-sft, grpo; plus `data` and `chats`.
+
+`talkative train data --config data.yaml --out DIR` extracts an activation dataset; `talkative train chats --out
+FILE` writes chat transcripts by the subject model. Every stage checkpoints every few minutes and resumes exactly
+with `--resume`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ACTIONS = ("ar-sft", "av-sft", "grpo", "data", "chats")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=ACTIONS)
+    p.add_argument("--config", type=Path, help="YAML or JSON config (defaults apply to missing keys)")
+    p.add_argument("--out", help="run directory (stages), dataset directory (data) or JSONL file (chats)")
+    p.add_argument("--data", help="dataset directory (overrides the config)")
+    p.add_argument("--init", help="start from this native checkpoint (overrides the config)")
+    p.add_argument("--steps", type=int, help="total steps (overrides the config)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument(
+        "--checkpoint-every", type=int, help="checkpoint every N steps instead of every few minutes"
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.stage == "data":
+        return _data(args)
+    if args.stage == "chats":
+        return _chats(args)
+    from ..nla.train.config import load_config
+    from ..nla.train.loop import Run
+    from ..nla.train.stages import train
+
+    cfg = load_config(
+        args.config, stage=args.stage, out=args.out, data=args.data, init=args.init, steps=args.steps
+    )
+    run_ = Run(cfg, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    path = train(run_, progress=not args.no_progress)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from ..nla.lm import load_lm
+    from ..nla.train.data import DataConfig, build_dataset
+
+    raw: dict[str, Any] = {}
+    if args.config:
+        text = args.config.read_text()
+        raw = (json.loads(text) if args.config.suffix == ".json" else yaml.safe_load(text)) or {}
+    known = {f.name for f in fields(DataConfig)}
+    unknown = sorted(set(raw) - known - {"out"})
+    if unknown:
+        raise SystemExit(f"unknown data config keys: {unknown}; known: {sorted(known)}")
+    out = Path(args.out or raw.pop("out", "data/activations"))
+    raw.pop("out", None)
+    cfg = DataConfig(**raw)
+    lm = load_lm(cfg.source, dtype=cfg.dtype, progress=not args.no_progress)
+    meta = build_dataset(cfg, lm, out, progress=not args.no_progress)
+    print(
+        json.dumps(
+            {"out": str(out), "counts": meta["counts"], "train_variance": meta.get("train_variance")},
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _chats(args: argparse.Namespace) -> int:
+    from ..nla.lm import load_lm
+    from ..nla.sources import DEFAULT_SOURCE
+    from ..nla.train.chats import write_chats
+
+    lm = load_lm(DEFAULT_SOURCE, dtype="bfloat16", progress=not args.no_progress)
+    n = write_chats(lm, Path(args.out or "data/chats.jsonl"))
+    print(f"{n} transcripts written")
+    return 0
