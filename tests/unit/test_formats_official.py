@@ -349,6 +349,7 @@ def test_training_era_sidecar_keys_are_read(make_tiny, tmp_path):
 
 def test_release_naming_finds_the_partner(make_tiny, tmp_path):
     _, pool = build(tmp_path / "x", make_tiny)
+    assert load_nla(tmp_path / "x" / "ar", pool=pool).layer == 2  # one half of an av/ + ar/ pair
     (tmp_path / "x" / "av").rename(tmp_path / "nla-tiny-L2-av")
     (tmp_path / "x" / "ar").rename(tmp_path / "nla-tiny-L2-ar")
     for p in ("nla-tiny-L2-av", "nla-tiny-L2-ar"):

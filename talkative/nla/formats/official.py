@@ -82,6 +82,9 @@ def role_of(meta: dict[str, Any], where: Path) -> str:
 
 def _partner(directory: Path, role: str) -> Path | None:
     name = directory.name
+    if name in ("av", "ar"):  # one half of an av/ + ar/ pair
+        cand = directory.with_name("ar" if name == "av" else "av")
+        return cand if (cand / SIDECAR).is_file() else None
     swaps = [("-av", "-ar"), ("_av", "_ar"), ("actor", "critic"), ("verbalizer", "reconstructor")]
     if role == "ar":
         swaps = [(b, a) for a, b in swaps]
