@@ -14,8 +14,12 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (default: HOST, else 0.0.0.0)")
     p.add_argument("--port", type=int, help="listen port (default: PORT, else 8000)")
-    p.add_argument("--log-level", help="critical, error, warning, info or debug (default: LOG_LEVEL, else info)")
-    p.add_argument("--model-groups", help="model groups file (default: MODEL_GROUPS_FILE, else ./model_groups.json)")
+    p.add_argument(
+        "--log-level", help="critical, error, warning, info or debug (default: LOG_LEVEL, else info)"
+    )
+    p.add_argument(
+        "--model-groups", help="model groups file (default: MODEL_GROUPS_FILE, else ./model_groups.json)"
+    )
     p.add_argument("--data-dir", help="job store directory (default: DATA_DIR, else ./data)")
 
 

@@ -162,9 +162,7 @@ class Hub:
     # -- messages -------------------------------------------------------------------------------------------------
     def queue_update(self, conn: Connection) -> dict[str, Any]:
         """Totals for everyone; ids and positions only of this connection's own queued jobs."""
-        positions = {
-            job.id: i for i, job in enumerate(self.scheduler.queue, start=1) if job.id in conn.jobs
-        }
+        positions = {job.id: i for i, job in enumerate(self.scheduler.queue, start=1) if job.id in conn.jobs}
         return {
             "type": "queue_update",
             **self.scheduler.queue_summary(),

@@ -181,7 +181,9 @@ class Registry:
         for key in self.unmatched_overrides:
             log.warning("%s names no known model or group setting; it is ignored", key)
 
-    def model_setting(self, settings: Settings, name: str, *, model_id: str | None = None, group_id: str | None = None) -> Any:
+    def model_setting(
+        self, settings: Settings, name: str, *, model_id: str | None = None, group_id: str | None = None
+    ) -> Any:
         """The value of a per-model setting for a model (or a whole group when model_id is None)."""
         if name not in MODEL_SETTINGS:
             raise KeyError(name)
@@ -270,7 +272,9 @@ def _model(raw: Any, group_id: str, base: Path, where: str) -> ModelEntry:
         layer = parse_init(checkpoint)[1]
     if layer is not None and not isinstance(layer, int):
         raise RegistryError(f"{where}: 'layer' must be an integer")
-    settings = {k: raw[k] for k in MODEL_SETTINGS if k in raw and k not in ("batch_size", "auto_batch_size_max")}
+    settings = {
+        k: raw[k] for k in MODEL_SETTINGS if k in raw and k not in ("batch_size", "auto_batch_size_max")
+    }
     try:
         batch_size = parse_setting("batch_size", raw.get("batch_size"))
         auto_max = raw.get("auto_batch_size_max")
@@ -327,7 +331,9 @@ def parse_registry(data: Any, path: Path | None = None) -> Registry:
         models = tuple(_model(m, gid, base, where) for m in raw_models)
         for m in models:
             if m.id in seen_models:
-                raise RegistryError(f"{where}: model id {m.id!r} is used twice (ids are unique across the file)")
+                raise RegistryError(
+                    f"{where}: model id {m.id!r} is used twice (ids are unique across the file)"
+                )
             seen_models.add(m.id)
         group_settings = {k: parse_setting(k, g[k]) for k in MODEL_SETTINGS if k in g}
         groups.append(

@@ -147,7 +147,9 @@ class Residency:
             return self.load_fresh(self.registry.group(group_id), device)
         t0 = time.perf_counter()
         rt.move(device)
-        log.info("moved group %s from the CPU cache to %s in %.1fs", group_id, device, time.perf_counter() - t0)
+        log.info(
+            "moved group %s from the CPU cache to %s in %.1fs", group_id, device, time.perf_counter() - t0
+        )
         return rt
 
     def release(self, rt: GroupRuntime) -> None:

@@ -164,9 +164,7 @@ class DeviceState:
 
 
 class Scheduler:
-    def __init__(
-        self, settings: Settings, registry: Registry, residency: Residency, store: JobStore
-    ) -> None:
+    def __init__(self, settings: Settings, registry: Registry, residency: Residency, store: JobStore) -> None:
         self.settings = settings
         self.registry = registry
         self.residency = residency
@@ -263,7 +261,9 @@ class Scheduler:
             try:
                 n = await self.store.purge(retention)
                 if n:
-                    log.info("purged %d finished jobs older than %g days", n, self.settings.result_retention_days)
+                    log.info(
+                        "purged %d finished jobs older than %g days", n, self.settings.result_retention_days
+                    )
             except Exception:
                 log.exception("purging old jobs failed")
             await asyncio.sleep(self.settings.purge_interval_seconds)
@@ -302,7 +302,8 @@ class Scheduler:
             return model_id
         if self.current_model is None:
             raise SchedulerError(
-                400, "no model_id given and this server has no current model: name a model_id or switch to one"
+                400,
+                "no model_id given and this server has no current model: name a model_id or switch to one",
             )
         return self.current_model
 
@@ -338,7 +339,8 @@ class Scheduler:
         """
         if kind != "switch" and len(self.jobs) >= self.settings.max_queue_size:
             raise SchedulerError(
-                503, f"the server has {len(self.jobs)} requests waiting or running (MAX_QUEUE_SIZE); try later"
+                503,
+                f"the server has {len(self.jobs)} requests waiting or running (MAX_QUEUE_SIZE); try later",
             )
         model = self.registry.model(model_id)
         job = Job(
@@ -388,7 +390,6 @@ class Scheduler:
                 },
             )
         return job
-
 
     async def get(self, job_id: str) -> Job | None:
         job = self.jobs.get(job_id)
@@ -470,6 +471,7 @@ class Scheduler:
         waiting: set[str | None] = set()  # groups with an older job still waiting: keep FIFO inside a group
         for job in list(self.queue):
             gid = job.group_id
+            assert gid is not None  # every submitted job names a model, hence a group
             if gid in waiting:
                 continue
             dev = self._device_for(gid)
@@ -557,7 +559,13 @@ class Scheduler:
             if startup:
                 self.startup_error = message
             self.sink.broadcast(
-                {"type": "group_switch_status", "status": "failed", "group_id": gid, "device": dev.name, "error": message}
+                {
+                    "type": "group_switch_status",
+                    "status": "failed",
+                    "group_id": gid,
+                    "device": dev.name,
+                    "error": message,
+                }
             )
             for job in [j for j in self.queue if j.group_id == gid]:
                 self.queue.remove(job)
@@ -598,7 +606,9 @@ class Scheduler:
     def _complete_switch(self, job: Job, rt: GroupRuntime) -> None:
         assert job.model_id is not None
         if job.model_id not in rt.nlas:
-            self._finish(job, FAILED, error=rt.errors.get(job.model_id, f"model {job.model_id} is not loaded"))
+            self._finish(
+                job, FAILED, error=rt.errors.get(job.model_id, f"model {job.model_id} is not loaded")
+            )
             return
         previous = self.registry.models.get(self.current_model or "")
         self.current_model = job.model_id
@@ -620,7 +630,9 @@ class Scheduler:
     def _start_analysis(self, job: Job, dev: DeviceState) -> None:
         assert job.model_id is not None
         options = dict(job.request.get("options") or {})
-        if "no_kl" not in options and self.registry.model_setting(self.settings, "no_kl", model_id=job.model_id):
+        if "no_kl" not in options and self.registry.model_setting(
+            self.settings, "no_kl", model_id=job.model_id
+        ):
             options["no_kl"] = True  # the model's no_kl setting is the default when a request does not say
         resolved = resolve(options)
         key = (job.model_id, resolved.merge_key(), resolved.structured, resolved.return_vectors)
@@ -690,7 +702,9 @@ class Scheduler:
             return
         self._expire(dev)
         while dev.inflight < dev.slots:
-            ready = [w for w in dev.works.values() if w.prepared is not None and w.pending and not w.cancelled]
+            ready = [
+                w for w in dev.works.values() if w.prepared is not None and w.pending and not w.cancelled
+            ]
             if not ready:
                 return
             order = sorted(ready, key=lambda w: (w.last_served, w.job.created_at))
@@ -721,7 +735,9 @@ class Scheduler:
             if started is not None and now - started > limit:
                 self._fail_work(work, f"the request took longer than REQUEST_TIMEOUT ({limit:g} s)")
 
-    async def _run_batch(self, dev: DeviceState, rt: GroupRuntime, parts: list[tuple[Work, list[int]]]) -> None:
+    async def _run_batch(
+        self, dev: DeviceState, rt: GroupRuntime, parts: list[tuple[Work, list[int]]]
+    ) -> None:
         bid = next(self._batch_ids)
         lead = parts[0][0]
         assert lead.job.model_id is not None
@@ -838,6 +854,10 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         assert job.model_id is not None
         dev.inflight += 1
+
+        def emit(message: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(self._emit, job, message)
+
         try:
             nla = rt.nlas.get(job.model_id)
             if nla is None:
@@ -847,7 +867,7 @@ class Scheduler:
                 nla=nla,
                 runtime=rt,
                 device=dev.name,
-                emit=lambda msg: loop.call_soon_threadsafe(self._emit, job, msg),
+                emit=emit,
                 cancelled=lambda: job.terminal,
             )
             result = await loop.run_in_executor(dev.batch_pool, handler, ctx)
@@ -907,7 +927,11 @@ class Scheduler:
         if job.kind == "switch":
             return {"type": "model_switch_complete", **result}
         if job.kind == "analyze":
-            return {"type": "result", "tokens": result.get("tokens", []), "metadata": result.get("metadata", {})}
+            return {
+                "type": "result",
+                "tokens": result.get("tokens", []),
+                "metadata": result.get("metadata", {}),
+            }
         return {"type": f"{job.kind}_complete", "result": result}
 
 
@@ -927,7 +951,9 @@ def _engine_batch(
         except Exception as exc:
             if len(inputs) == 1:
                 return [exc]
-            log.warning("a merged engine batch failed (%s); running its %d parts one by one", exc, len(inputs))
+            log.warning(
+                "a merged engine batch failed (%s); running its %d parts one by one", exc, len(inputs)
+            )
     out: list[list[dict[str, Any]] | BaseException] = []
     for p, pos in inputs:
         if p is None:

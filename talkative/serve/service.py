@@ -48,7 +48,8 @@ class Service:
     async def submit_analysis(self, req: AnalyzeRequest, *, owner: str | None, subscriber: Any = None) -> Job:
         if req.text_length() > self.settings.max_text_length:
             raise SchedulerError(
-                400, f"the text has {req.text_length()} characters, more than MAX_TEXT_LENGTH ({self.settings.max_text_length})"
+                400,
+                f"the text has {req.text_length()} characters, more than MAX_TEXT_LENGTH ({self.settings.max_text_length})",
             )
         model_id = self.scheduler.resolve_model(req.model_id)
         request = req.engine_request()

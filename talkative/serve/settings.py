@@ -176,7 +176,9 @@ class Settings(BaseSettings):
     environment: str = "development"
     log_level: str = "info"
     queue_update_interval: float = Field(2.0, gt=0, description="Seconds between periodic queue_update.")
-    ws_send_timeout: float = Field(10.0, gt=0, description="A WebSocket send slower than this drops the client.")
+    ws_send_timeout: float = Field(
+        10.0, gt=0, description="A WebSocket send slower than this drops the client."
+    )
 
     #: MODEL_*/MODEL_GROUP_*/GLOBAL_* variables; None = read the environment layers (tests pass a dict)
     env_overrides: dict[str, str] | None = Field(None, exclude=True)

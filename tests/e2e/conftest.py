@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from e2e_helpers import REPO, Server
 
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> dict[str, Path]:
     """Two tiny random Llamas (6 blocks, d=64) with the SmolLM2 tokenizer, saved as HF directories."""
@@ -58,18 +59,36 @@ def tiny_groups(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFac
                 "description": "tiny random llama",
                 "visible": True,
                 "models": [
-                    {"id": "tiny-a-l1", "name": "Tiny A L1", "lens_checkpoint_path": f"init:{a}@1", "layer": 1,
-                     "OLDlens_checkpoint_path": "/nowhere", "auto_batch_size_max": 32},
-                    {"id": "tiny-a-l2", "name": "Tiny A L2", "checkpoint": f"init:{a}@2", "layer": 2,
-                     "auto_batch_size_max": 32},
+                    {
+                        "id": "tiny-a-l1",
+                        "name": "Tiny A L1",
+                        "lens_checkpoint_path": f"init:{a}@1",
+                        "layer": 1,
+                        "OLDlens_checkpoint_path": "/nowhere",
+                        "auto_batch_size_max": 32,
+                    },
+                    {
+                        "id": "tiny-a-l2",
+                        "name": "Tiny A L2",
+                        "checkpoint": f"init:{a}@2",
+                        "layer": 2,
+                        "auto_batch_size_max": 32,
+                    },
                 ],
             },
             {
                 "group_id": "tiny-b",
                 "group_name": "Tiny B",
                 "base_model_path": str(b),
-                "models": [{"id": "tiny-b-l1", "name": "Tiny B L1", "checkpoint": f"init:{b}@1", "layer": 1,
-                            "auto_batch_size_max": 32}],
+                "models": [
+                    {
+                        "id": "tiny-b-l1",
+                        "name": "Tiny B L1",
+                        "checkpoint": f"init:{b}@1",
+                        "layer": 1,
+                        "auto_batch_size_max": 32,
+                    }
+                ],
             },
         ],
         "settings": {"default_group": "tiny-a", "max_cpu_models": 2, "use_bf16": False},
@@ -126,7 +145,9 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_groups: Path) -> 
 def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The repository's own model_groups.json: the bundled SmolLM2, exactly what `make run` serves."""
     workdir = tmp_path_factory.mktemp("bundled-server")
-    server = Server(workdir, {"DATA_DIR": str(workdir / "data"), "MODEL_GROUPS_FILE": str(REPO / "model_groups.json")})
+    server = Server(
+        workdir, {"DATA_DIR": str(workdir / "data"), "MODEL_GROUPS_FILE": str(REPO / "model_groups.json")}
+    )
     server.start(timeout=300)
     yield server
     server.stop()

@@ -127,7 +127,9 @@ class Server:
         return connect(self.ws_url, open_timeout=30, max_size=None)
 
 
-def recv_until(ws: ClientConnection, pred: Callable[[dict[str, Any]], bool], timeout: float = 120) -> list[dict[str, Any]]:
+def recv_until(
+    ws: ClientConnection, pred: Callable[[dict[str, Any]], bool], timeout: float = 120
+) -> list[dict[str, Any]]:
     """Messages up to and including the first one matching `pred`."""
     out = []
     deadline = time.time() + timeout

@@ -6,7 +6,6 @@ import re
 import time
 
 import pytest
-
 from e2e_helpers import FAST, Server
 
 pytestmark = pytest.mark.e2e
@@ -15,8 +14,14 @@ LONG_TEXT = " ".join(f"word{i}" for i in range(150))
 
 
 def test_root_health_ready_docs(tiny_server: Server) -> None:
-    assert tiny_server.get("/").json() == {"name": "Consistency Lens API", "version": "1.0.0", "status": "running"}
-    assert tiny_server.get("/", headers={"Accept": "application/json"}).json()["name"] == "Consistency Lens API"
+    assert tiny_server.get("/").json() == {
+        "name": "Consistency Lens API",
+        "version": "1.0.0",
+        "status": "running",
+    }
+    assert (
+        tiny_server.get("/", headers={"Accept": "application/json"}).json()["name"] == "Consistency Lens API"
+    )
     health = tiny_server.get("/health").json()
     assert health["status"] == "healthy" and health["model_loaded"] is True
     assert {"gpu_available", "gpu_name", "queue_size", "devices"} <= set(health)

@@ -46,19 +46,29 @@ def test_compatible_jobs_share_engine_batches(tiny_server: Server) -> None:
     assert not set(mk["engine_batches"]) & (set(ma["engine_batches"]) | set(mb["engine_batches"]))
     # each job's rows are its own, whatever shared the batch: the same seed alone gives the same explanations
     again = tiny_server.wait(tiny_server.analyze(words(15), {**opts, "seed": 1}))
-    assert [r["explanation"] for r in again["result"]["tokens"]] == [r["explanation"] for r in ra["result"]["tokens"]]
+    assert [r["explanation"] for r in again["result"]["tokens"]] == [
+        r["explanation"] for r in ra["result"]["tokens"]
+    ]
 
 
 def test_group_switch_waits_for_running_work(make_server: Callable[..., Server]) -> None:
     server = make_server()
     slow = {**FAST, "batch_size": 2}
     with server.ws() as ws:
-        ws.send(json.dumps({"type": "analyze", "text": words(15), "options": slow, "client_request_id": "long"}))
-        msgs = recv_until(ws, lambda m: m["type"] == "processing" and m["client_request_id"] == "long"
-                          and m["done_positions"] > 0)
+        ws.send(
+            json.dumps({"type": "analyze", "text": words(15), "options": slow, "client_request_id": "long"})
+        )
+        msgs = recv_until(
+            ws,
+            lambda m: (
+                m["type"] == "processing" and m["client_request_id"] == "long" and m["done_positions"] > 0
+            ),
+        )
         long_id = next(m["request_id"] for m in msgs if m["type"] == "queued")
 
-        ws.send(json.dumps({"type": "switch_model_grouped", "model_id": "tiny-b-l1", "client_request_id": "sw"}))
+        ws.send(
+            json.dumps({"type": "switch_model_grouped", "model_id": "tiny-b-l1", "client_request_id": "sw"})
+        )
         queued = recv_until(ws, lambda m: m["type"] == "group_switch_queued")[-1]
         assert queued["client_request_id"] == "sw" and queued["target_group_id"] == "tiny-b"
         assert queued["active_requests"] >= 1 and queued["queue_position"] == 1
@@ -72,7 +82,11 @@ def test_group_switch_waits_for_running_work(make_server: Callable[..., Server])
         assert ("result", "long") in types, "the switch did not wait for the running analysis"
         assert types.index(("result", "long")) < types.index(("model_switch_complete", "sw"))
         result = next(m for m in got if m["type"] == "result")
-        assert len(result["tokens"]) == result["metadata"]["n_positions"] and result["metadata"]["model_id"] == "tiny-a-l1"
+        assert result["request_id"] == long_id
+        assert (
+            len(result["tokens"]) == result["metadata"]["n_positions"]
+            and result["metadata"]["model_id"] == "tiny-a-l1"
+        )
         done = got[-1]
         assert done["model_id"] == "tiny-b-l1" and done["group_switched"] is True
         assert done["model_info"]["layer"] == 1 and done["model_info"]["display_name"] == "Tiny B L1"
@@ -113,5 +127,8 @@ def test_restart_runs_unfinished_jobs_again(make_server: Callable[..., Server]) 
     for rid in (running, waiting):
         body = server.wait(rid)
         assert body["status"] == "completed", body
-    assert len(server.status(running)["result"]["tokens"]) == server.status(running)["result"]["metadata"]["n_positions"]
+    assert (
+        len(server.status(running)["result"]["tokens"])
+        == server.status(running)["result"]["metadata"]["n_positions"]
+    )
     assert "recovered 2 unfinished jobs" in server.log()

@@ -20,8 +20,13 @@ def test_analyze_lifecycle_echoes_client_request_id(tiny_server: Server) -> None
     with tiny_server.ws() as ws:
         hello = json.loads(ws.recv(timeout=10))
         assert hello["type"] == "connection_established" and hello["current_model"] == "tiny-a-l1"
-        _send(ws, type="analyze", text="one two three four five six", client_request_id="c1",
-              options={**FAST, "batch_size": 2})
+        _send(
+            ws,
+            type="analyze",
+            text="one two three four five six",
+            client_request_id="c1",
+            options={**FAST, "batch_size": 2},
+        )
         msgs = recv_until(ws, lambda m: m["type"] in ("result", "error"))
     job_msgs = [m for m in msgs if m["type"] != "queue_update"]
     types = [m["type"] for m in job_msgs if m["type"] != "connection_established"]
@@ -37,7 +42,9 @@ def test_analyze_lifecycle_echoes_client_request_id(tiny_server: Server) -> None
     result = job_msgs[-1]
     n_tokens = len(result["tokens"])
     assert n_tokens >= 6 and result["metadata"]["model_id"] == "tiny-a-l1"
-    assert all(m["total_positions"] == n_tokens and m["message"].startswith("Processing batch") for m in chunks)
+    assert all(
+        m["total_positions"] == n_tokens and m["message"].startswith("Processing batch") for m in chunks
+    )
     assert [m["done_positions"] for m in chunks] == sorted(m["done_positions"] for m in chunks)
     assert {"token", "explanation", "position"} <= set(result["tokens"][0])
     assert tiny_server.status(rid)["status"] == "completed"
@@ -50,8 +57,14 @@ def test_malformed_messages_get_errors_and_the_connection_stays(tiny_server: Ser
         json.dumps({"no": "type"}),
         json.dumps({"type": "nope", "client_request_id": "x1"}),
         json.dumps({"type": "analyze", "client_request_id": "x2"}),
-        json.dumps({"type": "analyze", "text": "hi", "options": {"optimize_explanations_config": {"best_of_k": 0}},
-                    "client_request_id": "x3"}),
+        json.dumps(
+            {
+                "type": "analyze",
+                "text": "hi",
+                "options": {"optimize_explanations_config": {"best_of_k": 0}},
+                "client_request_id": "x3",
+            }
+        ),
         json.dumps({"type": "analyze", "text": "hi", "model_id": "nope", "client_request_id": "x4"}),
         json.dumps({"type": "cancel_request", "request_id": "nope", "client_request_id": "x5"}),
         json.dumps({"type": "switch_model_grouped", "client_request_id": "x6"}),
@@ -78,10 +91,16 @@ def test_list_groups_and_queue_updates(tiny_server: Server) -> None:
         listing = recv_until(ws, lambda m: m["type"] == "model_groups_list")[-1]
         assert listing["client_request_id"] == "g"
         assert [g["group_id"] for g in listing["groups"]] == ["tiny-a", "tiny-b"]
-        assert listing == listing | {"current_model": "tiny-a-l1", "current_group": "tiny-a", "is_switching": False}
+        assert listing == listing | {
+            "current_model": "tiny-a-l1",
+            "current_group": "tiny-a",
+            "is_switching": False,
+        }
         updates = recv_until(ws, lambda m: m["type"] == "queue_update", timeout=5)
         update = updates[-1]
-        assert {"queue_size", "queued_requests", "processing_requests", "total_active", "queued_ids"} <= set(update)
+        assert {"queue_size", "queued_requests", "processing_requests", "total_active", "queued_ids"} <= set(
+            update
+        )
         assert update["total_active"] == update["queued_requests"] + update["processing_requests"]
 
 
@@ -95,7 +114,9 @@ def test_cancel_over_websocket_and_own_queue_positions(tiny_server: Server) -> N
             m = recv_until(ws, lambda m: m["type"] == "queued")[-1]
             queued[m["client_request_id"]] = m["request_id"]
         waiting = queued["j3"]
-        update = recv_until(ws, lambda m: m["type"] == "queue_update" and waiting in m["queued_ids"], timeout=10)[-1]
+        update = recv_until(
+            ws, lambda m: m["type"] == "queue_update" and waiting in m["queued_ids"], timeout=10
+        )[-1]
         assert update["queue_positions"][waiting] >= 1
         assert set(update["queued_ids"]) <= set(queued.values())  # only this connection's ids
 
@@ -103,8 +124,12 @@ def test_cancel_over_websocket_and_own_queue_positions(tiny_server: Server) -> N
         m = recv_until(ws, lambda m: m["type"] == "request_cancelled" and m["request_id"] == waiting)[-1]
         assert m["client_request_id"] == "j3"
         # a running one, by interrupt (an alias) and by client_request_id
-        recv_until(ws, lambda m: m["type"] == "processing" and m["request_id"] == queued["j0"]
-                   and m["done_positions"] > 0)
+        recv_until(
+            ws,
+            lambda m: (
+                m["type"] == "processing" and m["request_id"] == queued["j0"] and m["done_positions"] > 0
+            ),
+        )
         _send(ws, type="interrupt", request_id=queued["j0"])
         _send(ws, type="cancel_request", client_request_id="j1")
         _send(ws, type="cancel_request", client_request_id="j2")

@@ -12,7 +12,15 @@ from ..jobs import Job
 from ..registry import UnknownModel
 from ..scheduler import SchedulerError
 from .deps import ClientIdentity, client_identity, service_of
-from .models import AnalyzeAccepted, AnalyzeRequest, CancelResponse, ErrorBody, RootResponse, SwitchRequest, SwitchResponse
+from .models import (
+    AnalyzeAccepted,
+    AnalyzeRequest,
+    CancelResponse,
+    ErrorBody,
+    RootResponse,
+    SwitchRequest,
+    SwitchResponse,
+)
 
 WEB_DIR = Path(__file__).resolve().parent.parent.parent / "web"
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -116,7 +116,9 @@ async def _handle(svc: Service, conn: Connection, raw: str) -> None:
             raise ProtocolError("a message must be a JSON object with a string 'type'")
         handler = HANDLERS.get(data["type"])
         if handler is None:
-            raise ProtocolError(f"unknown message type {data['type']!r} (known: {', '.join(sorted(HANDLERS))})")
+            raise ProtocolError(
+                f"unknown message type {data['type']!r} (known: {', '.join(sorted(HANDLERS))})"
+            )
         await handler(svc, conn, data)
     except ProtocolError as exc:
         _error(conn, data, str(exc), exc.code, exc.request_id)
@@ -125,7 +127,12 @@ async def _handle(svc: Service, conn: Connection, raw: str) -> None:
     except SchedulerError as exc:
         _error(conn, data, exc.detail, exc.status)
     except (UnknownModel, KeyError) as exc:
-        _error(conn, data, str(exc) if isinstance(exc, UnknownModel) else f"unknown request_id {exc.args[0]!r}", 404)
+        _error(
+            conn,
+            data,
+            str(exc) if isinstance(exc, UnknownModel) else f"unknown request_id {exc.args[0]!r}",
+            404,
+        )
     except AnalysisError as exc:
         _error(conn, data, str(exc), 400)
     except Exception:
@@ -137,7 +144,9 @@ def _error(conn: Connection, data: Any, message: str, code: int, request_id: str
     crid = _crid(data) if isinstance(data, dict) else None
     if request_id is None and isinstance(data, dict) and isinstance(data.get("request_id"), str):
         request_id = data["request_id"]
-    conn.send({"type": "error", "error": message, "code": code, "request_id": request_id, "client_request_id": crid})
+    conn.send(
+        {"type": "error", "error": message, "code": code, "request_id": request_id, "client_request_id": crid}
+    )
 
 
 # -- handlers -------------------------------------------------------------------------------------------------------
@@ -163,7 +172,9 @@ async def cancel(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
             None,
         )
         if job_id is None:
-            raise ProtocolError(f"no active request of this connection has client_request_id {_crid(data)!r}", 404)
+            raise ProtocolError(
+                f"no active request of this connection has client_request_id {_crid(data)!r}", 404
+            )
     job = await svc.scheduler.cancel(_job_id({"request_id": job_id}))
     if not svc.hub.is_subscribed(job.id, conn):
         conn.send(
