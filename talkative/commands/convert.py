@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +56,7 @@ def convert(
     from ..nla.lm import LMPool
 
     fmt = detect_format(src)
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if fve_variance is not None:
         kwargs["fve_variance"] = fve_variance
     if base is not None:

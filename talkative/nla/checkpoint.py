@@ -43,7 +43,7 @@ class NLA:
     name: str = "nla"
     provenance: dict[str, Any] = field(default_factory=dict)
     fve_baseline: dict[str, Any] | None = None
-    bases: dict[str, str] = field(
+    bases: dict[str, Any] = field(
         default_factory=lambda: {"verbalizer": "subject", "reconstructor": "subject"}
     )
 

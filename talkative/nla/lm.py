@@ -305,7 +305,7 @@ def load_lm(
         _truncate_config(tc, num_layers)
     # Gemma-2 softcaps attention scores, which SDPA cannot do.
     attn = "eager" if arch.model_type == "gemma2" else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         path,
         config=config,
         dtype=parse_dtype(dtype),

@@ -303,6 +303,7 @@ def load_official(
     if not 0 <= layer < subject.n_layers:
         raise CheckpointError(f"layer {layer} outside the subject's 0..{subject.n_layers - 1}")
 
+    generation: dict[str, Any] = {"max_new_tokens": int(max_new_tokens)} if max_new_tokens else {}
     try:
         verbalizer = EmbeddingReplacementVerbalizer(
             av_lm,
@@ -312,7 +313,7 @@ def load_official(
             marker_id=tokens.get("injection_token_id"),
             left_neighbor_id=tokens.get("injection_left_neighbor_id"),
             right_neighbor_id=tokens.get("injection_right_neighbor_id"),
-            **({"max_new_tokens": int(max_new_tokens)} if max_new_tokens else {}),
+            **generation,
         )
     except ValueError as exc:
         raise CheckpointError(f"{av_dir}: {exc}") from None
