@@ -88,12 +88,13 @@ def _local(
     from ..nla.analysis import AnalysisError, analyze
     from ..nla.checkpoint import CheckpointError
     from ..nla.loading import open_nla
+    from ..nla.sources import ModelSourceError
 
     spec = args.checkpoint or default_checkpoint_spec()
     try:
         nla = open_nla(spec, dtype=args.dtype, layer=args.layer, trust_checkpoint=args.trust_checkpoint)
         result = analyze(nla, text, messages, options)
-    except (AnalysisError, CheckpointError, ValueError) as exc:
+    except (AnalysisError, CheckpointError, ModelSourceError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     return result.rows, result.metadata
 

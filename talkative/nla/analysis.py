@@ -126,6 +126,12 @@ def prepare(
         raise AnalysisError("give exactly one of text or messages")
     if opts.last_n_messages is not None and messages is None:
         raise AnalysisError("last_n_messages applies to chat messages only")
+    if opts.chat_format is not None and opts.chat_format != (messages is not None):
+        raise AnalysisError(
+            "use_chat_format=true needs the chat sent as messages"
+            if opts.chat_format
+            else "use_chat_format=false contradicts the messages sent; send text instead"
+        )
     rendered = text if text is not None else render_messages(nla, messages or [])
     if not rendered.strip():
         raise AnalysisError("the text is empty")

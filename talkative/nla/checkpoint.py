@@ -25,6 +25,7 @@ from .verbalizer import (
 
 FORMAT = "talkative-nla"
 FORMAT_VERSION = 1
+DEFAULT_PATCH_LAYERS = 5
 
 
 class CheckpointError(ValueError):
@@ -63,7 +64,7 @@ class NLA:
         *,
         subject_source: str | None = None,
         av_prompt: str = DEFAULT_AV_PROMPT,
-        patch_layers: int = 5,
+        patch_layers: int | None = None,
         t_text: int = 8,
         ar_prompt: str = DEFAULT_AR_PROMPT,
         output_layer: int | None = None,
@@ -77,6 +78,8 @@ class NLA:
         """An untrained NLA over `subject` at `layer`, upstream architecture, sharing the subject's weights."""
         if not 0 <= layer < subject.n_layers:
             raise CheckpointError(f"layer {layer} outside 0..{subject.n_layers - 1} for {subject.source}")
+        if patch_layers is None:  # upstream's 5, or every block of a smaller model
+            patch_layers = min(DEFAULT_PATCH_LAYERS, subject.n_layers)
         verbalizer = LayerReplacementVerbalizer(
             subject, prompt=av_prompt, patch_layers=patch_layers, t_text=t_text
         )

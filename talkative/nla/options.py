@@ -115,7 +115,8 @@ class AnalyzeOptions(BaseModel):
         False, description="Include the activation and its reconstruction in every row."
     )
     use_chat_format: bool | None = Field(
-        None, description="Upstream UI flag; chat input is recognised by sending messages."
+        None,
+        description="Upstream UI flag: chat input is recognised by sending messages; when given, it must agree.",
     )
 
     @field_validator("temperature")
@@ -164,6 +165,7 @@ class Resolved:
     replace_right: str | None = None
     hard_tokens: bool = False
     last_n_messages: int | None = None
+    chat_format: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def merge_key(self) -> tuple[object, ...]:
@@ -207,4 +209,5 @@ def resolve(options: AnalyzeOptions | dict[str, Any] | None) -> Resolved:
         replace_right=options.replace_right,
         hard_tokens=options.do_hard_tokens,
         last_n_messages=options.last_n_messages,
+        chat_format=options.use_chat_format,
     )

@@ -104,13 +104,22 @@ def _from_hub(repo_id: str) -> Path:
 
     with contextlib.suppress(Exception):
         return Path(snapshot_download(repo_id, local_files_only=True))
+    hint = (
+        "Give a local path instead: a directory with config.json, the tokenizer and *.safetensors "
+        f"(e.g. made with save_pretrained), or use the offline model '{DEFAULT_SOURCE}'."
+    )
     if not _hub_reachable():
         raise ModelSourceError(
-            f"'{repo_id}' is not a local directory and the model hub cannot be reached to download it. "
-            f"Give a local path instead: a directory with config.json, the tokenizer and *.safetensors "
-            f"(e.g. made with save_pretrained), or use the offline model '{DEFAULT_SOURCE}'."
+            f"'{repo_id}' is not a local directory and the model hub cannot be reached to download it. {hint}"
         )
-    return Path(snapshot_download(repo_id))
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # a proxy that accepts the connection, an unknown repo, a gated model, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(
+            f"'{repo_id}' is not a local directory and could not be downloaded from the model hub "
+            f"({type(exc).__name__}: {reason}). {hint}"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -137,6 +146,9 @@ def ensure_bundled(name: str, *, progress: bool = True) -> Path:
     with _locked(target.parent / f".{name}.lock"):
         if (target / COMPLETE_MARKER).is_file():
             return target
+        # Temporary directories left by a killed conversion (the lock says nobody is writing them now).
+        for stale in target.parent.glob(f".{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         _convert_bundled(BUNDLED[name], target, progress=progress)
     return target
 
