@@ -13,9 +13,7 @@ here touches global RNG state (upstream restored the training RNG on load).
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +27,7 @@ from ..lm import LM, LMPool
 from ..reconstructor import SoftPromptReconstructor
 from ..sources import adapter_base
 from ..verbalizer import EMBED_PLACEHOLDER, LayerReplacementVerbalizer
-from .native import load_trained_state
+from .native import _atomic_write, load_trained_state
 
 log = logging.getLogger(__name__)
 
@@ -585,14 +583,7 @@ def save_upstream(nla: NLA, path: Path, *, step: int = 0) -> Path:
         "metrics": {},
         "created_by": f"talkative convert ({_now()})",
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return path
 
 
