@@ -382,3 +382,36 @@ def test_subject_named_by_a_hub_id_fails_clearly_offline(make_tiny, tmp_path, mo
     build(tmp_path / "c", make_tiny, av_meta=hub, ar_meta=hub)
     with pytest.raises(ModelSourceError, match=r"Qwen/Qwen2\.5-7B-Instruct"):
         load_nla(tmp_path / "c", pool=LMPool())
+
+
+def test_a_gemma3_av_with_the_multimodal_wrapper(make_tiny, tmp_path):
+    """The released Gemma AVs keep `Gemma3ForConditionalGeneration` (config.text_config, model.language_model)."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    subject, pool = build(tmp_path, make_tiny, "gemma3")
+    text = subject.model.config.to_dict()
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = Gemma3Config(
+        text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=5
+    )
+    torch.manual_seed(3)
+    av = Gemma3ForConditionalGeneration(cfg).eval()
+    av.save_pretrained(tmp_path / "av")
+    nla = load_nla(tmp_path, pool=pool, max_new_tokens=4)
+    assert type(nla.verbalizer.lm.model).__name__ == "Gemma3ForConditionalGeneration"
+    tok = AutoTokenizer.from_pretrained(tmp_path / "av")
+    prompt = ref.official_prompt_ids(tok, OFFICIAL_AV_TEMPLATE, MARKER)
+    A = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    u = torch.rand(2, 4, generator=torch.Generator().manual_seed(2))
+    out = nla.verbalizer.generate(A, 1, u, 1.0)
+    eos = sorted(nla.verbalizer.eos_ids)
+    for r in range(2):
+        want, _ = ref.official_av_sample(av, tok, prompt, 7, A[r], SCALE, u[r], 1.0, 4, eos=eos)
+        assert out[r].ids == want
