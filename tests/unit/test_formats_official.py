@@ -415,3 +415,21 @@ def test_a_gemma3_av_with_the_multimodal_wrapper(make_tiny, tmp_path):
     for r in range(2):
         want, _ = ref.official_av_sample(av, tok, prompt, 7, A[r], SCALE, u[r], 1.0, 4, eos=eos)
         assert out[r].ids == want
+
+
+def test_a_megatron_compatible_ar_loads(make_tiny, tmp_path):
+    """`--megatron-compat` ARs carry a dummy final norm and lm_head = eye(d) [d, d]; both are ignored."""
+    subject, pool = build(tmp_path, make_tiny, "qwen2")
+    reference = load_nla(tmp_path, pool=pool)
+    want = reference.reconstructor.reconstruct([reference.reconstructor.units("a fox")], None)
+    weights = tmp_path / "ar" / "model.safetensors"
+    state = load_file(str(weights))
+    d = subject.d_model
+    state["model.norm.weight"] = torch.ones(d)
+    state["lm_head.weight"] = torch.eye(d)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    fresh = LMPool()
+    fresh.add(subject, "tiny-subject")
+    nla = load_nla(tmp_path, pool=fresh)
+    got = nla.reconstructor.reconstruct([nla.reconstructor.units("a fox")], None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
