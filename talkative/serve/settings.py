@@ -115,7 +115,9 @@ def default_model_groups_file() -> Path:
 class Settings(BaseSettings):
     """Every knob of the server; field names are the environment variable names (case-insensitive)."""
 
-    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, env_file_encoding="utf-8")
+    model_config = SettingsConfigDict(
+        extra="ignore", case_sensitive=False, env_file_encoding="utf-8", env_ignore_empty=True
+    )
 
     # -- models ---------------------------------------------------------------------------------------------------
     model_groups_file: Path = Field(

@@ -108,3 +108,19 @@ def test_defaults(layout: dict[str, Path]) -> None:
     )
     with pytest.raises(ValueError):
         Settings.load(log_level="loud")
+
+
+def test_empty_values_leave_the_lower_layers_in_charge(layout: dict[str, Path]) -> None:
+    # a copied .env.example sets DEFAULT_GROUP= and DEVICES=: they must not hide the JSON's default group
+    (layout["cwd"] / ".env").write_text("DEFAULT_GROUP=\nDEVICES=\nAPI_KEY=\nTUNED_LENS_DIR=\n")
+    s = Settings.load()
+    assert (
+        s.default_group == "json-group" and s.devices == [] and s.api_key is None and s.tuned_lens_dir is None
+    )
+
+
+def test_env_example_parses(layout: dict[str, Path]) -> None:
+    example = Path(__file__).resolve().parents[2] / ".env.example"
+    (layout["cwd"] / ".env").write_text(example.read_text())
+    s = Settings.load()
+    assert s.default_group == "json-group" and s.port == 8000 and s.max_text_length == 20000

@@ -32,12 +32,13 @@ public = APIRouter()
 api = APIRouter(dependencies=[Depends(client_identity)], responses=ERRORS)
 
 
-def _http(exc: Exception) -> HTTPException:
+def _http(exc: SchedulerError | KeyError) -> HTTPException:
+    """SchedulerError carries its status; an unknown model or request id is a 404."""
     if isinstance(exc, SchedulerError):
         return HTTPException(exc.status, exc.detail)
-    if isinstance(exc, UnknownModel | KeyError):
-        return HTTPException(404, str(exc))
-    raise exc
+    return HTTPException(
+        404, str(exc) if isinstance(exc, UnknownModel) else f"unknown request_id {exc.args[0]!r}"
+    )
 
 
 # -- public: root, health, readiness ---------------------------------------------------------------------------------

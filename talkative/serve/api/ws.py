@@ -25,6 +25,7 @@ from ..scheduler import SchedulerError
 from ..service import Service
 from .deps import service_of, websocket_identity
 from .errors import describe_validation_error
+from .models import AnalyzeRequest
 
 log = logging.getLogger("talkative.serve.ws")
 router = APIRouter()
@@ -152,8 +153,6 @@ def _error(conn: Connection, data: Any, message: str, code: int, request_id: str
 # -- handlers -------------------------------------------------------------------------------------------------------
 @handles("analyze")
 async def analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
-    from .models import AnalyzeRequest
-
     body = {k: v for k, v in data.items() if k != "type"}
     req = AnalyzeRequest.model_validate(body)
     await svc.submit_analysis(req, owner=conn.identity.key, subscriber=conn)
