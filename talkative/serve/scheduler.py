@@ -11,7 +11,10 @@
   explained in chunks of positions. A device runs `NUM_WORKERS_PER_GPU` engine batches at once; each batch is led
   by the active job served least recently (round-robin: a short request is not stuck behind a long one) and
   filled with the next chunks of other jobs on the same model with compatible options, up to the model's row
-  budget (positions × best_of_k ≤ `auto_batch_size_max`).
+  budget (positions × best_of_k ≤ `auto_batch_size_max`). On a CPU a batch that completes its lead job is filled
+  only with parts that complete their jobs too (engine time grows with rows there, so padding it with a long
+  job's chunk would only delay the finishing job; on a GPU the extra rows are nearly free):
+  `FILL_FINISHING_BATCHES` overrides.
 * **Cancellation** is terminal: a queued job leaves the queue, a running one gets no further chunks and the rows
   of its chunk in flight are dropped; nothing partial is kept.
 
@@ -141,6 +144,7 @@ class DeviceState:
     inflight: int = 0  # engine batches (and whole jobs) running
     preparing: int = 0
     last_used: float = 0.0
+    fill_finishing: bool = True  # see Settings.fill_finishing_batches
 
     @property
     def group_id(self) -> str | None:
@@ -179,6 +183,9 @@ class Scheduler:
                 slots=settings.num_workers_per_gpu,
                 batch_pool=ThreadPoolExecutor(settings.num_workers_per_gpu, thread_name_prefix=f"engine-{d}"),
                 prep_pool=ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{d}"),
+                fill_finishing=settings.fill_finishing_batches
+                if settings.fill_finishing_batches is not None
+                else not d.startswith("cpu"),
             )
             for d in settings.resolved_devices()
         ]
@@ -712,13 +719,15 @@ class Scheduler:
             assert lead.job.model_id is not None
             budget = self._budget(lead.job.model_id)
             k = lead.resolved.best_of_k
+            # a batch that completes its lead takes on a CPU only parts that complete their jobs too
+            only_whole = len(lead.pending) <= lead.chunk and not dev.fill_finishing
             parts = [(lead, self._take(lead, lead.chunk))]
             rows = len(parts[0][1]) * k
             for other in order[1:]:
                 room = (budget - rows) // k
                 if room <= 0:
                     break
-                if other.key == lead.key:
+                if other.key == lead.key and not (only_whole and len(other.pending) > min(other.chunk, room)):
                     part = self._take(other, min(other.chunk, room))
                     parts.append((other, part))
                     rows += len(part) * k

@@ -159,6 +159,11 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(
         8, ge=1, description="Jobs prepared and interleaved at once per device; the rest wait queued."
     )
+    fill_finishing_batches: bool | None = Field(
+        None,
+        description="Fill a batch that completes a job with chunks of jobs it does not complete; default: on "
+        "GPUs yes, on the CPU no (engine time grows with rows there, so padding only delays the finishing job).",
+    )
 
     # -- storage --------------------------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Job store (jobs.sqlite3) lives here.")

@@ -407,3 +407,31 @@ def test_timeout_between_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert job.status == "failed" and "REQUEST_TIMEOUT" in (job.error or "")
 
     run(tmp_path, monkeypatch, body)
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_batches_that_finish_a_job_are_filled_only_where_rows_are_cheap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fill: bool
+) -> None:
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        engine.delay = 0.05
+        k1 = {"best_of_k": 1}
+        long_id = await analyze(sched, words(30, "L"), batch_size=4, optimize_explanations_config=k1)
+        await until(lambda: len(engine.batches) >= 1)
+        short_id = await analyze(sched, "s1 s2", batch_size=4, optimize_explanations_config=k1)
+        await sched.wait(short_id, 10)
+        short_batches = [b for b in engine.batches if "s1 s2" in engine.jobs_in(b)]
+        assert len(short_batches) == 1
+        assert (len(short_batches[0]) > 1) is fill  # alone on a CPU, filled up to the budget on a GPU
+        await sched.cancel(long_id)
+        # jobs that all finish in one batch share it either way
+        engine.batches.clear()
+        pair = [
+            await analyze(sched, f"p{i} q{i}", batch_size=4, optimize_explanations_config=k1)
+            for i in range(3)
+        ]
+        for jid in pair:
+            await sched.wait(jid, 10)
+        assert any(len(b) > 1 for b in engine.batches), engine.batches
+
+    run(tmp_path, monkeypatch, body, fill_finishing_batches=fill)

@@ -160,21 +160,19 @@ async def analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
 
 @handles("cancel_request", "interrupt")
 async def cancel(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    """By `request_id`, or by the `client_request_id` of one of this connection's requests."""
     job_id = data.get("request_id")
-    if not isinstance(job_id, str) and _crid(data) is not None:
-        job_id = next(
-            (
-                j.id
-                for j in svc.scheduler.jobs.values()
-                if j.client_request_id == _crid(data) and j.id in conn.jobs
-            ),
-            None,
+    crid = _crid(data)
+    if not isinstance(job_id, str) or not job_id:
+        if crid is None:
+            raise ProtocolError("'request_id' (a string) is required")
+        mine = (
+            j.id for j in svc.scheduler.jobs.values() if j.client_request_id == crid and j.id in conn.jobs
         )
+        job_id = next(mine, None)
         if job_id is None:
-            raise ProtocolError(
-                f"no active request of this connection has client_request_id {_crid(data)!r}", 404
-            )
-    job = await svc.scheduler.cancel(_job_id({"request_id": job_id}))
+            raise ProtocolError(f"no active request of this connection has client_request_id {crid!r}", 404)
+    job = await svc.scheduler.cancel(job_id)
     if not svc.hub.is_subscribed(job.id, conn):
         conn.send(
             {
