@@ -435,3 +435,12 @@ def test_batches_that_finish_a_job_are_filled_only_where_rows_are_cheap(
         assert any(len(b) > 1 for b in engine.batches), engine.batches
 
     run(tmp_path, monkeypatch, body, fill_finishing_batches=fill)
+
+
+def test_lazy_loading_waits_for_the_first_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        assert sched.ready and res.log == [] and sched.current_model == "a1"
+        job = await sched.wait(await analyze(sched, "x y"), 10)
+        assert job.status == "completed" and res.log == [("acquire", "ga")]
+
+    run(tmp_path, monkeypatch, body, lazy_load_model=True)
