@@ -1,8 +1,9 @@
 """`create_app(settings)`: the FastAPI application of the analysis server.
 
 Routes: the public root, `/health` and `/ready`; the API (`/analyze`, `/status/{id}`, `/cancel/{id}`,
-`/api/v2/models`, `/api/v2/models/switch`) behind `api.deps.client_identity`; the WebSocket `/ws`; `/docs` when
-ENABLE_DOCS; and the web UI's static files at `/` when `talkative/web/index.html` exists.
+`/api/v2/models`, `/api/v2/models/switch`, the UI's `/api/history`) behind `api.deps.client_identity`; the
+WebSocket `/ws`; `/docs` when ENABLE_DOCS; and the web UI's static files at `/` when `talkative/web/index.html`
+exists.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from .api import errors, rest, ws
+from .api import errors, history, rest, ws
 from .registry import load_registry
 from .service import Service
 from .settings import Settings
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(rest.public)
     app.include_router(rest.api)
+    app.include_router(history.router)
     app.include_router(ws.router)
     if (rest.WEB_DIR / "index.html").is_file():
         app.mount("/", StaticFiles(directory=rest.WEB_DIR, html=True), name="web")

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE INDEX IF NOT EXISTS jobs_completed ON jobs(completed_at);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created_at);
 """
 COLUMNS = (
     "id",
@@ -61,6 +62,20 @@ COLUMNS = (
     "attempts",
 )
 JSON_COLUMNS = {"request", "result", "progress"}
+#: what a history listing reads: everything but the result (and of the result only its summary and length)
+SUMMARY_COLUMNS = (
+    "id",
+    "kind",
+    "status",
+    "model_id",
+    "client_request_id",
+    "created_at",
+    "started_at",
+    "completed_at",
+    "request",
+    "error",
+)
+JobSummary = dict[str, Any]
 
 
 def _dump(value: Any) -> str | None:
@@ -136,6 +151,27 @@ class JobStore:
     def _count(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
+    def _owned(
+        self, owner: str, kinds: tuple[str, ...], limit: int, offset: int
+    ) -> tuple[list[JobSummary], int]:
+        where = f"owner = ? AND kind IN ({','.join('?' * len(kinds))})"
+        conn = self._conn()
+        total = int(conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", (owner, *kinds)).fetchone()[0])
+        rows = conn.execute(
+            f"SELECT {','.join(SUMMARY_COLUMNS)}, json_extract(result, '$.metadata.summary') AS summary,"
+            f" json_array_length(result, '$.tokens') AS n_tokens FROM jobs WHERE {where}"
+            " ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+            (owner, *kinds, limit, offset),
+        )
+        out = []
+        for r in rows:
+            item = {col: r[col] for col in SUMMARY_COLUMNS}
+            item["request"] = json.loads(item["request"])
+            item["summary"] = json.loads(r["summary"]) if r["summary"] else None
+            item["n_tokens"] = r["n_tokens"]
+            out.append(item)
+        return out, total
+
     def _close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
@@ -158,6 +194,13 @@ class JobStore:
 
     async def count(self) -> int:
         return await self._call(self._count)
+
+    async def owned(
+        self, owner: str, kinds: tuple[str, ...], limit: int, offset: int = 0
+    ) -> tuple[list[JobSummary], int]:
+        """One owner's jobs of the given kinds, newest first, without their results (a page of a history list),
+        and how many there are in all."""
+        return await self._call(self._owned, owner, kinds, limit, offset)
 
     def close(self) -> None:
         self._call_sync(self._close)
