@@ -1,0 +1,171 @@
+// The result of the active analysis: summary, colour-by picker, export and link, the token strip with its
+// tooltip, the detail panel, the legend and the table. One selection and one metric drive all of them.
+import { h, clear, fill } from '../dom.js';
+import { duration, exactTime, num, plural } from '../format.js';
+import { METRIC, available, salienceScale, scaleFor } from '../metrics.js';
+import { save } from '../prefs.js';
+import { createDetail } from './detail.js';
+import { createLegend } from './legend.js';
+import { createStrip } from './strip.js';
+import { createTable } from './table.js';
+
+const SUMMARY = [
+  ['fve', 'mean_fve'],
+  ['relative_rmse', 'mean_relative_rmse'],
+  ['cosine', 'mean_cosine'],
+  ['kl_divergence', 'mean_kl_divergence'],
+];
+
+function mean(rows, key) {
+  const values = rows.filter((r) => !r.outlier && Number.isFinite(r[key])).map((r) => r[key]);
+  return values.length ? values.reduce((a, b) => a + b, 0) / values.length : null;
+}
+
+function welcome() {
+  return h(
+    'div',
+    { class: 'card welcome' },
+    h('h2', {}, 'Read what a model’s activations say'),
+    h(
+      'p',
+      {},
+      'For every token of a text, a natural language autoencoder turns the model’s internal vector into a short explanation, then rebuilds the vector from that explanation. How well it rebuilds it says how faithful the explanation is.',
+    ),
+    h('ol', {}, h('li', {}, 'Write a text or a chat, pick a model.'), h('li', {}, 'Press Analyse (Ctrl + Enter).'), h('li', {}, 'Point at a token to read its explanation; colours show how faithful each one is.')),
+  );
+}
+
+export function createResult({ store, analyses, tooltip, actions }) {
+  const root = document.getElementById('result');
+  let shown = null; // {runId, result}
+  let view = null;
+
+  function source(run) {
+    if (run.origin === 'imported') return `from the file ${run.filename}`;
+    if (run.origin === 'stored') return `stored ${exactTime(run.createdAt)}`;
+    return '';
+  }
+
+  function summaryItems(rows, meta) {
+    const s = meta.summary || {};
+    return SUMMARY.map(([key, field]) => {
+      const value = s[field] ?? mean(rows, key);
+      if (value === null || value === undefined) return null;
+      const m = METRIC[key];
+      return h('div', {}, h('dt', {}, `mean ${m.label}`), h('dd', {}, num(value), h('span', { class: 'direction' }, m.better === 'higher' ? ' ↑' : ' ↓')));
+    });
+  }
+
+  function build(run) {
+    const rows = run.result.tokens || [];
+    const meta = run.result.metadata || {};
+    const metrics = available(rows);
+    const preferred = store.get('metric');
+    const metric = metrics.includes(preferred) ? preferred : metrics[0] || null;
+    const salienceMax = salienceScale(rows);
+
+    const metricSelect = h(
+      'select',
+      { id: 'metric-select', disabled: !metrics.length },
+      metrics.length ? metrics.map((k) => h('option', { value: k, selected: k === metric }, `${METRIC[k].label} (${METRIC[k].better} is better)`)) : h('option', {}, 'no metrics'),
+    );
+    const detail = createDetail({ onMove: (i) => selectRow(i, { focus: false }) });
+    const legend = createLegend();
+    const strip = createStrip({ rows, tooltip, onSelect: (i, opts) => selectRow(i, opts) });
+    const table = createTable({ rows, onSelect: (i, opts) => selectRow(i, opts) });
+
+    const facts = [
+      meta.model_id || run.modelId,
+      meta.layer !== undefined ? `layer ${meta.layer}` : null,
+      meta.best_of_k ? `best of ${meta.best_of_k}` : null,
+      meta.temperature !== undefined ? `temperature ${meta.temperature}` : null,
+      meta.seed !== undefined ? `seed ${meta.seed}` : null,
+      plural(rows.length, 'token'),
+      meta.processing_time ? `${duration(meta.processing_time)}` : null,
+      source(run),
+    ].filter(Boolean);
+
+    const buttons = h(
+      'div',
+      { class: 'toolbar-actions' },
+      h('button', { type: 'button', class: 'secondary small', id: 'export-jsonl', onclick: () => actions.exportJsonl(run) }, 'Export JSONL'),
+      h('button', { type: 'button', class: 'secondary small', id: 'export-csv', onclick: () => actions.exportCsv(run) }, 'Export CSV'),
+      run.requestId ? h('button', { type: 'button', class: 'secondary small', id: 'copy-link', onclick: () => actions.copyLink(run) }, 'Copy link') : null,
+      run.input ? h('button', { type: 'button', class: 'secondary small', onclick: () => actions.editInput(run) }, 'Edit input') : null,
+    );
+
+    const card = h(
+      'section',
+      { class: 'card result-card', 'aria-labelledby': 'result-title' },
+      h('div', { class: 'result-head' }, h('h2', { id: 'result-title' }, 'Result'), h('p', { class: 'facts' }, facts.join(' · '))),
+      h('dl', { class: 'summary' }, summaryItems(rows, meta)),
+      h('div', { class: 'toolbar' }, h('label', { class: 'inline', for: 'metric-select' }, 'Colour by ', metricSelect), buttons),
+      rows.length ? strip.element : h('p', { class: 'hint' }, 'No tokens in this result.'),
+      h('p', { class: 'hint strip-hint' }, 'Point at a token or move with the arrow keys to read its explanation.'),
+      h('div', { class: 'result-panels' }, detail.element, legend.element),
+    );
+    const metaBox = h(
+      'details',
+      { class: 'card metadata' },
+      h('summary', {}, 'Run details'),
+      h(
+        'dl',
+        {},
+        Object.entries(meta).map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', { class: 'mono' }, typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v)))),
+      ),
+    );
+    fill(root, card, table.element, metaBox);
+
+    function recolour(key) {
+      const scale = key ? scaleFor(rows, key) : null;
+      strip.recolour(key, scale, salienceMax);
+      table.recolour(key, scale, salienceMax);
+      legend.render({ metric: key, scale, salienceMax, present: available(rows, ['fve', 'relative_rmse', 'cosine', 'kl_divergence', 'mse', 'nmse']) });
+      table.select(view?.selected ?? 0);
+    }
+
+    function selectRow(i, { focus = false } = {}) {
+      view.selected = i;
+      strip.select(i, { focus });
+      table.select(i);
+      detail.show(rows, i, salienceMax);
+    }
+
+    metricSelect.addEventListener('change', () => {
+      store.set('metric', metricSelect.value);
+      save('metric', metricSelect.value);
+      recolour(metricSelect.value);
+    });
+
+    view = { selected: 0, selectRow };
+    recolour(metric);
+    if (rows.length) selectRow(0);
+    else detail.show(rows, -1, salienceMax);
+  }
+
+  function render() {
+    const run = analyses.active();
+    if (!run) {
+      shown = null;
+      tooltip.hide();
+      fill(root, welcome());
+      return;
+    }
+    if (!run.result) {
+      if (shown) {
+        shown = null;
+        tooltip.hide();
+        clear(root);
+      }
+      return;
+    }
+    if (shown && shown.runId === run.id && shown.result === run.result) return;
+    shown = { runId: run.id, result: run.result };
+    tooltip.hide();
+    build(run);
+  }
+
+  store.on('activeRun', render);
+  store.on('runs', (_, run) => (!run || run.id === store.get('activeRun') ? render() : null));
+  render();
+}
