@@ -44,6 +44,11 @@ export function createAnalyseForm({ store, onSubmit }) {
     if (el.type === 'checkbox') el.checked = Boolean(stored[name]);
     else el.value = stored[name];
   }
+  // advanced options left set from an earlier visit are shown, not silently applied
+  const advanced = ['batch', 'lastN', 'add', 'left', 'right', 'hard', 'vectors'];
+  if (advanced.some((n) => (fields[n].type === 'checkbox' ? fields[n].checked : fields[n].value !== ''))) {
+    form.querySelector('details.advanced').open = true;
+  }
   const remember = () =>
     save('analyse.fields', Object.fromEntries(Object.entries(fields).map(([n, el]) => [n, el.type === 'checkbox' ? el.checked : el.value])));
   form.addEventListener('change', remember);

@@ -58,7 +58,8 @@ export function createProgress({ store, analyses }) {
     }
     if (run.status === 'cancelled') {
       card.dataset.run = '';
-      fill(card, title, h('p', { class: 'alert info', role: 'status' }, 'Cancelled. Nothing was kept.'));
+      const why = run.error && !/^cancell?ed( by user)?\.?$/i.test(run.error) ? ` (${run.error})` : '';
+      fill(card, title, h('p', { class: 'alert info', role: 'status' }, `Cancelled${why}. Nothing was kept.`));
       return;
     }
     const info = line(run);

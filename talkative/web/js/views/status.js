@@ -7,6 +7,8 @@ export function createStatus({ store, socket, onKey }) {
   const queueText = document.getElementById('queue-text');
   const modelState = document.getElementById('model-state');
   const keyButton = document.getElementById('key-button');
+  const retry = document.getElementById('reconnect');
+  retry.addEventListener('click', () => socket.reconnectNow());
 
   function renderConnection(state) {
     conn.dataset.state = state.name;
@@ -18,6 +20,7 @@ export function createStatus({ store, socket, onKey }) {
       auth: 'API key needed',
     };
     connText.textContent = texts[state.name] || state.name;
+    retry.hidden = state.name !== 'waiting';
     conn.title = state.reason || '';
     if (state.name === 'auth') onKey(state.reason);
   }
