@@ -350,7 +350,7 @@ def _run_batch(
                 "token": p.tokens[q],
                 "token_id": p.ids[q],
                 "explanation": e.text,
-                "explanation_structured": _structured(nla, units[i]) if opts.structured else None,
+                "explanation_structured": _structured(nla, units[i]) if p.options.structured else None,
                 "token_salience": salience[g],
                 "mse": None,
                 "relative_rmse": None,
@@ -370,7 +370,7 @@ def _run_batch(
                 for name in ("mse", "relative_rmse", "cosine", "nmse", "fve"):
                     value = metrics[name]
                     row[name] = None if value is None else _finite(float(value[g]))
-            if opts.return_vectors:
+            if p.options.return_vectors:
                 row["activation"] = A[g].tolist()
                 row["reconstruction"] = None if best_hat is None else best_hat[g].tolist()
             rows.append(row)

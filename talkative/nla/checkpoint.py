@@ -183,6 +183,20 @@ class NLA:
 
         return save_native(self, Path(path))
 
+    def lms(self) -> list[LM]:
+        """The distinct language models this NLA runs on (one when subject, AV and AR share a base)."""
+        found = [self.subject, self.verbalizer.lm, self.reconstructor.lm]
+        return list({id(m): m for m in found}.values())
+
+    def to(self, device: torch.device | str) -> NLA:
+        """Move every base model and the trained tensors; cached prompt prefixes are dropped with the move."""
+        for lm in self.lms():
+            lm.model.to(device)
+        for module in (self.verbalizer, self.reconstructor):
+            module.to(device)
+            module._memo = type(module._memo)()
+        return self
+
     def parameters(self) -> list[torch.nn.Parameter]:
         return [*self.verbalizer.parameters(), *self.reconstructor.parameters()]
 

@@ -36,12 +36,12 @@ def space_token_id(lm: LM) -> int:
     return int(eos if eos is not None else 0)
 
 
-def identity_linear(d: int, *, bias: bool) -> nn.Linear:
+def identity_linear(d: int, *, bias: bool, device: torch.device | str = "cpu") -> nn.Linear:
     """A d×d affine initialised to the identity without drawing from the global RNG (loading a checkpoint must
     leave the caller's random state alone)."""
-    lin = torch.nn.utils.skip_init(nn.Linear, d, d, bias=bias)
+    lin = torch.nn.utils.skip_init(nn.Linear, d, d, bias=bias, device=device)
     with torch.no_grad():
-        lin.weight.copy_(torch.eye(d))
+        lin.weight.copy_(torch.eye(d, device=device))
         if lin.bias is not None:
             lin.bias.zero_()
     return lin
@@ -90,11 +90,11 @@ class SoftPromptReconstructor(nn.Module):
         rows = lm.embed_rows(torch.tensor(self.pre_ids + self.post_ids, dtype=torch.long, device=dev)).float()
         self.soft_prompt = nn.Parameter(rows[: len(self.pre_ids)].clone())
         self.soft_prompt_post = nn.Parameter(rows[len(self.pre_ids) :].clone()) if self.post_ids else None
-        self.special_vector = nn.Parameter(torch.zeros(d)) if special_last_token_vector else None
+        self.special_vector = nn.Parameter(torch.zeros(d, device=dev)) if special_last_token_vector else None
         self.head_kind = head
         self.head: nn.Linear | None = None
         if head != "none":
-            self.head = identity_linear(d, bias=head == "linear")
+            self.head = identity_linear(d, bias=head == "linear", device=dev)
         self.space_id = space_token_id(lm)
         self._memo = _PrefixMemo()
 
@@ -210,7 +210,7 @@ class TemplateReconstructor(nn.Module):
         if not 0 <= self.output_layer < lm.n_layers:
             raise ValueError(f"output_layer {self.output_layer} outside the backbone's {lm.n_layers} blocks")
         d = lm.d_model
-        self.head = identity_linear(d, bias=head_bias)
+        self.head = identity_linear(d, bias=head_bias, device=lm.device)
         pre, post = template.split("{explanation}")
         self.pre_text, self.post_text = pre, post
         # The template's last prefix token may merge with the explanation's first characters, so the cached

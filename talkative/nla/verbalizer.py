@@ -119,12 +119,12 @@ class LayerReplacementVerbalizer(nn.Module):
         self.right_ids = encode_piece(lm, right)
         d = lm.d_model
         ids = torch.tensor(self.left_ids + self.right_ids, dtype=torch.long, device=lm.device)
-        rows = lm.embed_rows(ids).float() if len(ids) else torch.zeros(0, d)
+        rows = lm.embed_rows(ids).float() if len(ids) else torch.zeros(0, d, device=lm.device)
         self.prompt_left_emb = nn.Parameter(rows[: len(self.left_ids)].clone())
         self.prompt_right_emb = nn.Parameter(rows[len(self.left_ids) :].clone())
         n_proj = max(patch_layers, 1)
-        self.proj_weight = nn.Parameter(torch.eye(d).repeat(n_proj, 1, 1))
-        self.proj_bias = nn.Parameter(torch.zeros(n_proj, d))
+        self.proj_weight = nn.Parameter(torch.eye(d, device=lm.device).repeat(n_proj, 1, 1))
+        self.proj_bias = nn.Parameter(torch.zeros(n_proj, d, device=lm.device))
         self._memo = _PrefixMemo()
 
     # -- layout ------------------------------------------------------------------------------------------------

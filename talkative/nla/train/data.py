@@ -49,6 +49,7 @@ class DataConfig:
     heldout_fraction: float = 0.1
     seed: int = 0
     dtype: str = "float32"
+    predictions: bool = True  # also store the subject's top-3 next tokens (runs every block, not just 0..L)
     batch_windows: int = 8
     shard_size: int = 1024  # windows per chunk (one shard per split)
 
@@ -110,8 +111,10 @@ def _doc_windows(cfg: DataConfig, doc_index: int, doc: Document, lm: LM, split: 
         yield Window(doc_index, split, ids[start : start + cfg.window], positions)
 
 
-def extract_batch(lm: LM, layer: int, windows: list[Window], context: int) -> list[dict[str, Any]]:
-    """One forward over equal-length windows: activations after block `layer` and next-token top-3."""
+def extract_batch(
+    lm: LM, layer: int, windows: list[Window], context: int, predictions: bool = True
+) -> list[dict[str, Any]]:
+    """One forward over equal-length windows: activations after block `layer` (and next-token top-3, or -1s)."""
     ids = torch.tensor([w.ids for w in windows], dtype=torch.long, device=lm.device)
     pos = torch.arange(ids.shape[1], device=lm.device).unsqueeze(0).expand(ids.shape[0], -1)
     captured: dict[str, Tensor] = {}
@@ -122,7 +125,8 @@ def extract_batch(lm: LM, layer: int, windows: list[Window], context: int) -> li
         return h
 
     with torch.no_grad():
-        out = lm.forward(lm.add_positions(lm.embed(ids), pos), pos, patch=capture)
+        stop = None if predictions else layer + 1
+        out = lm.forward(lm.add_positions(lm.embed(ids), pos), pos, stop=stop, patch=capture)
         acts = captured.get("h", out).float()
         samples = []
         for b, w in enumerate(windows):
@@ -131,7 +135,10 @@ def extract_batch(lm: LM, layer: int, windows: list[Window], context: int) -> li
             keep = [p for p in w.positions if float(norms[p]) <= OUTLIER_FACTOR * med]
             if not keep:
                 continue
-            top = lm.logits(lm.final_norm(out[b, keep])).float().topk(3, dim=-1).indices
+            if predictions:
+                top = lm.logits(lm.final_norm(out[b, keep])).float().topk(3, dim=-1).indices
+            else:
+                top = torch.full((len(keep), 3), -1, dtype=torch.long)
             for j, p in enumerate(keep):
                 ctx = w.ids[max(0, p - context + 1) : p + 1]
                 ctx = [-1] * (context - len(ctx)) + ctx
@@ -187,7 +194,9 @@ def build_dataset(cfg: DataConfig, lm: LM, out: Path, *, progress: bool = True) 
         groups: dict[str, list[dict[str, Any]]] = {"train": [], "heldout": []}
         for b in range(0, len(chunk), cfg.batch_windows):
             batch = chunk[b : b + cfg.batch_windows]
-            for split, samples in _split_samples(extract_batch(lm, cfg.layer, batch, cfg.context), batch):
+            for split, samples in _split_samples(
+                extract_batch(lm, cfg.layer, batch, cfg.context, cfg.predictions), batch
+            ):
                 groups[split].extend(samples)
             bar.update(len(batch))
         for split, samples in groups.items():
