@@ -139,7 +139,8 @@ class Hub:
             return
         for conn in list(subs):
             conn.send(message)
-        if message.get("type") in TERMINAL_TYPES and job.terminal:
+        kind = str(message.get("type", ""))
+        if job.terminal and (kind in TERMINAL_TYPES or kind.endswith("_complete")):  # e.g. generation_complete
             for conn in self.subscribers.pop(job.id, set()):
                 conn.jobs.discard(job.id)
 

@@ -89,6 +89,7 @@ class GroupEntry:
     models: tuple[ModelEntry, ...]
     estimated_memory: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    backend_only: bool = False  # every model of the group is for the administrator only
 
 
 def env_name(identifier: str) -> str:
@@ -219,6 +220,7 @@ class Registry:
                     "base_model": g.base_model_path,
                     "description": g.description,
                     "visible": g.visible,
+                    "backend_only": g.backend_only,
                     "models": [
                         {
                             "id": m.id,
@@ -346,6 +348,7 @@ def parse_registry(data: Any, path: Path | None = None) -> Registry:
                 models=models,
                 estimated_memory=g.get("estimated_memory") or estimates.get(gid),
                 settings=group_settings,
+                backend_only=bool(g.get("backend_only", False)),
             )
         )
     return Registry(groups, json_settings, path)

@@ -180,6 +180,21 @@ class Residency:
             self._cache[group_id] = rt
         return True
 
+    def unload_all(self, runtimes: list[GroupRuntime]) -> list[str]:
+        """Drop the given device runtimes and every parked group (a reset), freeing their memory; their ids."""
+        with self._lock:
+            parked = list(self._cache.values())
+            self._cache.clear()
+        dropped = [*runtimes, *parked]
+        devices = {rt.device for rt in dropped} | {CPU}
+        for rt in dropped:
+            rt.nlas.clear()
+            rt.tuned.clear()
+            rt.pool = LMPool(dtype=rt.pool.dtype, device=CPU)  # the pool held the last references to the weights
+        for device in devices:
+            _free_device_memory(device)
+        return [rt.group_id for rt in dropped]
+
     # -- state ----------------------------------------------------------------------------------------------------
     def cached_groups(self) -> list[str]:
         with self._lock:

@@ -177,6 +177,8 @@ class Scheduler:
         self.queue: list[Job] = []  # FIFO of queued jobs
         self.jobs: dict[str, Job] = {}  # every job not yet stored as terminal
         self.handlers: dict[str, JobHandler] = {}
+        #: the terminal WebSocket message of a completed job of a kind, when not `{type: "<kind>_complete", result}`
+        self.finalizers: dict[str, Callable[[Job], dict[str, Any]]] = {}
         self.devices = [
             DeviceState(
                 name=d,
@@ -218,6 +220,8 @@ class Scheduler:
         self._serve_seq = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._preloads: dict[str, asyncio.Task[Any]] = {}  # group id -> its load into the CPU cache
+        self._resetting = False
 
     # -- life cycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -466,6 +470,10 @@ class Scheduler:
     def _schedule(self) -> None:
         if self._stopping or self._loop is None:
             return
+        if self._resetting:  # a reset drains the devices: admitted work runs to its end, nothing new starts
+            for dev in self.devices:
+                self._dispatch(dev)
+            return
         self._route_queue()
         for dev in self.devices:
             self._dispatch(dev)
@@ -486,6 +494,8 @@ class Scheduler:
                 self._admit(job, dev)
                 continue
             waiting.add(gid)
+            if gid in self._preloads:
+                continue  # it is being loaded into the CPU cache; switching to it then is a move
             if any(d.loading == gid or d.draining_for == gid for d in self.devices):
                 continue
             idle = [d for d in self.devices if not d.busy and d.draining_for is None]
@@ -865,7 +875,7 @@ class Scheduler:
         dev.inflight += 1
 
         def emit(message: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(self._emit, job, message)
+            loop.call_soon_threadsafe(self._emit_live, job, message)
 
         try:
             nla = rt.nlas.get(job.model_id)
@@ -896,6 +906,11 @@ class Scheduler:
             self._schedule()
 
     # -- endings --------------------------------------------------------------------------------------------------
+    def _emit_live(self, job: Job, message: dict[str, Any]) -> None:
+        """A handler's message, unless the job ended meanwhile (a cancelled stream stops at once)."""
+        if not job.terminal:
+            self._emit(job, message)
+
     def _emit(self, job: Job, message: dict[str, Any]) -> None:
         self.sink.job_event(
             job, {**message, "request_id": job.id, "client_request_id": job.client_request_id}
@@ -932,6 +947,8 @@ class Scheduler:
             return {"type": "request_cancelled", "message": job.error or "Cancelled"}
         if job.status == FAILED:
             return {"type": "error", "error": job.error or "failed"}
+        if job.kind in self.finalizers:
+            return self.finalizers[job.kind](job)
         result = job.result or {}
         if job.kind == "switch":
             return {"type": "model_switch_complete", **result}
@@ -942,6 +959,88 @@ class Scheduler:
                 "metadata": result.get("metadata", {}),
             }
         return {"type": f"{job.kind}_complete", "result": result}
+
+    # -- preload and reset (issue 5: /api/v2/groups/{id}/preload, /reset) ---------------------------------------------
+    async def preload(self, group_id: str) -> str:
+        """Load a group into the CPU cache ahead of use, so a switch to it is a move, not a load; where it is."""
+        self.registry.group(group_id)  # UnknownGroup for the caller
+        for dev in self.devices:
+            if dev.group_id == group_id or dev.loading == group_id:
+                return dev.name
+        if group_id in self.residency.cached_groups():
+            return "cpu_cache"
+        if self.residency.capacity <= 0:
+            raise SchedulerError(409, "the CPU cache is disabled (MAX_CPU_CACHED_MODELS=0): nothing can be preloaded")
+        task = self._preloads.get(group_id)
+        if task is None:
+            task = self._spawn(self._preload_group(group_id))
+            self._preloads[group_id] = task
+        loaded: bool = await asyncio.shield(task)
+        if not loaded:
+            raise SchedulerError(
+                409,
+                f"the CPU cache is full ({', '.join(self.residency.cached_groups())}; capacity "
+                f"{self.residency.capacity}): switch to a group or raise MAX_CPU_CACHED_MODELS",
+            )
+        return "cpu_cache"
+
+    async def _preload_group(self, group_id: str) -> bool:
+        try:
+            return await asyncio.to_thread(self.residency.preload, group_id)
+        finally:
+            self._preloads.pop(group_id, None)
+            self._schedule()
+
+    async def reset(self, drain_seconds: float = 30.0, stop_seconds: float = 120.0) -> dict[str, Any]:
+        """Unload every group (devices and CPU cache) and load the default group again; queued jobs stay queued.
+
+        Running work gets `drain_seconds` to finish (nothing new starts meanwhile); what still runs then is
+        cancelled, and the reset waits up to `stop_seconds` for it to stop before giving up with a 503.
+        """
+        if self._resetting:
+            raise SchedulerError(409, "a reset is already running")
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        self._resetting = True
+        cancelled: list[str] = []
+        try:
+            deadline, forced = loop.time() + drain_seconds, False
+            while any(d.busy for d in self.devices) or self._preloads:
+                if loop.time() >= deadline:
+                    if forced:
+                        raise SchedulerError(503, "running work did not stop; the reset was abandoned")
+                    forced = True
+                    for job in [j for j in self.jobs.values() if j.status == PROCESSING]:
+                        await self.cancel(job.id, reason="cancelled: the server was reset by an administrator")
+                        cancelled.append(job.id)
+                    deadline = loop.time() + stop_seconds
+                await asyncio.sleep(0.05)
+            runtimes = [d.runtime for d in self.devices if d.runtime is not None]
+            for dev in self.devices:
+                dev.runtime, dev.draining_for = None, None
+            unloaded = await asyncio.to_thread(self.residency.unload_all, runtimes)
+            del runtimes
+            loaded = None
+            if self.default_group is not None:
+                dev = self.devices[0]
+                self._start_switch(dev, self.default_group)
+                while dev.loading is not None:
+                    await asyncio.sleep(0.05)
+                if dev.group_id != self.default_group:
+                    raise SchedulerError(503, f"the default group {self.default_group} could not be loaded again")
+                loaded = self.default_group
+                self.current_model = self.registry.group(self.default_group).models[0].id
+        finally:
+            self._resetting = False
+            self._schedule()
+        return {
+            "unloaded_groups": unloaded,
+            "loaded_group": loaded,
+            "current_model": self.current_model,
+            "cancelled_requests": cancelled,
+            "queued_requests": len(self.queue),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
 
 
 def _engine_batch(

@@ -22,6 +22,8 @@ class ClientIdentity:
     key: str  # stable name of the client: "key" when it authenticated with the API key, else "ip:<address>"
     address: str | None
     authenticated: bool
+    # may reset the server and use backend_only models: the holder of the API key, or anyone when none is set
+    is_admin: bool = False
 
 
 def service_of(conn: Request | WebSocket) -> Service:
@@ -41,10 +43,10 @@ def _identify(conn: Request | WebSocket, token: str | None) -> ClientIdentity | 
     address = conn.client.host if conn.client else None
     expected = service_of(conn).settings.api_key
     if expected is None:
-        return ClientIdentity(key=f"ip:{address}", address=address, authenticated=False)
+        return ClientIdentity(key=f"ip:{address}", address=address, authenticated=False, is_admin=True)
     if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
         return None
-    return ClientIdentity(key="key", address=address, authenticated=True)
+    return ClientIdentity(key="key", address=address, authenticated=True, is_admin=True)
 
 
 async def client_identity(request: Request) -> ClientIdentity:
