@@ -34,6 +34,7 @@ def sample_next(logits: Tensor, temperature: float, uniforms: Tensor | None, top
         return logits.argmax(dim=-1)
     if uniforms is None:
         raise ValueError("sampling at temperature > 0 needs uniforms")
+    uniforms = uniforms.to(logits.device)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)

@@ -38,7 +38,10 @@ class TrainConfig:
     out: str = "runs/ar-sft"
     init: str = "init"  # "init" (build from `arch`) or a native checkpoint directory from an earlier stage
     arch: ArchConfig = field(default_factory=ArchConfig)
-    dtype: str = "bfloat16"  # base model weights; trained tensors stay fp32
+    dtype: str = (
+        "bfloat16"  # base model weights; trained tensors stay fp32 (mixed precision without autocast)
+    )
+    device: str = "auto"  # "auto": cuda when available, else cpu
     seed: int = 0
     steps: int = 1000
     batch_size: int = 32

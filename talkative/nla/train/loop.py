@@ -89,7 +89,8 @@ class Run:
         self.train = ActivationSet([r / "train" for r in roots])
         held = [r / "heldout" for r in roots if any((r / "heldout").glob("shard-*"))]
         self.heldout = ActivationSet(held) if held else None
-        self.pool = LMPool(dtype=cfg.dtype)
+        self.device = torch.device(resolve_device(cfg.device))
+        self.pool = LMPool(dtype=cfg.dtype, device=str(self.device))
         recover_checkpoint(self.out)
         ckpt = self.out / CHECKPOINT
         resuming = resume and (ckpt / STATE).is_file()
@@ -258,6 +259,12 @@ class Run:
         bar.close()
         plot_curves(self.metrics_path, self.out / "curves.png")
         return self.out / CHECKPOINT
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def recover_checkpoint(out: Path) -> None:

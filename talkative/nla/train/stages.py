@@ -80,12 +80,12 @@ def heldout_eval(run: Run, *, with_generation: bool) -> dict[str, float]:
     v, r = _require_upstream(nla)
     n = min(run.cfg.eval_samples, len(data))
     idx = torch.arange(n)
-    A = data.acts[idx]
+    A = data.acts[idx].to(run.device)
     cur = data.current[idx]
     T = v.t_text
     out: dict[str, float] = {}
     with torch.no_grad():
-        warm = warm_start_ids(data, idx, T, r.space_id)
+        warm = warm_start_ids(data, idx, T, r.space_id).to(run.device)
         out["fve_warm_start"] = _fve(run, M.nmse(A, _batched(lambda i: r(warm[i], cur[i]), n)))
         blank = torch.full_like(warm, r.space_id)
         out["fve_blank"] = _fve(run, M.nmse(A, _batched(lambda i: r(blank[i], cur[i]), n)))
@@ -93,7 +93,7 @@ def heldout_eval(run: Run, *, with_generation: bool) -> dict[str, float]:
             g = torch.Generator().manual_seed(1234)
             u = torch.rand(n, T, generator=g)
             expl = v.generate(A, 1, u, 1.0)
-            ids = torch.tensor([e.ids for e in expl])
+            ids = torch.tensor([e.ids for e in expl], device=run.device)
             out["fve_k1"] = _fve(run, M.nmse(A, _batched(lambda i: r(ids[i], cur[i]), n)))
             out["av_loss"] = float(-_batched_logp(v, A, warm).mean())
             perm = torch.roll(torch.arange(n), 1)
@@ -122,7 +122,8 @@ def ar_sft(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[
     def step() -> dict[str, float]:
         idx = run.next_batch(run.cfg.batch_size)
         units = warm_start_ids(data, idx, v.t_text, r.space_id)
-        loss, n = reconstruction_loss(data.acts[idx], r(units, data.current[idx]), run.cfg.scale_weight)
+        A = data.acts[idx].to(run.device)
+        loss, n = reconstruction_loss(A, r(units, data.current[idx]), run.cfg.scale_weight)
         gnorm = run.step_optimizer("reconstructor", loss)
         return {"loss": float(loss.detach()), "fve": _fve(run, n), "grad_norm": gnorm}
 
@@ -138,8 +139,8 @@ def av_sft(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[
 
     def step() -> dict[str, float]:
         idx = run.next_batch(run.cfg.batch_size)
-        ids = warm_start_ids(data, idx, v.t_text, r.space_id)
-        logp, _ = v.token_logprobs(data.acts[idx], ids)
+        ids = warm_start_ids(data, idx, v.t_text, r.space_id).to(run.device)
+        logp, _ = v.token_logprobs(data.acts[idx].to(run.device), ids)
         loss = -logp.mean()
         gnorm = run.step_optimizer("verbalizer", loss)
         acc = float((logp.detach() > -0.6931).float().mean())  # tokens given probability > 1/2
@@ -162,12 +163,12 @@ def grpo(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[st
 
     def step() -> dict[str, float]:
         idx = run.next_batch(cfg.batch_size)
-        A = data.acts[idx]
+        A = data.acts[idx].to(run.device)
         cur = data.current[idx].repeat_interleave(G)
         A_rep = A.repeat_interleave(G, 0)
         u = torch.rand(len(idx) * G, v.t_text, generator=run.generator)
         with torch.no_grad():
-            ids = torch.tensor([e.ids for e in v.generate(A, G, u, cfg.temperature)])
+            ids = torch.tensor([e.ids for e in v.generate(A, G, u, cfg.temperature)], device=run.device)
             n = M.nmse(A_rep, r(ids, cur))
         reward = -n.view(-1, G)
         adv = ((reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-6)).view(-1)
