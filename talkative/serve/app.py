@@ -17,9 +17,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from .api import errors, history, rest, ws
+from .api import generate as generate_api
+from .api import slim as slim_api
+from .api import v2 as v2_api
+from .api import vectors as vectors_api
+from .generation import Generations
 from .registry import load_registry
 from .service import Service
 from .settings import Settings
+from .system_stats import SystemStats
+from .vector_jobs import VectorJobs
 
 log = logging.getLogger("talkative.serve")
 
@@ -40,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = Service(settings, registry)
         app.state.service = service
+        app.state.generations = Generations(service)  # job kinds are registered before recovered jobs run
+        VectorJobs(service)
         await service.start()
         log.info(
             "serving %d model groups on %s; data in %s",
@@ -50,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.generations.close()
             await service.stop()
 
     docs = settings.enable_docs
@@ -63,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
+    app.state.system_stats = SystemStats()
     errors.install(app)
     origins = settings.cors_origins()
     app.add_middleware(
@@ -75,6 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(rest.public)
     app.include_router(rest.api)
     app.include_router(history.router)
+    app.include_router(generate_api.router)
+    app.include_router(slim_api.router)
+    app.include_router(vectors_api.router)
+    app.include_router(v2_api.router)
     app.include_router(ws.router)
     if (rest.WEB_DIR / "index.html").is_file():
         app.mount("/", StaticFiles(directory=rest.WEB_DIR, html=True), name="web")

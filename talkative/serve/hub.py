@@ -139,8 +139,8 @@ class Hub:
             return
         for conn in list(subs):
             conn.send(message)
-        kind = str(message.get("type", ""))
-        if job.terminal and (kind in TERMINAL_TYPES or kind.endswith("_complete")):  # e.g. generation_complete
+        kind = str(message.get("type", ""))  # final: TERMINAL_TYPES or a kind's "<…>_complete"
+        if job.terminal and (kind in TERMINAL_TYPES or kind.endswith("_complete")):
             for conn in self.subscribers.pop(job.id, set()):
                 conn.jobs.discard(job.id)
 

@@ -190,7 +190,8 @@ class Residency:
         for rt in dropped:
             rt.nlas.clear()
             rt.tuned.clear()
-            rt.pool = LMPool(dtype=rt.pool.dtype, device=CPU)  # the pool held the last references to the weights
+            # the pool held the last references to the weights
+            rt.pool = LMPool(dtype=rt.pool.dtype, device=CPU)
         for device in devices:
             _free_device_memory(device)
         return [rt.group_id for rt in dropped]

@@ -91,3 +91,72 @@ class RootResponse(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+# -- generation (issue 5) ---------------------------------------------------------------------------------------------
+MAX_NEW_TOKENS = 4096
+MAX_COMPLETIONS = 16
+LENGTH_ALIASES = ("max_new_tokens", "max_length", "num_tokens")
+
+
+class GenerateOptions(BaseModel):
+    """Sampling settings of a generation; absent ones come from the model's `generation_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_NEW_TOKENS,
+        description="Most tokens to generate per completion (aliases: max_length, num_tokens).",
+    )
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass (default 0.95).")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Same seed, same completions (default 42)."
+    )
+    num_completions: int | None = Field(None, ge=1, le=MAX_COMPLETIONS, description="Independent samples.")
+    stop_at_end_of_turn: bool = Field(True, description="Stop a completion at the end of turn / EOS token.")
+    model_id: str | None = Field(
+        None, description="The seed's place for the model (same as the top-level one)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _length_aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        given = {k: data[k] for k in LENGTH_ALIASES if data.get(k) is not None}
+        if len(set(map(str, given.values()))) > 1:
+            raise ValueError(f"{' and '.join(given)} disagree; give one of them")
+        out = {k: v for k, v in data.items() if k not in LENGTH_ALIASES}
+        if given:
+            out["max_new_tokens"] = next(iter(given.values()))
+        return out
+
+
+class GenerateRequest(BaseModel):
+    """`POST /generate` and the WebSocket `generate` message: continue a text, or a chat (a trailing assistant
+    message is continued, otherwise a new assistant turn starts)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, min_length=1, description="Prompt to continue (or give `messages`).")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat messages, oldest first.")
+    model_id: str | None = Field(None, description="Model to run on; default: the server's current model.")
+    options: GenerateOptions | None = None
+    client_request_id: str | None = Field(None, max_length=200)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give exactly one of text or messages")
+        inner = self.options.model_id if self.options is not None else None
+        if inner is not None and self.model_id is not None and inner != self.model_id:
+            raise ValueError(f"model_id {self.model_id!r} and options.model_id {inner!r} disagree")
+        if self.model_id is None and inner is not None:
+            self.model_id = inner
+        return self
+
+    def text_length(self) -> int:
+        if self.text is not None:
+            return len(self.text)
+        return sum(len(m.content) for m in self.messages or [])

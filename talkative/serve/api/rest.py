@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from .. import access
 from ..jobs import Job
 from ..registry import UnknownModel
 from ..scheduler import SchedulerError
@@ -74,6 +75,7 @@ async def analyze(
     the engine's `AnalyzeOptions` (the seed's, nested `optimize_explanations_config` included)."""
     svc = service_of(request)
     try:
+        access.resolve(svc.scheduler, body.model_id, who)
         job = await svc.submit_analysis(body, owner=who.key)
     except (SchedulerError, UnknownModel) as exc:
         raise _http(exc) from None
@@ -106,8 +108,9 @@ async def cancel(request_id: str, request: Request) -> dict[str, Any]:
 
 # -- models ---------------------------------------------------------------------------------------------------------
 @api.get("/api/v2/models", summary="Model groups, their models, and what is loaded")
-async def list_models(request: Request) -> dict[str, Any]:
-    return service_of(request).models_listing()
+async def list_models(request: Request, who: ClientIdentity = Depends(client_identity)) -> dict[str, Any]:
+    svc = service_of(request)
+    return access.filter_listing(svc.models_listing(), svc.registry, who)
 
 
 @api.post("/api/v2/models/switch", response_model=SwitchResponse, responses={503: {"model": ErrorBody}})
@@ -119,6 +122,7 @@ async def switch_model(
     `status: "queued"`; follow it with `GET /status/{request_id}`)."""
     svc = service_of(request)
     try:
+        access.check_model(svc.registry, body.model_id, who)
         job = await svc.submit_switch(body.model_id, client_request_id=body.client_request_id, owner=who.key)
     except (SchedulerError, UnknownModel) as exc:
         raise _http(exc) from None

@@ -19,13 +19,15 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from ...nla.analysis import AnalysisError
+from .. import access
 from ..hub import Connection
 from ..registry import UnknownModel
 from ..scheduler import SchedulerError
 from ..service import Service
 from .deps import service_of, websocket_identity
 from .errors import describe_validation_error
-from .models import AnalyzeRequest
+from .generate import generations_of
+from .models import AnalyzeRequest, GenerateRequest
 
 log = logging.getLogger("talkative.serve.ws")
 router = APIRouter()
@@ -155,6 +157,7 @@ def _error(conn: Connection, data: Any, message: str, code: int, request_id: str
 async def analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
     body = {k: v for k, v in data.items() if k != "type"}
     req = AnalyzeRequest.model_validate(body)
+    access.resolve(svc.scheduler, req.model_id, conn.identity)
     await svc.submit_analysis(req, owner=conn.identity.key, subscriber=conn)
 
 
@@ -170,6 +173,10 @@ async def cancel(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
             j.id for j in svc.scheduler.jobs.values() if j.client_request_id == crid and j.id in conn.jobs
         )
         job_id = next(mine, None)
+        chain = generations_of(conn.websocket).pending_chain(conn.id, crid) if job_id is None else None
+        if chain is not None:  # a generate_and_analyze whose analysis is not queued yet: stop its generation
+            await generations_of(conn.websocket).cancel_chain(chain)
+            return
         if job_id is None:
             raise ProtocolError(f"no active request of this connection has client_request_id {crid!r}", 404)
     job = await svc.scheduler.cancel(job_id)
@@ -186,7 +193,8 @@ async def cancel(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
 
 @handles("list_model_groups")
 async def list_model_groups(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
-    conn.send({"type": "model_groups_list", **svc.models_listing(), "client_request_id": _crid(data)})
+    listing = access.filter_listing(svc.models_listing(), svc.registry, conn.identity)
+    conn.send({"type": "model_groups_list", **listing, "client_request_id": _crid(data)})
 
 
 @handles("switch_model_grouped", "switch_model")
@@ -194,6 +202,7 @@ async def switch_model(svc: Service, conn: Connection, data: dict[str, Any]) -> 
     model_id = data.get("model_id")
     if not isinstance(model_id, str) or not model_id:
         raise ProtocolError("'model_id' (a string) is required")
+    access.check_model(svc.registry, model_id, conn.identity)
     await svc.submit_switch(model_id, client_request_id=_crid(data), owner=conn.identity.key, subscriber=conn)
 
 
@@ -225,3 +234,47 @@ async def status(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
     if job is None:
         raise KeyError(job_id)
     conn.send({"type": "status", **job.status_body(svc.scheduler.queue_position(job_id))})
+
+
+# -- generation (issue 5) -------------------------------------------------------------------------------------------
+@handles("generate")
+async def generate(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    """The REST body of `POST /generate`; `model_id` may sit at the top or in `options` (the seed's place).
+    Answer: `queued`, `processing`, one `token` per token and completion, then `generation_complete`."""
+    req = GenerateRequest.model_validate({k: v for k, v in data.items() if k != "type"})
+    model_id = access.resolve(svc.scheduler, req.model_id, conn.identity)
+    await generations_of(conn.websocket).submit(
+        req, model_id=model_id, owner=conn.identity.key, subscriber=conn
+    )
+
+
+@handles("generate_and_analyze")
+async def generate_and_analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
+    """A generation (one completion; `client_request_id` + "_gen"), then the analysis of prompt + completion
+    (`client_request_id`). Upstream's shape `{generation: {text|messages, options, model_id}, analysis: {options,
+    model_id}}`, or flat: the generate fields plus `analysis`."""
+    crid = _crid(data)
+    generation = data.get("generation")
+    if generation is None:
+        generation = {k: v for k, v in data.items() if k not in ("type", "analysis", "client_request_id")}
+    analysis = data.get("analysis") or {}
+    if not isinstance(generation, dict) or not isinstance(analysis, dict):
+        raise ProtocolError("'generation' and 'analysis' must be objects")
+    if analysis.get("use_generated_completion", True) is not True:
+        raise ProtocolError(
+            "generate_and_analyze analyses the generated text (use_generated_completion: true)"
+        )
+    unknown = set(analysis) - {"options", "model_id", "use_generated_completion", "text"}
+    if unknown:
+        raise ProtocolError(f"unknown analysis fields: {', '.join(sorted(unknown))}")
+    req = GenerateRequest.model_validate({**generation, "client_request_id": crid})
+    model_id = access.resolve(svc.scheduler, req.model_id, conn.identity)
+    analysis_model = analysis.get("model_id") or model_id
+    # the analysed text is only known later; a placeholder validates the options and the model now
+    areq = AnalyzeRequest.model_validate(
+        {"text": "-", "model_id": analysis_model, "options": analysis.get("options")}
+    )
+    access.check_model(svc.registry, analysis_model, conn.identity)
+    await generations_of(conn.websocket).submit_chain(
+        req, areq, model_id=model_id, analysis_model_id=analysis_model, connection=conn
+    )
