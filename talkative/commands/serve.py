@@ -7,7 +7,6 @@ Settings come from the environment, `.env` files and model_groups.json (see `tal
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -28,8 +27,11 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from ..serve.app import create_app
+    from ..serve.lifecycle import DrainingServer
     from ..serve.registry import RegistryError
+    from ..serve.security import SecurityConfigError
     from ..serve.settings import Settings
+    from ..serve.telemetry import configure_logging
 
     overrides = {
         name: value
@@ -47,20 +49,22 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    level = settings.log_level.upper() if settings.log_level != "trace" else "DEBUG"
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)  # LOG_FORMAT, request ids, keys scrubbed; uvicorn's loggers included
     try:
         app = create_app(settings)
-    except RegistryError as exc:
+    except (RegistryError, SecurityConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # configure_logging did it
+        access_log=False,  # the app writes its own access lines, with request ids
         timeout_graceful_shutdown=5,
+        # frames beyond 4x MAX_WS_MESSAGE_BYTES close the connection (1009); below that the app answers an error
+        ws_max_size=4 * settings.max_ws_message_bytes,
     )
+    DrainingServer(config, app, settings.drain_timeout).run()  # SIGTERM drains first (serve/lifecycle.py)
     return 0

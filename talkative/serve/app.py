@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from .api import errors, history, rest, ws
+from . import protection
+from .api import errors, history, observability, rest, ws
 from .api import generate as generate_api
 from .api import slim as slim_api
 from .api import v2 as v2_api
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = Service(settings, registry)
         app.state.service = service
+        protection.attach(app, service)  # issue 4: per-client cap, metrics, before anything starts
         app.state.generations = Generations(service)  # job kinds are registered before recovered jobs run
         VectorJobs(service)
         await service.start()
@@ -75,14 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.system_stats = SystemStats()
     errors.install(app)
-    origins = settings.cors_origins()
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=origins,
-        allow_credentials="*" not in origins,
-        allow_methods=["GET", "POST", "OPTIONS"],
-        allow_headers=["*"],
-    )
+    protection.install(app, settings)  # issue 4: keys, origins, hosts, rate limits, body limit, metrics, CORS
     app.include_router(rest.public)
     app.include_router(rest.api)
     app.include_router(history.router)
@@ -91,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(vectors_api.router)
     app.include_router(v2_api.router)
     app.include_router(ws.router)
+    app.include_router(observability.router)
     if (rest.WEB_DIR / "index.html").is_file():
         app.mount("/", StaticFiles(directory=rest.WEB_DIR, html=True), name="web")
     return app

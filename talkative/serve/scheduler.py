@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import math
@@ -34,6 +35,8 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import torch
 
 from ..nla.analysis import (
     AnalysisError,
@@ -62,10 +65,14 @@ STAGE_EXPLAINING = "explanation_generation"
 class SchedulerError(Exception):
     """A request the scheduler refuses; `status` is the HTTP status that fits."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(
+        self, status: int, detail: str, *, reason: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.reason = reason  # for refusals: queue_full, client_busy, draining, not_ready
+        self.retry_after = retry_after  # seconds, for 429 and 503
 
 
 class EventSink(Protocol):
@@ -73,6 +80,21 @@ class EventSink(Protocol):
     def job_event(self, job: Job, message: dict[str, Any]) -> None: ...
     def queue_changed(self) -> None: ...
     def broadcast(self, message: dict[str, Any]) -> None: ...
+
+
+class Monitor(Protocol):
+    """Observes the scheduler for metrics (telemetry.Metrics)."""
+
+    def stage(self, name: str, seconds: float) -> None: ...
+    def reject(self, reason: str) -> None: ...
+
+
+class _NullMonitor:
+    def stage(self, name: str, seconds: float) -> None:
+        pass
+
+    def reject(self, reason: str) -> None:
+        pass
 
 
 class _NullSink:
@@ -174,6 +196,10 @@ class Scheduler:
         self.residency = residency
         self.store = store
         self.sink: EventSink = _NullSink()
+        self.monitor: Monitor = _NullMonitor()
+        #: queued plus running jobs an owner may have (None = no cap); set by the app from its access policy
+        self.client_cap: Callable[[str | None], int | None] = lambda owner: None
+        self.draining = False  # shutting down: no admissions, no new engine batches, no submissions
         self.queue: list[Job] = []  # FIFO of queued jobs
         self.jobs: dict[str, Job] = {}  # every job not yet stored as terminal
         self.handlers: dict[str, JobHandler] = {}
@@ -228,6 +254,7 @@ class Scheduler:
         self._loop = asyncio.get_running_loop()
         await self._recover()
         self._spawn(self._purge_loop())
+        self._spawn(self._watchdog())
         if self.default_group and not self.settings.lazy_load_model:
             self._start_switch(self.devices[0], self.default_group, startup=True)
         else:
@@ -295,7 +322,7 @@ class Scheduler:
                 log.error("preloading group %s failed: %s", gid, exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -348,11 +375,7 @@ class Scheduler:
         `subscriber` (a WebSocket connection) hears every message about the job, starting with `queued`
         (`group_switch_queued` for a switch that has to wait), so it can never miss one.
         """
-        if kind != "switch" and len(self.jobs) >= self.settings.max_queue_size:
-            raise SchedulerError(
-                503,
-                f"the server has {len(self.jobs)} requests waiting or running (MAX_QUEUE_SIZE); try later",
-            )
+        self._admit_check(kind, owner)
         model = self.registry.model(model_id)
         job = Job(
             id=new_id(),
@@ -401,6 +424,43 @@ class Scheduler:
                 },
             )
         return job
+
+    def _admit_check(self, kind: str, owner: str | None) -> None:
+        """Backpressure: refuse while draining, beyond MAX_QUEUE_SIZE (429, or 503 before the server is ready)
+        and beyond the owner's cap of unfinished jobs (429); switches are never refused for room."""
+        refusal: SchedulerError | None = None
+        if self.draining:
+            refusal = SchedulerError(
+                503, "the server is shutting down; retry shortly", reason="draining", retry_after=5
+            )
+        elif kind != "switch" and len(self.jobs) >= self.settings.max_queue_size:
+            status, reason = (429, "queue_full") if self.ready else (503, "not_ready")
+            refusal = SchedulerError(
+                status,
+                f"the server has {len(self.jobs)} requests waiting or running (MAX_QUEUE_SIZE); try later",
+                reason=reason,
+                retry_after=self.retry_after(),
+            )
+        elif kind != "switch" and (cap := self.client_cap(owner)) is not None:
+            mine = sum(1 for j in self.jobs.values() if j.owner == owner and j.kind != "switch")
+            if mine >= cap:
+                refusal = SchedulerError(
+                    429,
+                    f"you have {mine} requests waiting or running, the most one client may have "
+                    "(MAX_JOBS_PER_CLIENT); wait for one to finish",
+                    reason="client_busy",
+                    retry_after=self.retry_after(),
+                )
+        if refusal is not None:
+            self.monitor.reject(refusal.reason or "refused")
+            raise refusal
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one job's processing time, 1 to 60."""
+        finished = self.stats["completed"] + self.stats["failed"]
+        if not finished:
+            return 5
+        return max(1, min(60, math.ceil(self.stats["processing_seconds"] / finished)))
 
     async def get(self, job_id: str) -> Job | None:
         job = self.jobs.get(job_id)
@@ -468,7 +528,7 @@ class Scheduler:
 
     # -- the decision function ------------------------------------------------------------------------------------
     def _schedule(self) -> None:
-        if self._stopping or self._loop is None:
+        if self._stopping or self.draining or self._loop is None:
             return
         if self._resetting:  # a reset drains the devices: admitted work runs to its end, nothing new starts
             for dev in self.devices:
@@ -563,14 +623,27 @@ class Scheduler:
         old, dev.runtime = dev.runtime, None
         t0 = time.perf_counter()
 
+        restored: list[GroupRuntime] = []
+
         def work() -> GroupRuntime:
             if old is not None:
                 self.residency.release(old)
-            return self.residency.acquire(gid, dev.name)
+            try:
+                return self.residency.acquire(gid, dev.name)
+            except Exception:
+                if old is not None:  # the previous group goes back (from the CPU cache) and keeps serving
+                    try:
+                        restored.append(self.residency.acquire(old.group_id, dev.name))
+                    except Exception as again:
+                        log.error(
+                            "bringing group %s back on %s failed too: %s", old.group_id, dev.name, again
+                        )
+                raise
 
         try:
             dev.runtime = await asyncio.to_thread(work)
         except Exception as exc:
+            dev.runtime = restored[0] if restored else None
             log.error("loading group %s on %s failed: %s", gid, dev.name, exc)
             message = f"model group {gid} could not be loaded: {exc}"
             if startup:
@@ -676,8 +749,11 @@ class Scheduler:
             self._fail_work(work, str(exc))
         except Exception as exc:
             log.exception("preparing %s failed", job.id)
-            self._fail_work(work, f"internal error while preparing the input: {exc}")
+            self._fail_work(work, engine_failure(exc, "preparing the input", dev.name))
         else:
+            extract = getattr(prepared, "extract_seconds", None)
+            if extract is not None:
+                self.monitor.stage("extract", extract)
             if not work.cancelled and not job.terminal:
                 work.prepared = prepared
                 work.pending = list(prepared.positions)
@@ -749,10 +825,28 @@ class Scheduler:
         if not limit:
             return
         now = time.time()
+        message = f"the request took longer than REQUEST_TIMEOUT ({limit:g} s) and was stopped"
         for work in list(dev.works.values()):
             started = work.job.started_at
             if started is not None and now - started > limit:
-                self._fail_work(work, f"the request took longer than REQUEST_TIMEOUT ({limit:g} s)")
+                log.warning("job %s exceeded REQUEST_TIMEOUT on %s", work.job.id, dev.name)
+                self._fail_work(work, message)
+        for job_id in list(dev.whole):
+            job = self.jobs.get(job_id)
+            if job is not None and not job.terminal and job.started_at and now - job.started_at > limit:
+                log.warning("job %s exceeded REQUEST_TIMEOUT on %s", job.id, dev.name)
+                dev.whole.discard(job_id)  # its handler sees ctx.cancelled() and stops; the slot frees
+                self._finish(job, FAILED, error=message)
+
+    async def _watchdog(self) -> None:
+        """REQUEST_TIMEOUT checked every second, not only between chunks: an engine call that never returns
+        wakes nobody, yet its job must still fail on time (the thread itself cannot be killed)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.settings.request_timeout and not self._stopping:
+                for dev in self.devices:
+                    self._expire(dev)
+                self._schedule()
 
     async def _run_batch(
         self, dev: DeviceState, rt: GroupRuntime, parts: list[tuple[Work, list[int]]]
@@ -788,6 +882,8 @@ class Scheduler:
         seconds = time.perf_counter() - t0
         n_rows = sum(len(pos) for _w, pos in parts) * lead.resolved.best_of_k
         self._record_batch(lead.job.model_id, n_rows, seconds, merged=len(parts) > 1)
+        for name, value in timings.items():
+            self.monitor.stage(name, value)
         for (work, pos), out in zip(parts, outs, strict=True):
             work.inflight -= 1
             if work.cancelled or work.job.terminal:
@@ -797,7 +893,7 @@ class Scheduler:
                     self._fail_work(work, str(out))
                 else:
                     log.error("engine batch %d failed for %s: %r", bid, work.job.id, out)
-                    self._fail_work(work, f"internal error while explaining: {out}")
+                    self._fail_work(work, engine_failure(out, "explaining", dev.name))
                 continue
             for row in out:
                 work.rows[row["position"]] = row
@@ -896,7 +992,9 @@ class Scheduler:
         except Exception as exc:
             log.exception("%s job %s failed", job.kind, job.id)
             if not job.terminal:
-                self._finish(job, FAILED, error=f"internal error: {exc}")
+                self._finish(
+                    job, FAILED, error=engine_failure(exc, f"running the {job.kind} request", dev.name)
+                )
         else:
             if not job.terminal:
                 self._finish(job, COMPLETED, result=result)
@@ -970,7 +1068,9 @@ class Scheduler:
         if group_id in self.residency.cached_groups():
             return "cpu_cache"
         if self.residency.capacity <= 0:
-            raise SchedulerError(409, "the CPU cache is disabled (MAX_CPU_CACHED_MODELS=0): nothing can be preloaded")
+            raise SchedulerError(
+                409, "the CPU cache is disabled (MAX_CPU_CACHED_MODELS=0): nothing can be preloaded"
+            )
         task = self._preloads.get(group_id)
         if task is None:
             task = self._spawn(self._preload_group(group_id))
@@ -1011,7 +1111,9 @@ class Scheduler:
                         raise SchedulerError(503, "running work did not stop; the reset was abandoned")
                     forced = True
                     for job in [j for j in self.jobs.values() if j.status == PROCESSING]:
-                        await self.cancel(job.id, reason="cancelled: the server was reset by an administrator")
+                        await self.cancel(
+                            job.id, reason="cancelled: the server was reset by an administrator"
+                        )
                         cancelled.append(job.id)
                     deadline = loop.time() + stop_seconds
                 await asyncio.sleep(0.05)
@@ -1027,7 +1129,9 @@ class Scheduler:
                 while dev.loading is not None:
                     await asyncio.sleep(0.05)
                 if dev.group_id != self.default_group:
-                    raise SchedulerError(503, f"the default group {self.default_group} could not be loaded again")
+                    raise SchedulerError(
+                        503, f"the default group {self.default_group} could not be loaded again"
+                    )
                 loaded = self.default_group
                 self.current_model = self.registry.group(self.default_group).models[0].id
         finally:
@@ -1041,6 +1145,18 @@ class Scheduler:
             "queued_requests": len(self.queue),
             "seconds": round(time.perf_counter() - t0, 3),
         }
+
+
+def engine_failure(exc: BaseException, doing: str, device: str) -> str:
+    """The error of a job whose engine call raised: running out of memory says so, and what to try instead."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return (
+            f"out of memory on {device} while {doing}: retry with a smaller batch_size or best_of_k, "
+            "or a shorter input"
+        )
+    return f"internal error while {doing}: {exc}"
 
 
 def _engine_batch(

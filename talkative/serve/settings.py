@@ -21,7 +21,7 @@ import json
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
 from pydantic import Field, field_validator
@@ -178,8 +178,14 @@ class Settings(BaseSettings):
         description="CORS origins, comma list or *; localhost origins are added unless *.",
     )
     enable_docs: bool = Field(True, description="Serve /docs and /redoc (the OpenAPI explorer).")
-    api_key: str | None = Field(None, description="Bearer key required on every endpoint when set.")
-    rate_limit_per_minute: int = Field(60, ge=0)
+    api_key: str | None = Field(
+        None, repr=False, description="Bearer key required on every API route when set (its name: admin)."
+    )
+    rate_limit_per_minute: int = Field(
+        60,
+        ge=0,
+        description="REST requests plus WebSocket messages per minute per key (or IP); 0 = no limit.",
+    )
     environment: str = "development"
     log_level: str = "info"
     queue_update_interval: float = Field(2.0, gt=0, description="Seconds between periodic queue_update.")
@@ -187,18 +193,52 @@ class Settings(BaseSettings):
         10.0, gt=0, description="A WebSocket send slower than this drops the client."
     )
 
+    # -- security, limits and observability (issue 4; see docs/security.md) -------------------------------------
+    api_keys: str | None = Field(
+        None,
+        repr=False,
+        description="Several keys as name:key pairs, comma separated; the key named admin is admin.",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Without a key, serve non-loopback clients too (else they get 403)."
+    )
+    enable_trusted_host: bool | None = Field(
+        None,
+        description="Check the Host header against ALLOWED_HOSTS; default: on when serving without a key.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
+        description="Host names the server answers to (comma list; *.example.org and * allowed).",
+    )
+    max_jobs_per_client: int = Field(
+        16, ge=0, description="Queued plus running requests per key (or IP); more get 429; 0 = no cap."
+    )
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest HTTP request body; more get 413.")
+    max_ws_message_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest WebSocket message answered; more get an error frame."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line.")
+    drain_timeout: float = Field(
+        30, ge=0, description="On SIGTERM, seconds to wait for running engine batches before exiting."
+    )
+
     #: MODEL_*/MODEL_GROUP_*/GLOBAL_* variables; None = read the environment layers (tests pass a dict)
     env_overrides: dict[str, str] | None = Field(None, exclude=True)
 
-    @field_validator("devices", "allowed_origins", mode="before")
+    @field_validator("devices", "allowed_origins", "allowed_hosts", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         return _split(v)
 
-    @field_validator("api_key", "tuned_lens_dir", "default_group", "device", mode="before")
+    @field_validator("api_key", "api_keys", "tuned_lens_dir", "default_group", "device", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("log_level")
     @classmethod

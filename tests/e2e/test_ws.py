@@ -142,10 +142,11 @@ def test_cancel_over_websocket_and_own_queue_positions(tiny_server: Server) -> N
         assert body["status"] == "cancelled" and body["result"] is None
 
 
-def test_disconnect_keeps_jobs_and_subscribe_picks_them_up(tiny_server: Server) -> None:
+def test_finished_jobs_outlive_the_connection_and_subscribe_picks_them_up(tiny_server: Server) -> None:
     with tiny_server.ws() as ws:
         _send(ws, type="analyze", text="picked up later", options=FAST, client_request_id="later")
         rid = recv_until(ws, lambda m: m["type"] == "queued")[-1]["request_id"]
+        recv_until(ws, lambda m: m["type"] == "result")  # unfinished jobs are cancelled on close (issue 4)
     done = tiny_server.wait(rid)
     assert done["status"] == "completed"
     with tiny_server.ws() as ws:

@@ -367,7 +367,7 @@ def test_queue_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         await analyze(sched, words(10))
         with pytest.raises(SchedulerError) as err:
             await analyze(sched, words(10))
-        assert err.value.status == 503
+        assert err.value.status == 429 and err.value.reason == "queue_full" and err.value.retry_after
 
     run(tmp_path, monkeypatch, body, max_queue_size=2)
 

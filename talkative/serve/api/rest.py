@@ -36,7 +36,8 @@ api = APIRouter(dependencies=[Depends(client_identity)], responses=ERRORS)
 def _http(exc: SchedulerError | KeyError) -> HTTPException:
     """SchedulerError carries its status; an unknown model or request id is a 404."""
     if isinstance(exc, SchedulerError):
-        return HTTPException(exc.status, exc.detail)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return HTTPException(exc.status, exc.detail, headers=headers)
     return HTTPException(
         404, str(exc) if isinstance(exc, UnknownModel) else f"unknown request_id {exc.args[0]!r}"
     )
@@ -62,8 +63,13 @@ async def health(request: Request) -> dict[str, Any]:
 async def ready(request: Request) -> JSONResponse:
     svc = service_of(request)
     sched = svc.scheduler
-    body = {"ready": sched.ready, "error": sched.startup_error, "current_model": sched.current_model}
-    return JSONResponse(body, status_code=200 if sched.ready and sched.startup_error is None else 503)
+    ok = sched.ready and sched.startup_error is None and not sched.draining
+    body = {
+        "ready": ok,
+        "error": "the server is shutting down" if sched.draining else sched.startup_error,
+        "current_model": sched.current_model,
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 # -- analysis jobs --------------------------------------------------------------------------------------------------

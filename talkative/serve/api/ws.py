@@ -21,18 +21,17 @@ from pydantic import ValidationError
 from ...nla.analysis import AnalysisError
 from .. import access
 from ..hub import Connection
+from ..lifecycle import cancel_abandoned
 from ..registry import UnknownModel
 from ..scheduler import SchedulerError
 from ..service import Service
-from .deps import service_of, websocket_identity
+from .deps import MessageRefused, message_gate, service_of, websocket_identity
 from .errors import describe_validation_error
 from .generate import generations_of
 from .models import AnalyzeRequest, GenerateRequest
 
 log = logging.getLogger("talkative.serve.ws")
 router = APIRouter()
-
-MAX_FRAME_CHARS = 1_000_000
 
 Handler = Callable[[Service, Connection, dict[str, Any]], Awaitable[None]]
 HANDLERS: dict[str, Handler] = {}
@@ -70,8 +69,7 @@ def _job_id(data: dict[str, Any]) -> str:
 async def websocket_endpoint(websocket: WebSocket) -> None:
     identity = await websocket_identity(websocket)
     if identity is None:
-        await websocket.close(code=1008, reason="missing or wrong API key")
-        return
+        return  # refused: websocket_identity accepted it and closed it with 1008
     await websocket.accept()
     svc = service_of(websocket)
     conn = svc.hub.attach(websocket, identity)
@@ -102,19 +100,24 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     except RuntimeError as exc:  # receive after the sender closed the socket
         log.debug("connection %s: %s", conn.id, exc)
     finally:
+        followed = list(conn.jobs)
         svc.hub.detach(conn)
         sender.cancel()
+        await cancel_abandoned(svc, conn, followed)  # issue 4: its unfinished jobs end with it
 
 
 async def _handle(svc: Service, conn: Connection, raw: str) -> None:
     data: Any = None
     try:
-        if len(raw) > MAX_FRAME_CHARS:
-            raise ProtocolError(f"frame too large ({len(raw)} characters, at most {MAX_FRAME_CHARS})")
+        limit = svc.settings.max_ws_message_bytes
+        if len(raw) > limit or (len(raw) * 4 > limit and len(raw.encode("utf-8", "replace")) > limit):
+            raise ProtocolError(f"message too large (more than MAX_WS_MESSAGE_BYTES, {limit} bytes)", 413)
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ProtocolError(f"message is not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise ProtocolError("message is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict) or not isinstance(data.get("type"), str):
             raise ProtocolError("a message must be a JSON object with a string 'type'")
         handler = HANDLERS.get(data["type"])
@@ -122,13 +125,17 @@ async def _handle(svc: Service, conn: Connection, raw: str) -> None:
             raise ProtocolError(
                 f"unknown message type {data['type']!r} (known: {', '.join(sorted(HANDLERS))})"
             )
+        await message_gate(conn, data)  # issue 4: rate limit and ownership, for every message type
         await handler(svc, conn, data)
+    except MessageRefused as exc:
+        _error(conn, data, exc.message, exc.code, extra=exc.fields())
     except ProtocolError as exc:
         _error(conn, data, str(exc), exc.code, exc.request_id)
     except ValidationError as exc:
         _error(conn, data, describe_validation_error(exc.errors()), 400)
     except SchedulerError as exc:
-        _error(conn, data, exc.detail, exc.status)
+        refusal = {"kind": exc.reason, "retry_after": exc.retry_after} if exc.retry_after else None
+        _error(conn, data, exc.detail, exc.status, extra=refusal)
     except (UnknownModel, KeyError) as exc:
         _error(
             conn,
@@ -143,12 +150,26 @@ async def _handle(svc: Service, conn: Connection, raw: str) -> None:
         _error(conn, data, "internal error while handling the message", 500)
 
 
-def _error(conn: Connection, data: Any, message: str, code: int, request_id: str | None = None) -> None:
+def _error(
+    conn: Connection,
+    data: Any,
+    message: str,
+    code: int,
+    request_id: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
     crid = _crid(data) if isinstance(data, dict) else None
     if request_id is None and isinstance(data, dict) and isinstance(data.get("request_id"), str):
         request_id = data["request_id"]
     conn.send(
-        {"type": "error", "error": message, "code": code, "request_id": request_id, "client_request_id": crid}
+        {
+            "type": "error",
+            "error": message,
+            "code": code,
+            "request_id": request_id,
+            "client_request_id": crid,
+            **(extra or {}),
+        }
     )
 
 

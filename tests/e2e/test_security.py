@@ -1,0 +1,229 @@
+"""Authentication, ownership, origins and hosts over real server processes.
+
+The route matrix iterates the routes `create_app` builds (and the WebSocket message types the protocol
+registers), so routes and message types added later are covered the day they land."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from e2e_helpers import FAST, Server
+from security_support import (
+    API_KEYS,
+    GUARD_KINDS,
+    KEYS,
+    app_routes,
+    auth,
+    base_env,
+    message_types,
+    next_of,
+    recv_json,
+    refusal_of,
+    tail,
+    usable,
+    wait_job,
+    ws_connect,
+)
+from websockets.exceptions import ConnectionClosed
+
+pytestmark = pytest.mark.e2e
+
+PUBLIC = {("GET", "/"), ("GET", "/health"), ("GET", "/ready"), ("GET", "/openapi.json"), ("GET", "/docs"),
+          ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc")}  # fmt: skip
+ORIGIN = "https://app.example.org"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory, tiny_groups: Path) -> Iterator[Server]:
+    workdir = tmp_path_factory.mktemp("keyed")
+    env = base_env(tiny_groups, workdir, API_KEYS=API_KEYS, RATE_LIMIT_PER_MINUTE="0", ALLOWED_ORIGINS=ORIGIN)
+    server = Server(workdir, env, name="keyed").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def routes(tiny_groups: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return app_routes(tiny_groups, tmp_path_factory.mktemp("routes"))
+
+
+def request(server: Server, method: str, path: str, **kw: Any) -> httpx.Response:
+    body = kw.pop("content", b"{")  # a body that is not JSON: a route that reads one refuses it with 400
+    return httpx.request(method, server.url + path, content=body, timeout=60, **kw)
+
+
+# -- every route, with and without a key ------------------------------------------------------------------------------
+def test_every_route_needs_a_key_except_the_public_ones(keyed: Server, routes: Any) -> None:
+    http, _ = routes
+    assert len(http) >= 10, http
+    for route in http:
+        path = route.path()
+        anonymous = request(keyed, route.method, path)
+        wrong = request(keyed, route.method, path, headers={"Authorization": "Bearer not-a-key"})
+        if (route.method, route.template) in PUBLIC:
+            assert anonymous.status_code == 200, (route, anonymous.text[:200])
+            continue
+        for r in (anonymous, wrong):
+            assert r.status_code == 401, (route, r.status_code, r.text[:200])
+            assert r.headers["www-authenticate"] == "Bearer" and r.json()["kind"] == "unauthorized"
+        allowed = request(keyed, route.method, path, headers=auth("bob"))
+        refused_by_guard = allowed.status_code in (401, 403) and allowed.json().get("kind") in GUARD_KINDS
+        assert not refused_by_guard and allowed.status_code < 500, (
+            route,
+            allowed.status_code,
+            allowed.text[:300],
+        )
+
+
+def test_the_web_ui_loads_without_a_key(keyed: Server) -> None:
+    page = keyed.get("/", headers={"accept": "text/html"})
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    for asset in ("/index.html", "/js/main.js", "/js/auth.js", "/favicon.svg"):
+        assert keyed.get(asset).status_code == 200, asset
+    assert keyed.get("/no-such-file.js").status_code == 404
+
+
+def test_every_websocket_message_type_needs_a_key(keyed: Server, routes: Any) -> None:
+    _, sockets = routes
+    assert "/ws" in sockets
+    for headers, key in (({}, None), ({"Authorization": "Bearer not-a-key"}, None)):
+        with ws_connect(keyed, key, headers) as ws:
+            frame, code = refusal_of(ws)
+        assert code == 1008 and frame is not None and frame["code"] == 401
+    types = message_types()
+    assert {"analyze", "cancel_request", "subscribe", "status", "ping"} <= set(types)
+    with ws_connect(keyed, headers=auth("bob")) as ws:  # the header works too
+        assert recv_json(ws)["type"] == "connection_established"
+        for t in types:
+            ws.send(json.dumps({"type": t, "client_request_id": f"t-{t}"}))
+            assert usable(ws, f"after-{t}")
+
+
+def test_the_api_key_query_parameter_is_for_websockets_only(keyed: Server) -> None:
+    assert keyed.get(f"/api/v2/models?api_key={KEYS['alice']}").status_code == 401
+    with ws_connect(keyed, "alice") as ws:
+        assert recv_json(ws)["type"] == "connection_established"
+
+
+# -- ownership ------------------------------------------------------------------------------------------------------
+def test_another_key_cannot_read_stream_subscribe_to_or_cancel_a_job(keyed: Server, routes: Any) -> None:
+    r = keyed.post("/analyze", {"text": "alice's private text", "options": FAST}, headers=auth("alice"))
+    assert r.status_code == 200, r.text
+    rid = r.json()["request_id"]
+    assert keyed.get(f"/status/{rid}", headers=auth("alice")).status_code == 200
+    http, _ = routes
+    owned = [route for route in http if "{request_id}" in route.template]
+    assert len(owned) >= 2, owned
+    for route in owned:
+        theirs = request(keyed, route.method, route.path(request_id=rid), headers=auth("bob"))
+        unknown = request(keyed, route.method, route.path(request_id=str(uuid.uuid4())), headers=auth("bob"))
+        assert theirs.status_code == 404 == unknown.status_code, (route, theirs.text[:200])
+        assert theirs.json()["detail"] == f"unknown request_id {rid!r}"
+        assert rid not in json.dumps(keyed.get("/api/history", headers=auth("bob")).json())
+    with ws_connect(keyed, "bob") as ws:
+        for t in ("subscribe", "status", "cancel_request", "interrupt"):
+            ws.send(json.dumps({"type": t, "request_id": rid, "client_request_id": t}))
+            err = next_of(ws, {"error", "status", "request_cancelled"})
+            assert err["type"] == "error" and err["code"] == 404 and err["client_request_id"] == t, err
+    done = wait_job(keyed, rid, auth("alice"))
+    assert done["status"] == "completed", done  # nothing bob did touched it
+    with ws_connect(keyed, "alice") as ws:
+        ws.send(json.dumps({"type": "status", "request_id": rid}))
+        assert next_of(ws, {"status", "error"})["type"] == "status"
+    admin = keyed.get(f"/status/{rid}", headers=auth("admin"))
+    assert admin.status_code == 404  # the admin key is a user like the others for jobs
+
+
+# -- keyless servers: loopback only, or everyone by opt-in ----------------------------------------------------------
+def test_without_a_key_only_loopback_clients_are_served(make_server: Callable[..., Server]) -> None:
+    server = make_server()
+    remote = {"X-Forwarded-For": "203.0.113.7"}  # uvicorn trusts it from its loopback peer
+    for path in ("/health", "/api/v2/models", "/", "/js/main.js"):
+        r = server.get(path, headers=remote)
+        assert r.status_code == 403 and r.json()["kind"] == "not_local", (path, r.text)
+    assert server.get("/api/v2/models").status_code == 200
+    with ws_connect(server, headers=remote) as ws:
+        frame, code = refusal_of(ws)
+    assert code == 1008 and frame is not None and frame["kind"] == "not_local"
+    assert "serving loopback clients only" in server.log_path.read_text()
+    rebinding = server.get("/api/v2/models", headers={"Host": "attacker.example"})
+    assert rebinding.status_code == 400 and rebinding.json()["kind"] == "bad_host"
+
+
+def test_allow_unauthenticated_serves_everyone_and_keeps_jobs_apart(
+    make_server: Callable[..., Server],
+) -> None:
+    server = make_server(ALLOW_UNAUTHENTICATED="true", RATE_LIMIT_PER_MINUTE="0")
+    one, two = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "198.51.100.9"}
+    assert server.get("/api/v2/models", headers=one).status_code == 200
+    r = server.post("/analyze", {"text": "from one", "options": FAST}, headers=one)
+    rid = r.json()["request_id"]
+    assert server.get(f"/status/{rid}", headers=two).status_code == 404
+    assert server.get(f"/status/{rid}", headers=one).status_code == 200
+    assert server.get("/api/v2/models", headers={"Host": "anything.example"}).status_code == 200
+    assert "ALLOW_UNAUTHENTICATED=true: every client is served without a key" in server.log_path.read_text()
+
+
+# -- origins and hosts ------------------------------------------------------------------------------------------------
+def test_browser_origins_are_checked_on_rest_and_websocket(keyed: Server) -> None:
+    evil = {"Origin": "https://evil.example", **auth("alice")}
+    r = keyed.get("/api/v2/models", headers=evil)
+    assert r.status_code == 403 and r.json()["kind"] == "bad_origin"
+    good = keyed.get("/api/v2/models", headers={"Origin": ORIGIN, **auth("alice")})
+    assert good.status_code == 200 and good.headers["access-control-allow-origin"] == ORIGIN
+    local = keyed.get("/api/v2/models", headers={"Origin": "http://localhost:3000", **auth("alice")})
+    assert local.status_code == 200  # localhost on common ports is added
+    own = keyed.get("/api/v2/models", headers={"Origin": keyed.url, **auth("alice")})
+    assert own.status_code == 200  # the server's own pages
+    preflight = httpx.options(
+        keyed.url + "/analyze",
+        headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"},
+    )  # fmt: skip
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+    unauthorized = keyed.get("/api/v2/models", headers={"Origin": ORIGIN})
+    assert unauthorized.status_code == 401 and unauthorized.headers["access-control-allow-origin"] == ORIGIN
+    with ws_connect(keyed, "alice", {"Origin": "https://evil.example"}) as ws:
+        frame, code = refusal_of(ws)
+    assert code == 1008 and frame is not None and frame["kind"] == "bad_origin"
+    with ws_connect(keyed, "alice", {"Origin": ORIGIN}) as ws:
+        assert recv_json(ws)["type"] == "connection_established"
+
+
+def test_trusted_hosts(make_server: Callable[..., Server]) -> None:
+    server = make_server(
+        API_KEYS=API_KEYS, ENABLE_TRUSTED_HOST="true", ALLOWED_HOSTS="api.example.org,127.0.0.1"
+    )
+    ok = server.get("/api/v2/models", headers={"Host": "api.example.org", **auth("alice")})
+    assert ok.status_code == 200
+    bad = server.get("/api/v2/models", headers={"Host": "evil.example", **auth("alice")})
+    assert bad.status_code == 400 and "ALLOWED_HOSTS" in bad.json()["detail"]
+    assert server.get("/health", headers={"Host": "evil.example"}).status_code == 400
+    with ws_connect(server, "alice", host="localhost") as ws:
+        frame, code = refusal_of(ws)
+    assert code == 1008 and frame is not None and frame["kind"] == "bad_host"
+
+
+# -- keys never logged ------------------------------------------------------------------------------------------------
+def test_keys_never_reach_the_log(keyed: Server) -> None:
+    for name in KEYS:
+        keyed.get("/api/v2/models", headers=auth(name))
+        keyed.get(f"/api/v2/models?api_key={KEYS[name]}")
+        with ws_connect(keyed, name) as ws:
+            recv_json(ws)
+        try:
+            with ws_connect(keyed, query=f"api_key={KEYS[name]}x") as ws:
+                refusal_of(ws)
+        except ConnectionClosed:
+            pass
+    text = "\n".join(tail(keyed))
+    assert "api_key=***" in text  # the lines are there, scrubbed
+    for key in KEYS.values():
+        assert key not in text
+    assert "API keys required (3: alice, bob, admin; admin: admin)" in text

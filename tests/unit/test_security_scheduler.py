@@ -1,0 +1,201 @@
+"""The scheduler's side of issue 4, in process with the fake engine of test_scheduler: out-of-memory and other
+engine failures, REQUEST_TIMEOUT against a stuck engine call, backpressure (queue, per-client cap, not ready,
+draining), the drain itself, a failed switch leaving the previous group serving, and the metrics monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from test_scheduler import Engine, FakeResidency, Sink, analyze, run, until, words
+
+from talkative.serve import scheduler as sched_mod
+from talkative.serve.lifecycle import drain
+from talkative.serve.scheduler import JobContext, Scheduler, SchedulerError
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+        self.rejections: list[str] = []
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.stages.append(name)
+
+    def reject(self, reason: str) -> None:
+        self.rejections.append(reason)
+
+
+def test_out_of_memory_fails_only_its_job_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        real = sched_mod.run_batch
+
+        def run_batch(nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None) -> Any:
+            if any(p.text.startswith("oom") for p, _ in parts):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            if any(p.text.startswith("ram") for p, _ in parts):
+                raise MemoryError()
+            return real(nla, parts, opts, tuned=tuned, timings=timings)
+
+        monkeypatch.setattr(sched_mod, "run_batch", run_batch)
+        oom = await sched.wait(await analyze(sched, "oom " + words(3)), 10)
+        ram = await sched.wait(await analyze(sched, "ram " + words(3)), 10)
+        for job in (oom, ram):
+            assert job.status == "failed", job
+            assert (job.error or "").startswith("out of memory on cpu while explaining"), job.error
+            assert "smaller batch_size or best_of_k" in (job.error or "")
+        fine = await sched.wait(await analyze(sched, words(5)), 10)  # the worker keeps serving
+        assert fine.status == "completed"
+        boom = await sched.wait(await analyze(sched, "boom " + words(3)), 10)
+        assert boom.status == "failed" and (boom.error or "").startswith("internal error while explaining")
+
+    run(tmp_path, monkeypatch, body)
+
+
+def test_a_stuck_engine_call_fails_its_job_at_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        real = sched_mod.run_batch
+
+        def run_batch(nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None) -> Any:
+            if any(p.text.startswith("stuck") for p, _ in parts):
+                release.wait(30)  # an engine call that does not come back on its own
+            return real(nla, parts, opts, tuned=tuned, timings=timings)
+
+        monkeypatch.setattr(sched_mod, "run_batch", run_batch)
+        sched.settings.request_timeout = 1.0
+        t0 = time.monotonic()
+        stuck = await sched.wait(await analyze(sched, "stuck " + words(3)), 10)
+        waited = time.monotonic() - t0
+        assert stuck.status == "failed" and "REQUEST_TIMEOUT (1 s)" in (stuck.error or ""), stuck
+        assert waited < 5, waited  # the watchdog, not the next chunk, ended it
+        release.set()
+        after = await sched.wait(await analyze(sched, words(4)), 10)  # the slot comes back when the call does
+        assert after.status == "completed"
+
+    try:
+        run(tmp_path, monkeypatch, body)
+    finally:
+        release.set()
+
+
+def test_a_whole_job_past_the_timeout_is_failed_and_told_to_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stopped = threading.Event()
+
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        def endless(ctx: JobContext) -> dict[str, Any]:
+            while not ctx.cancelled():
+                time.sleep(0.01)
+            stopped.set()
+            return {}
+
+        sched.handlers["generate"] = endless
+        sched.settings.request_timeout = 1.0
+        job = await sched.submit("generate", {"text": "x"}, model_id="a1")
+        done = await sched.wait(job.id, 10)
+        assert done.status == "failed" and "REQUEST_TIMEOUT" in (done.error or "")
+        await until(stopped.is_set, 5)
+        after = await sched.wait(await analyze(sched, words(3)), 10)
+        assert after.status == "completed"
+
+    run(tmp_path, monkeypatch, body)
+
+
+def test_backpressure_queue_client_cap_and_not_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        recorder = Recorder()
+        sched.monitor = recorder
+        sched.client_cap = lambda owner: 2 if owner and owner.startswith("key:") else None
+        engine.delay = 0.2
+        for _ in range(2):
+            await sched.submit("analyze", {"text": words(10), "options": {}}, model_id="a1", owner="key:a")
+        with pytest.raises(SchedulerError) as busy:
+            await sched.submit("analyze", {"text": words(3), "options": {}}, model_id="a1", owner="key:a")
+        assert busy.value.status == 429 and busy.value.reason == "client_busy" and busy.value.retry_after
+        assert "MAX_JOBS_PER_CLIENT" in busy.value.detail
+        await sched.submit("analyze", {"text": words(3), "options": {}}, model_id="a1", owner="key:b")
+        await sched.submit("analyze", {"text": words(3), "options": {}}, model_id="a1", owner="ip:127.0.0.1")
+        with pytest.raises(SchedulerError) as full:
+            await sched.submit("analyze", {"text": words(3), "options": {}}, model_id="a1", owner="key:c")
+        assert full.value.status == 429 and full.value.reason == "queue_full"
+        switch = await sched.submit("switch", {"model_id": "a2"}, model_id="a2", owner="key:a")
+        assert switch.status == "completed"  # a switch is never refused for room
+        sched.ready = False  # as while the startup group loads
+        with pytest.raises(SchedulerError) as starting:
+            await sched.submit("analyze", {"text": words(3), "options": {}}, model_id="a1", owner="key:c")
+        assert starting.value.status == 503 and starting.value.reason == "not_ready"
+        sched.ready = True
+        assert recorder.rejections == ["client_busy", "queue_full", "not_ready"]
+
+    run(tmp_path, monkeypatch, body, max_queue_size=4)
+
+
+def test_drain_keeps_work_for_the_next_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        engine.delay = 0.15
+        sched.settings.max_active_jobs = 1
+        running = await analyze(sched, words(40))  # 5 chunks of 8 positions
+        queued = await analyze(sched, words(5))
+        await until(lambda: sched.jobs[running].progress.get("done_positions", 0) > 0)
+        counts = await drain(SimpleNamespace(scheduler=sched, store=sched.store), timeout=5)  # type: ignore[arg-type]
+        assert counts == {"queued": 1, "requeued": 1, "still_running": 0}
+        batches = len(engine.batches)
+        await asyncio.sleep(0.5)
+        assert len(engine.batches) == batches, "a new engine batch started during the drain"
+        stored = {j.id: j for j in await sched.store.unfinished()}
+        assert stored[running].status == "queued" and stored[running].attempts == 0
+        assert stored[queued].status == "queued" and stored[queued].attempts == 0
+        with pytest.raises(SchedulerError) as closed:
+            await analyze(sched, words(3))
+        assert closed.value.status == 503 and closed.value.reason == "draining"
+
+    run(tmp_path, monkeypatch, body)
+
+
+def test_a_failed_switch_leaves_the_previous_group_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        switch = await sched.submit("switch", {"model_id": "b1"}, model_id="b1")
+        done = await sched.wait(switch.id, 10)
+        assert done.status == "failed" and "group gb could not be loaded: broken checkpoint" in (
+            done.error or ""
+        )
+        assert sched.devices[0].group_id == "ga" and sched.current_model == "a1"
+        assert res.log == [("acquire", "ga"), ("release", "ga"), ("acquire", "gb"), ("acquire", "ga")]
+        job = await sched.wait(await analyze(sched, words(3)), 10)
+        assert job.status == "completed"
+        assert res.log[-1] == ("acquire", "ga")  # served without another load
+
+    run(tmp_path, monkeypatch, body, broken=frozenset({"gb"}))
+
+
+def test_the_monitor_hears_every_engine_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        recorder = Recorder()
+        sched.monitor = recorder
+        real = sched_mod.run_batch
+
+        def run_batch(nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None) -> Any:
+            for stage in ("verbalize", "reconstruct", "kl"):
+                timings[stage] = timings.get(stage, 0.0) + 0.001
+            return real(nla, parts, opts, tuned=tuned, timings=timings)
+
+        monkeypatch.setattr(sched_mod, "run_batch", run_batch)
+        assert (await sched.wait(await analyze(sched, words(3)), 10)).status == "completed"
+        assert {"verbalize", "reconstruct", "kl"} <= set(recorder.stages)
+
+    run(tmp_path, monkeypatch, body)
