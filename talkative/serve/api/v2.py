@@ -57,7 +57,7 @@ async def preload_group(
 
 
 @router.get("/api/v2/models/memory", summary="Memory of each serving device, and where the groups are")
-async def memory(request: Request) -> dict[str, Any]:
+async def memory(request: Request, who: ClientIdentity = Depends(client_identity)) -> dict[str, Any]:
     """`memory` is the first device's `{allocated_gb, reserved_gb, free_gb, total_gb}` (the seed's shape),
     `devices` has every serving device. On a GPU: allocated/reserved by this process, free/total on the device;
     on a CPU: this process's resident memory (allocated = reserved: there is no caching allocator) and the
@@ -65,15 +65,18 @@ async def memory(request: Request) -> dict[str, Any]:
     svc = service_of(request)
     devices = [d.name for d in svc.scheduler.devices]
     per_device = stats_of(request).memory(devices)
-    on_device = svc.scheduler.loaded_groups()
-    cached = svc.residency.cached_groups()
+    registry = svc.registry
+    shown = {g.group_id for g in registry.groups.values() if who.is_admin or not g.backend_only}
+    on_device = {g: d for g, d in svc.scheduler.loaded_groups().items() if g in shown}
+    cached = [g for g in svc.residency.cached_groups() if g in shown]
+    models_cached = [m for m in svc.residency.cached_models() if access.may_use(registry, m, who)]
     current = svc.scheduler.current_model
     return {
         "memory": per_device[devices[0]],
         "devices": per_device,
         "cache_info": {
             "groups_loaded": list(on_device),
-            "models_cached": svc.residency.cached_models(),
+            "models_cached": models_cached,
             "base_model_cache": {gid: "cpu_cache" for gid in cached} | on_device,
         },
         "current_model": current,
