@@ -245,11 +245,14 @@ def perturb(module, seed: int = 0, scale: float = 0.05) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(
-                torch.randn(p.shape, generator=g) * scale * (p.float().std() if p.numel() > 1 else 1.0) + 0.0
-            )
-            if p.float().abs().max() == 0:
+            if p.numel() == 0:
+                continue
+            if p.float().abs().max() == 0:  # zero-initialised vectors: give them a scale of their own
                 p.add_(torch.randn(p.shape, generator=g) * scale)
+            else:
+                p.add_(
+                    torch.randn(p.shape, generator=g) * scale * (p.float().std() if p.numel() > 1 else 1.0)
+                )
 
 
 def tiny_nla(

@@ -307,8 +307,12 @@ def _run_batch(
     best_score: Tensor | None = None
     rec = nla.reconstructor
     current = torch.tensor(cur_ids, dtype=torch.long).repeat_interleave(k)
+    ar_cache: KVCache | None = None
     if need_ar:
-        hats = rec.reconstruct(units, current)
+        if isinstance(rec, SoftPromptReconstructor) and len({len(u) for u in units}) == 1:
+            hats, ar_cache = rec.reconstruct_cached(units, current)  # its keys serve the salience ablations
+        else:
+            hats = _reconstruct_grouped(rec, units, current)
         scores = _score(nla, A.repeat_interleave(k, 0), hats).view(G, k)
         best_j = scores.argmin(dim=1)
         best_idx = [g * k + int(j) for g, j in enumerate(best_j)]
@@ -318,7 +322,9 @@ def _run_batch(
 
     salience: list[list[float] | None] = [None] * G
     if opts.salience and best_hat is not None and best_score is not None:
-        salience = _salience(nla, A, [units[i] for i in best_idx], current[best_idx], best_score)
+        salience = _salience(
+            nla, A, [units[i] for i in best_idx], current[best_idx], best_score, ar_cache, best_idx
+        )
         t = _timed(timings, "salience", t)
 
     kl: list[float | None] = [None] * G
@@ -390,26 +396,36 @@ def _structured(nla: NLA, units: list[int]) -> list[str]:
 
 
 def _salience(
-    nla: NLA, A: Tensor, best_units: list[list[int]], current: Tensor, base: Tensor
+    nla: NLA,
+    A: Tensor,
+    best_units: list[list[int]],
+    current: Tensor,
+    base: Tensor,
+    cache: KVCache | None = None,
+    cache_rows: list[int] | None = None,
 ) -> list[list[float] | None]:
-    """(score with unit i replaced by a space − score) / score, every ablation of every position in one pass."""
+    """(score with unit i replaced by a space − score) / score for every unit of every position.
+
+    With the KV cache of the best explanations' own reconstructor pass (soft-prompt ARs), the keys before unit i
+    are reused and one pass per index i recomputes units i.. of every position; otherwise all ablations of all
+    positions go through one pass.
+    """
     rec = nla.reconstructor
-    space = rec.space_id
-    ablated: list[list[int]] = []
-    owner: list[int] = []
-    spans = []
-    for g, u in enumerate(best_units):
-        start, stop = rec.explanation_span(u)
-        spans.append((start, stop))
-        for i in range(start, stop):
-            v = list(u)
-            v[i] = space
-            ablated.append(v)
-            owner.append(g)
-    if not ablated:
+    spans = [rec.explanation_span(u) for u in best_units]
+    owner = [g for g, (start, stop) in enumerate(spans) for _ in range(start, stop)]
+    if not owner:
         return [[] for _ in best_units]
     idx = torch.tensor(owner)
-    hats = _reconstruct_grouped(rec, ablated, current[idx])
+    if cache is not None and cache_rows is not None and isinstance(rec, SoftPromptReconstructor):
+        hats = rec.ablations(best_units, current, cache, cache_rows)  # rows g·T + i, as `owner`
+    else:
+        ablated = []
+        for u, (start, stop) in zip(best_units, spans, strict=True):
+            for i in range(start, stop):
+                v = list(u)
+                v[i] = rec.space_id
+                ablated.append(v)
+        hats = _reconstruct_grouped(rec, ablated, current[idx])
     scores = _score(nla, A[idx], hats)
     rel = ((scores - base[idx]) / base[idx].clamp_min(1e-12)).tolist()
     out: list[list[float] | None] = []

@@ -88,18 +88,22 @@ class KVCache:
                 store[idx] = torch.cat([buf, pad], dim=2)
         self.capacity = new_cap
 
-    def select(self, rows: Tensor, extra_capacity: int = 0) -> KVCache:
-        """A new cache whose row i is row `rows[i]` of this one (repeat, expand or compact), with room to grow."""
+    def select(self, rows: Tensor, extra_capacity: int = 0, length: int | None = None) -> KVCache:
+        """A new cache whose row i is row `rows[i]` of this one (repeat, expand or compact), with room to grow;
+        `length` keeps only the first slots (a shorter common prefix)."""
         rows = rows.to(self.device)
-        out = KVCache(len(rows), self.length + max(extra_capacity, 1), self.device)
-        out.length = self.length
-        out.kpos[:, : self.length] = self.kpos[rows, : self.length]
+        n = self.length if length is None else length
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot keep {n} slots of a cache holding {self.length}")
+        out = KVCache(len(rows), n + max(extra_capacity, 1), self.device)
+        out.length = n
+        out.kpos[:, :n] = self.kpos[rows, :n]
         for idx in self.keys:
             k, v = self.keys[idx], self.values[idx]
             nk = k.new_zeros((len(rows), k.shape[1], out.capacity, k.shape[3]))
             nv = v.new_zeros((len(rows), v.shape[1], out.capacity, v.shape[3]))
-            nk[:, :, : self.length] = k[rows, :, : self.length]
-            nv[:, :, : self.length] = v[rows, :, : self.length]
+            nk[:, :, :n] = k[rows, :, :n]
+            nv[:, :, :n] = v[rows, :, :n]
             out.keys[idx], out.values[idx] = nk, nv
         return out
 

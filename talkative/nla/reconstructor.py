@@ -147,6 +147,10 @@ class SoftPromptReconstructor(nn.Module):
 
     def forward(self, expl: Tensor, current: Tensor | None = None) -> Tensor:
         """Â [B, d] (fp32) for explanation ids [B, T] and current-token ids [B]."""
+        return self._forward(expl, current)[0]
+
+    def _forward(self, expl: Tensor, current: Tensor | None) -> tuple[Tensor, KVCache | None]:
+        """Â and, without autograd, the KV cache of every row (prefix included) for `ablations`."""
         lm = self.lm
         expl = expl.to(lm.device)
         current = current.to(lm.device) if current is not None else None
@@ -155,7 +159,8 @@ class SoftPromptReconstructor(nn.Module):
         n_pre = len(self.pre_ids)
         positions = torch.arange(n_pre, n_pre + n_rows, device=lm.device).unsqueeze(0).expand(B, -1)
         rows = lm.add_positions(rows, positions)
-        if torch.is_grad_enabled() or n_pre == 0:
+        cache = None
+        if torch.is_grad_enabled():
             if n_pre:
                 pp = torch.arange(n_pre, device=lm.device).unsqueeze(0).expand(B, -1)
                 pre = lm.add_positions(
@@ -166,19 +171,68 @@ class SoftPromptReconstructor(nn.Module):
             h = lm.forward(rows, positions, stop=self.output_layer + 1)
         else:
             prefix = self._prefix()
-            assert prefix is not None
-            cache = prefix.broadcast(B, extra_capacity=n_rows)
+            cache = (
+                prefix.broadcast(B, extra_capacity=n_rows)
+                if prefix is not None
+                else KVCache(B, n_rows, lm.device)
+            )
             h = lm.forward(rows, positions, stop=self.output_layer + 1, cache=cache)
         out = h[:, -1].float()
-        return self.head(out) if self.head is not None else out
+        return (self.head(out) if self.head is not None else out), cache
 
-    def reconstruct(self, units: Sequence[Sequence[int]], current: Sequence[int] | Tensor | None) -> Tensor:
+    def _tensors(
+        self, units: Sequence[Sequence[int]], current: Sequence[int] | Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         lengths = {len(u) for u in units}
         if len(lengths) > 1:
             raise ValueError("soft-prompt reconstructors take explanations of one length")
         expl = torch.tensor([list(u) for u in units], dtype=torch.long)
         cur = None if current is None else torch.as_tensor(current, dtype=torch.long)
-        return self.forward(expl, cur)
+        return expl, cur
+
+    def reconstruct(self, units: Sequence[Sequence[int]], current: Sequence[int] | Tensor | None) -> Tensor:
+        return self.forward(*self._tensors(units, current))
+
+    def reconstruct_cached(
+        self, units: Sequence[Sequence[int]], current: Sequence[int] | Tensor | None
+    ) -> tuple[Tensor, KVCache]:
+        """`reconstruct`, also returning every row's KV cache (no autograd) for `ablations` of chosen rows."""
+        with torch.no_grad():
+            out, cache = self._forward(*self._tensors(units, current))
+        assert cache is not None
+        return out, cache
+
+    @torch.no_grad()
+    def ablations(
+        self,
+        units: Sequence[Sequence[int]],
+        current: Sequence[int] | Tensor | None,
+        cache: KVCache,
+        cache_rows: Sequence[int],
+    ) -> Tensor:
+        """Â [G·T, d] for each explanation with one unit at a time replaced by the space token (row g·T + i: unit
+        i of explanation g). Row `cache_rows[g]` of `cache` (from `reconstruct_cached`) holds explanation g's keys
+        unablated: ablating unit i leaves every key before it unchanged, so only units i.. are recomputed, one
+        forward per i."""
+        lm = self.lm
+        expl, cur = self._tensors(units, current)
+        expl = expl.to(lm.device)
+        cur = cur.to(lm.device) if cur is not None else None
+        G, T = expl.shape
+        n_pre = len(self.pre_ids)
+        picked = torch.as_tensor(list(cache_rows), dtype=torch.long, device=lm.device)
+        out = torch.empty(G, T, lm.d_model, device=lm.device)
+        for i in range(T):
+            ablated = expl.clone()
+            ablated[:, i] = self.space_id
+            rows = self._rows(ablated, cur)[:, i:]
+            n = rows.shape[1]
+            positions = torch.arange(n_pre + i, n_pre + i + n, device=lm.device).unsqueeze(0).expand(G, -1)
+            rows = lm.add_positions(rows, positions)
+            kept = cache.select(picked, extra_capacity=n, length=n_pre + i)
+            h = lm.forward(rows, positions, stop=self.output_layer + 1, cache=kept)[:, -1].float()
+            out[:, i] = self.head(h) if self.head is not None else h
+        return out.view(G * T, -1)
 
 
 class TemplateReconstructor(nn.Module):

@@ -103,3 +103,37 @@ def test_prefix_cache_follows_in_place_updates(make_tiny):
         after = rec.reconstruct(EXPL, torch.tensor(CUR))
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after[1], hf_soft_reconstruct(rec, EXPL[1], CUR[1]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},
+        {"prompt": "Summary of <text> in short:", "head": "linear"},
+        {"add_current_token": False},
+        {"prompt": "<text>"},
+    ],
+    ids=["default", "postfix+head", "no-current", "no-prefix"],
+)
+def test_ablations_reuse_keys_and_equal_one_reconstruction_per_ablation(make_tiny, cfg):
+    lm = make_tiny("qwen2")
+    rec = SoftPromptReconstructor(lm, output_layer=2, **cfg)
+    perturb(rec, 5, scale=0.2)
+    cur = None if not rec.add_current_token else torch.tensor(CUR)
+    pool = [*EXPL, [9, 99, 999, 9999]]
+    hats, cache = rec.reconstruct_cached(pool, None if cur is None else torch.tensor([*CUR, 5]))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hats, rec.reconstruct(pool, None if cur is None else torch.tensor([*CUR, 5]))
+        )
+    rows = [2, 0, 1]  # explanation g is row rows[g] of the cached pass
+    units = [pool[r] for r in rows]
+    current = None if cur is None else torch.tensor([[*CUR, 5][r] for r in rows])
+    got = rec.ablations(units, current, cache, rows)
+    assert got.shape == (3 * 4, lm.d_model)
+    for g, u in enumerate(units):
+        for i in range(4):
+            ablated = list(u)
+            ablated[i] = rec.space_id
+            one = rec.reconstruct([ablated], None if current is None else current[g : g + 1])
+            torch.testing.assert_close(got[g * 4 + i], one[0].detach(), rtol=1e-4, atol=1e-4)

@@ -115,6 +115,10 @@ def test_replace_left_right_and_hard_tokens_use_plain_token_embeddings(make_tiny
     nla = tiny_nla(make_tiny, "qwen2", t_text=5)
     v = nla.verbalizer
     lm = v.lm
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a soft prompt well away from its tokens' embeddings, as after training
+        for p in (v.prompt_left_emb, v.prompt_right_emb):
+            p.add_(torch.randn(p.shape, generator=g) * p.std())
     A = _acts(lm, n=3) * 10
     rows = lm.model.get_input_embeddings().weight.detach()
     left_ids, right_ids = encode_piece(lm, "Tell me about"), encode_piece(lm, " in plain words:")
