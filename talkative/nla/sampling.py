@@ -35,7 +35,9 @@ def sample_next(logits: Tensor, temperature: float, uniforms: Tensor | None, top
     if uniforms is None:
         raise ValueError("sampling at temperature > 0 needs uniforms")
     uniforms = uniforms.to(logits.device)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # In fp32 whatever the logits' dtype; at temperature 1 without a division pass over [R, V].
+    scaled = logits if temperature == 1.0 else logits.float() / temperature
+    probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         cum = sorted_p.cumsum(dim=-1)
