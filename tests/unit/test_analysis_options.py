@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from nla_reference import hf_activations, hf_greedy_layer_replacement, tiny_nla, tiny_official_nla
 
 from talkative.nla.analysis import AnalysisError, analyze
-from talkative.nla.lens import TunedLens
+from talkative.nla.lens import LensError, TunedLens, load_tuned_lens
 from talkative.nla.verbalizer import encode_piece
 
 TEXT = "A small grey cat sat on the mat."
@@ -168,6 +170,26 @@ def test_tuned_lens_adds_the_translator_first(nla):
     # a lens given but not asked for is not used
     rows = analyze(nla, TEXT, options=_opts(k=1, no_kl=True), tuned=lens).rows
     assert all(r["tuned_lens_top"] is None for r in rows)
+
+
+def test_tuned_lens_directory_loads(nla, tmp_path):
+    lens = TunedLens(nla.d_model, nla.subject.n_layers)
+    with torch.no_grad():
+        for t in lens.layer_translators:
+            t.weight.normal_(0, 0.1)
+    torch.save(lens.state_dict(), tmp_path / "params.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": nla.d_model}))
+    loaded = load_tuned_lens(tmp_path, nla.subject)
+    opts = _opts(k=1, no_kl=True, tuned_lens=True)
+    assert (
+        analyze(nla, TEXT, options=opts, tuned=loaded).rows
+        == analyze(nla, TEXT, options=opts, tuned=lens).rows
+    )
+    (tmp_path / "config.json").write_text('{"d_model": 7}')
+    with pytest.raises(LensError, match="d_model 7"):
+        load_tuned_lens(tmp_path, nla.subject)
+    with pytest.raises(LensError, match=r"no params\.pt"):
+        load_tuned_lens(tmp_path / "nowhere", nla.subject)
 
 
 def test_batch_size_is_automatic_from_the_row_budget(nla):
