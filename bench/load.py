@@ -8,9 +8,9 @@ for the `result`), and when refused (429, 503) waits as `Retry-After` says and t
 nobody submits any more; every job already accepted is then waited for (at most --drain-timeout seconds), and
 its final state is read back from `GET /status`.
 
-Reported: accepted, rejected by status and kind, completed, failed, lost (accepted but never finished or
-unknown to the server: must be 0), 5xx answers (must be 0), latency percentiles (submission to result, of
-completed jobs) and the submission answer time. Bounded in count and time: --clients and --duration, loopback
+Reported: accepted, rejected submissions by status and kind (and refused status polls), completed, failed,
+lost (accepted but never finished or unknown to the server: must be 0), 5xx answers (must be 0), latency
+percentiles (submission to result, of completed jobs) and the submission answer time. Bounded in count and time: --clients and --duration, loopback
 only (--url must point at this machine).
 
 Usage: python bench/load.py [--clients 200] [--duration 60] [--drain-timeout 600] [--url http://127.0.0.1:8000]
@@ -67,7 +67,10 @@ class Tally:
     accepted: dict[str, float] = field(default_factory=dict)  # request id -> submission time
     owner: dict[str, str] = field(default_factory=dict)  # request id -> the key that may read it
     finished: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> (status, seen at)
-    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)  # submissions refused
+    polls_refused: collections.Counter[str] = field(
+        default_factory=collections.Counter
+    )  # GET /status refused
     server_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     submit_seconds: list[float] = field(default_factory=list)
     transport_errors: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -164,7 +167,7 @@ async def rest_client(
                     tally.transport_errors[type(exc).__name__] += 1
                     continue
                 if s.status_code == 429:
-                    tally.refusal(429, _kind(s))
+                    tally.polls_refused[f"429 {_kind(s) or ''}".strip()] += 1
                     await asyncio.sleep(retry_after(s.headers))
                     continue
                 if s.status_code >= 500:
@@ -285,6 +288,7 @@ async def run(args: argparse.Namespace, url: str, keys: list[str]) -> dict[str, 
         "options": options,
         "accepted": len(tally.accepted),
         "rejected": dict(sorted(tally.rejected.items())),
+        "status_polls_refused": dict(sorted(tally.polls_refused.items())),
         "final_status": dict(final),
         "completed": final.get("completed", 0),
         "failed": final.get("failed", 0),
