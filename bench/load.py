@@ -10,8 +10,8 @@ its final state is read back from `GET /status`.
 
 Reported: accepted, rejected submissions by status and kind (and refused status polls), completed, failed,
 lost (accepted but never finished or unknown to the server: must be 0), 5xx answers (must be 0), latency
-percentiles (submission to result, of completed jobs) and the submission answer time. Bounded in count and time: --clients and --duration, loopback
-only (--url must point at this machine).
+percentiles (submission to result, of completed jobs) and the submission answer time. Bounded in count and
+time (--clients, --duration, --drain-timeout) and to loopback (--url must point at this machine).
 
 Usage: python bench/load.py [--clients 200] [--duration 60] [--drain-timeout 600] [--url http://127.0.0.1:8000]
        [--keys NAME:KEY,...] [--options JSON] [--json results.json]
