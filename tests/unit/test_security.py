@@ -396,3 +396,40 @@ def test_request_context_counts_by_route_template(tmp_path: Path) -> None:
     text = generate_latest(app.state.metrics.registry).decode()
     assert 'talkative_http_requests_total{method="GET",route="/things/{thing_id}",status="200"} 2.0' in text
     assert 'reason="unauthorized"' in text
+
+
+def test_without_the_guard_the_dependencies_still_refuse(tmp_path: Path) -> None:
+    """An app assembled by hand (no guard in front): the dependencies authenticate by themselves."""
+    from talkative.serve.api.deps import websocket_identity
+
+    app = FastAPI()
+    app.state.access_policy = AccessPolicy(settings(tmp_path, api_keys=f"alice:{ALICE}"))
+
+    @app.get("/mine")
+    async def mine(who: ClientIdentity = Depends(client_identity)) -> dict[str, str]:
+        return {"who": who.key}
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        who = await websocket_identity(websocket)
+        if who is None:
+            return
+        await websocket.accept()
+        await websocket.send_json({"who": who.key})
+        await websocket.close()
+
+    client = TestClient(app)
+    assert client.get("/mine").status_code == 401
+    assert client.get("/mine", headers={"Authorization": f"Bearer {ALICE}"}).json() == {"who": "key:alice"}
+    with client.websocket_connect("/ws") as conn:
+        assert conn.receive_json()["code"] == 401
+        with pytest.raises(WebSocketDisconnect) as closed:
+            conn.receive_json()
+        assert closed.value.code == 1008
+    with client.websocket_connect(f"/ws?api_key={ALICE}") as conn:
+        assert conn.receive_json() == {"who": "key:alice"}
+    local_only = FastAPI()
+    local_only.state.access_policy = AccessPolicy(settings(tmp_path))
+    local_only.add_api_route("/mine", mine)
+    assert TestClient(local_only, client=("10.0.0.9", 1)).get("/mine").status_code == 401
+    assert TestClient(local_only, client=("127.0.0.1", 1)).get("/mine").json() == {"who": "ip:127.0.0.1"}
