@@ -12,7 +12,7 @@ from pathlib import Path
 from .nla.sources import DEFAULT_SOURCE
 
 DEFAULT_LAYER = 20
-DEMO_CHECKPOINT_NAME = "smollm2-135m-l20"
+DEMO_CHECKPOINT_NAME = "smollm2-135m-l12"
 
 
 def repo_root() -> Path:
