@@ -156,3 +156,15 @@ def test_analyze_errors_are_one_clear_line(args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_lists_refuses_and_runs_the_engine_against_the_naive_path():
+    """`talkative bench` finds bench/*.py; the analyze benchmark's --check compares the engine with upstream's
+    algorithm written with plain HF calls (greedy, fp32): same explanations, MSE, salience and KL."""
+    listing = talkative("bench")
+    assert listing.returncode == 0 and all(n in listing.stdout for n in ("analyze", "serve", "load"))
+    unknown = talkative("bench", "nope")
+    assert unknown.returncode == 2 and "no benchmark 'nope'" in unknown.stderr
+    check = talkative("bench", "analyze", "--check", "--dtypes", "fp32", "--threads", "1")
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert "greedy explanations identical; their MSE, salience and KL agree" in check.stdout
