@@ -156,8 +156,7 @@ def _examples(
 ) -> list[dict[str, Any]]:
     """A fixed rule picks the examples shown in the docs: every (n // count)-th held-out sample, in order."""
     tok = nla.subject.tokenizer
-    _, ids8 = best_of(scored, 8)
-    hats8, _ = best_of(scored, 8)
+    hats8, ids8 = best_of(scored, 8)
     step = max(1, len(idx) // count)
     out = []
     var = nla.fve_variance or 1.0
