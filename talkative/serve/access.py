@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from .registry import GroupEntry, ModelEntry, Registry
-from .scheduler import Scheduler, SchedulerError
+from .scheduler import Scheduler
+from .scheduler_types import SchedulerError
 
 
 class Identity(Protocol):

@@ -29,7 +29,7 @@ from ..nla.analysis import AnalysisError
 from ..nla.generation import GenerationError, GenerationRequest, GenerationResult, stream
 from .api.models import AnalyzeRequest, GenerateOptions, GenerateRequest
 from .jobs import CANCELLED, COMPLETED, QUEUED, Job
-from .scheduler import JobContext, SchedulerError
+from .scheduler_types import JobContext, SchedulerError
 
 if TYPE_CHECKING:
     from .hub import Connection

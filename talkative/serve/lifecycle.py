@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from .jobs import PROCESSING, QUEUED
-from .scheduler import SchedulerError
+from .scheduler_types import SchedulerError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

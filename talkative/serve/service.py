@@ -18,7 +18,8 @@ from .hub import Hub
 from .jobs import QUEUED, Job
 from .registry import Registry
 from .residency import Residency
-from .scheduler import Scheduler, SchedulerError
+from .scheduler import Scheduler
+from .scheduler_types import SchedulerError
 from .settings import Settings
 from .store import JobStore
 

@@ -32,7 +32,8 @@ from .jobs import PROCESSING, Job
 from .security import KeyRing, SecurityConfigError, scope_header, scrub
 
 if TYPE_CHECKING:
-    from .scheduler import EventSink, Scheduler
+    from .scheduler import Scheduler
+    from .scheduler_types import EventSink
     from .service import Service
     from .settings import Settings
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..nla import vectors as V
 from ..nla.analysis import Cancelled
 from ..nla.options import resolve
-from .scheduler import JobContext
+from .scheduler_types import JobContext
 
 if TYPE_CHECKING:
     from .service import Service

@@ -14,11 +14,12 @@ import pytest
 
 from talkative.nla.analysis import AnalysisError
 from talkative.nla.lm import LMPool
-from talkative.serve import scheduler as sched_mod
+from talkative.serve import analysis_jobs
 from talkative.serve.jobs import Job
 from talkative.serve.registry import parse_registry
 from talkative.serve.residency import GroupRuntime
-from talkative.serve.scheduler import Scheduler, SchedulerError
+from talkative.serve.scheduler import Scheduler
+from talkative.serve.scheduler_types import JobContext, SchedulerError
 from talkative.serve.settings import Settings
 from talkative.serve.store import JobStore
 
@@ -142,10 +143,10 @@ def run(
     **settings: Any,
 ) -> None:
     engine = Engine()
-    monkeypatch.setattr(sched_mod, "prepare", engine.prepare)
-    monkeypatch.setattr(sched_mod, "run_batch", engine.run_batch)
-    monkeypatch.setattr(sched_mod, "check_options", lambda nla, opts, tuned=None: None)
-    monkeypatch.setattr(sched_mod, "metadata", lambda nla, prep, *a: {"n_positions": len(prep.positions)})
+    monkeypatch.setattr(analysis_jobs, "prepare", engine.prepare)
+    monkeypatch.setattr(analysis_jobs, "run_batch", engine.run_batch)
+    monkeypatch.setattr(analysis_jobs, "check_options", lambda nla, opts, tuned=None: None)
+    monkeypatch.setattr(analysis_jobs, "metadata", lambda nla, prep, *a: {"n_positions": len(prep.positions)})
     cfg = Settings(
         model_groups_file=tmp_path / "none.json",
         data_dir=tmp_path / "data",
@@ -345,7 +346,7 @@ def test_a_group_that_cannot_load_fails_its_jobs(tmp_path: Path, monkeypatch: py
 
 def test_handlers_for_other_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        def generate(ctx: sched_mod.JobContext) -> dict[str, Any]:
+        def generate(ctx: JobContext) -> dict[str, Any]:
             ctx.emit({"type": "token", "token": "hi", "position": 0, "finish_reason": None})
             return {"completions": [f"from {ctx.nla}"]}
 

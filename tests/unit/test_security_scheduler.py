@@ -15,9 +15,10 @@ import pytest
 import torch
 from test_scheduler import Engine, FakeResidency, Sink, analyze, run, until, words
 
-from talkative.serve import scheduler as sched_mod
+from talkative.serve import analysis_jobs
 from talkative.serve.lifecycle import drain
-from talkative.serve.scheduler import JobContext, Scheduler, SchedulerError
+from talkative.serve.scheduler import Scheduler
+from talkative.serve.scheduler_types import JobContext, SchedulerError
 
 
 class Recorder:
@@ -36,7 +37,7 @@ def test_out_of_memory_fails_only_its_job_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        real = sched_mod.run_batch
+        real = analysis_jobs.run_batch
 
         def run_batch(nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None) -> Any:
             if any(p.text.startswith("oom") for p, _ in parts):
@@ -45,7 +46,7 @@ def test_out_of_memory_fails_only_its_job_with_a_clear_error(
                 raise MemoryError()
             return real(nla, parts, opts, tuned=tuned, timings=timings)
 
-        monkeypatch.setattr(sched_mod, "run_batch", run_batch)
+        monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
         oom = await sched.wait(await analyze(sched, "oom " + words(3)), 10)
         ram = await sched.wait(await analyze(sched, "ram " + words(3)), 10)
         for job in (oom, ram):
@@ -66,14 +67,14 @@ def test_a_stuck_engine_call_fails_its_job_at_the_timeout(
     release = threading.Event()
 
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        real = sched_mod.run_batch
+        real = analysis_jobs.run_batch
 
         def run_batch(nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None) -> Any:
             if any(p.text.startswith("stuck") for p, _ in parts):
                 release.wait(30)  # an engine call that does not come back on its own
             return real(nla, parts, opts, tuned=tuned, timings=timings)
 
-        monkeypatch.setattr(sched_mod, "run_batch", run_batch)
+        monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
         sched.settings.request_timeout = 1.0
         t0 = time.monotonic()
         stuck = await sched.wait(await analyze(sched, "stuck " + words(3)), 10)
@@ -187,14 +188,14 @@ def test_the_monitor_hears_every_engine_stage(tmp_path: Path, monkeypatch: pytes
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
         recorder = Recorder()
         sched.monitor = recorder
-        real = sched_mod.run_batch
+        real = analysis_jobs.run_batch
 
         def run_batch(nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None) -> Any:
             for stage in ("verbalize", "reconstruct", "kl"):
                 timings[stage] = timings.get(stage, 0.0) + 0.001
             return real(nla, parts, opts, tuned=tuned, timings=timings)
 
-        monkeypatch.setattr(sched_mod, "run_batch", run_batch)
+        monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
         assert (await sched.wait(await analyze(sched, words(3)), 10)).status == "completed"
         assert {"verbalize", "reconstruct", "kl"} <= set(recorder.stages)
 

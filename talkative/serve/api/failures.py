@@ -6,7 +6,7 @@ from fastapi import HTTPException
 
 from ...nla.analysis import AnalysisError
 from ..registry import UnknownGroup, UnknownModel
-from ..scheduler import SchedulerError
+from ..scheduler_types import SchedulerError
 
 Refusal = SchedulerError | UnknownModel | UnknownGroup | AnalysisError | KeyError
 

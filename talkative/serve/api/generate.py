@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from .. import access
 from ..generation import KIND, Generations
 from ..registry import UnknownModel
-from ..scheduler import SchedulerError
+from ..scheduler_types import SchedulerError
 from .deps import ClientIdentity, client_identity, service_of
 from .failures import http_error
 from .models import AnalyzeAccepted, ErrorBody, GenerateRequest

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from .. import access
 from ..jobs import Job
 from ..registry import UnknownModel
-from ..scheduler import SchedulerError
+from ..scheduler_types import SchedulerError
 from .deps import ClientIdentity, client_identity, service_of
 from .models import (
     AnalyzeAccepted,

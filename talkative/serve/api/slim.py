@@ -24,7 +24,7 @@ from ...nla.options import ChatMessage
 from .. import access
 from ..jobs import COMPLETED, Job
 from ..registry import GroupEntry, Registry, UnknownGroup, UnknownModel
-from ..scheduler import SchedulerError
+from ..scheduler_types import SchedulerError
 from ..service import Service
 from .deps import ClientIdentity, client_identity, service_of
 from .failures import http_error

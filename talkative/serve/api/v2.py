@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from ...nla.vectors import reads_current_token
 from .. import access
 from ..registry import UnknownGroup, UnknownModel
-from ..scheduler import SchedulerError
+from ..scheduler_types import SchedulerError
 from ..system_stats import SystemStats
 from .deps import ClientIdentity, client_identity, service_of
 from .failures import http_error

@@ -27,7 +27,7 @@ from ...nla.options import AnalyzeOptions, ChatMessage
 from .. import access
 from ..jobs import CANCELLED, COMPLETED, FAILED
 from ..registry import UnknownModel
-from ..scheduler import SchedulerError
+from ..scheduler_types import SchedulerError
 from ..service import Service
 from .deps import ClientIdentity, client_identity, service_of
 from .failures import failure_status, http_error

@@ -23,7 +23,7 @@ from .. import access
 from ..hub import Connection
 from ..lifecycle import cancel_abandoned
 from ..registry import UnknownModel
-from ..scheduler import SchedulerError
+from ..scheduler_types import SchedulerError
 from ..service import Service
 from .deps import MessageRefused, message_gate, service_of, websocket_identity
 from .errors import describe_validation_error
