@@ -4,13 +4,13 @@
     python scripts/make_checkpoints.py [--out DIR] [--native CHECKPOINT] [--force]
 
 * `native/`: the native checkpoint given with `--native`, else the trained demo checkpoint when this checkout has
-  it (`checkpoints/smollm2-135m-l20`), else an untrained `NLA.init` at layer 20 saved here;
-* `upstream/smollm2-135m-l20/checkpoint_step0_epoch0_final.pt`: that native checkpoint exported to the upstream
+  it (`checkpoints/smollm2-135m-l12`), else an untrained `NLA.init` at the demo's layer saved here;
+* `upstream/smollm2-135m-l<layer>/checkpoint_step0_epoch0_final.pt`: that native checkpoint exported to the upstream
   `.pt` format (what `talkative convert --to upstream` writes; it loads back bit for bit);
 * `official/av` + `official/ar`: an official-format pair. The AV is a full model directory (its weights file is a
   symlink to the bundled model's, so it costs no disk) whose prompt carries the marker `<gh_stars>` (id 7: no
   character of U+3200–U+33FF is one SmolLM2 token); the AR keeps blocks 0..20 (bf16, no final norm, no LM head)
-  with an identity value head. Both sidecars carry every key of the release, plus the FVE baseline measured on a
+  with an identity value head; it reads layer 20 (the release's NLAs read layers two thirds deep). Both sidecars carry every key of the release, plus the FVE baseline measured on a
   built-in text. The pair is untrained: it describes what an instruct model says about an injected vector.
 
 The output defaults to `$TALKATIVE_CACHE/checkpoints/smollm2-135m-l20` and is made once (a marker file records a
@@ -43,7 +43,8 @@ from talkative.nla.lm import LM, LMPool  # noqa: E402
 from talkative.nla.sources import DEFAULT_SOURCE, _locked, cache_root, ensure_bundled  # noqa: E402
 from talkative.nla.verbalizer import encode_piece  # noqa: E402
 
-NAME = "smollm2-135m-l20"
+NAME = "smollm2-135m-l20"  # the official pair's directory under the cache
+OFFICIAL_LAYER = 20
 MARKER = "<gh_stars>"
 INJECTION_SCALE = 250.0  # "a round number a bit above the mean norm" (block-20 norms average about 231)
 OFFICIAL_VERSION = "1"
@@ -68,13 +69,13 @@ def make_native(out: Path, pool: LMPool, native: Path | None = None) -> Path:
     if src is not None:
         return Path(src)
     subject = pool.get(DEFAULT_SOURCE)
-    nla = NLA.init(subject, DEFAULT_LAYER, subject_source=DEFAULT_SOURCE, name=f"{NAME}-untrained")
+    nla = NLA.init(subject, DEFAULT_LAYER, subject_source=DEFAULT_SOURCE, name=f"smollm2-135m-l{DEFAULT_LAYER}-untrained")
     return nla.save(out / "native")
 
 
 def make_upstream(out: Path, native: Path, pool: LMPool) -> Path:
     nla = load_nla(native, pool=pool)
-    return save_upstream(nla, out / "upstream" / NAME)
+    return save_upstream(nla, out / "upstream" / f"smollm2-135m-l{nla.layer}")
 
 
 # -- official -----------------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def make_official(out: Path, pool: LMPool, *, force: bool = False) -> Path:
             return target
         base_dir = ensure_bundled(DEFAULT_SOURCE.removeprefix("bundled:"), progress=False)
         subject = pool.get(DEFAULT_SOURCE)
-        layer, d = DEFAULT_LAYER, subject.d_model
+        layer, d = OFFICIAL_LAYER, subject.d_model
         tmp = Path(tempfile.mkdtemp(prefix=".official-", dir=out))
         try:
             av, ar = tmp / "av", tmp / "ar"

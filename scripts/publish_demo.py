@@ -96,8 +96,16 @@ def main() -> int:
     args = ap.parse_args()
     src = args.run / "checkpoint"
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in ("nla.json", "weights.safetensors"):
-        shutil.copy2(src / name, args.out / name)
+    shutil.copy2(src / "weights.safetensors", args.out / "weights.safetensors")
+    cfg = json.loads((src / "nla.json").read_text())
+    cfg["name"] = args.out.name
+    cfg["provenance"] = {
+        **cfg.get("provenance", {}),
+        "published_from": str(src.resolve().relative_to(ROOT))
+        if src.resolve().is_relative_to(ROOT)
+        else str(src),
+    }
+    (args.out / "nla.json").write_text(json.dumps(cfg, indent=2) + "\n")
     curves = args.out / "training"
     curves.mkdir(exist_ok=True)
     for stage_dir in sorted(args.run.parent.iterdir()):

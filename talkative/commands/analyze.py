@@ -16,7 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint", help="NLA checkpoint (native, upstream .pt or official); default: the demo checkpoint"
     )
     p.add_argument(
-        "--layer", type=int, help="layer for an untrained NLA (a trained checkpoint fixes its own)"
+        "--layer",
+        type=int,
+        help="layer for an untrained NLA (a trained checkpoint fixes its own; without --checkpoint, a layer "
+        "other than the demo checkpoint's uses an untrained NLA)",
     )
     p.add_argument(
         "-k", "--best-of-k", type=int, default=8, help="explanations sampled per position (default 8)"
@@ -81,16 +84,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_of(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / "nla.json").read_text())["layer"])
+
+
 def _local(
     args: argparse.Namespace, text: str | None, messages: Any, options: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from ..defaults import default_checkpoint_spec
+    from ..defaults import default_checkpoint_spec, demo_checkpoint
     from ..nla.analysis import AnalysisError, analyze
     from ..nla.checkpoint import CheckpointError
     from ..nla.loading import open_nla
-    from ..nla.sources import ModelSourceError
+    from ..nla.sources import DEFAULT_SOURCE, ModelSourceError
 
     spec = args.checkpoint or default_checkpoint_spec()
+    demo = demo_checkpoint()
+    if (
+        args.checkpoint is None
+        and args.layer is not None
+        and demo is not None
+        and args.layer != _layer_of(demo)
+    ):
+        # `--layer N` alone asks for that layer: the demo explains another one, so an untrained NLA it is
+        print(
+            f"note: the demo checkpoint explains layer {_layer_of(demo)}; layer {args.layer} uses an untrained NLA",
+            file=sys.stderr,
+        )
+        spec = f"init:{DEFAULT_SOURCE}@{args.layer}"
     try:
         nla = open_nla(spec, dtype=args.dtype, layer=args.layer, trust_checkpoint=args.trust_checkpoint)
         result = analyze(nla, text, messages, options)

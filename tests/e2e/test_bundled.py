@@ -47,7 +47,7 @@ def test_seed_documentation_client(bundled_server: Server) -> None:
 def test_rest_analysis_on_the_bundled_model(bundled_server: Server) -> None:
     assert bundled_server.get("/").json()["name"] == "Consistency Lens API"
     models = bundled_server.get("/api/v2/models").json()
-    assert models["current_model"] == "smollm2-135m-l20" and models["groups"][0]["is_loaded"]
+    assert models["current_model"] == "smollm2-135m-l12" and models["groups"][0]["is_loaded"]
     rid = bundled_server.analyze(
         "Paris is in France.",
         {"optimize_explanations_config": {"best_of_k": 2}, "no_kl": False},

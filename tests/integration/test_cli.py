@@ -54,7 +54,7 @@ def talkative(*args, env=None, timeout=600):
 
 @pytest.mark.slow
 def test_analyze_json_on_a_fresh_machine(tmp_path):
-    """Defaults (untrained NLA at layer 20, k=8, salience, KL), and an empty model cache: the bundled model is
+    """Defaults (the committed demo NLA, layer 12; k=8, salience, KL), and an empty model cache: the bundled model is
     converted on the way, with its progress on stderr and nothing but JSON on stdout."""
     proc = talkative("analyze", TEXT, "--json", env=_env(TALKATIVE_CACHE=str(tmp_path / "cache")))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,11 +64,11 @@ def test_analyze_json_on_a_fresh_machine(tmp_path):
     assert [r["position"] for r in rows] == list(range(7))
     for r in rows:
         assert set(r) >= FIELDS
-        assert r["layer"] == 20 and r["explanation"]
+        assert r["layer"] == 12 and r["explanation"]
         assert len(r["token_salience"]) == 8 and len(r["explanation_structured"]) == 8
         assert r["mse"] > 0 and r["relative_rmse"] > 0 and -1 <= r["cosine"] <= 1
         assert r["kl_divergence"] >= 0
-    assert meta["best_of_k"] == 8 and meta["layer"] == 20 and meta["seed"] == 42
+    assert meta["best_of_k"] == 8 and meta["layer"] == 12 and meta["seed"] == 42
     assert (tmp_path / "cache" / "models" / "smollm2-135m-instruct" / ".talkative-complete").is_file()
     # the same command again gives the same rows (seeded), now from the cached conversion
     again = talkative("analyze", TEXT, "--json", env=_env(TALKATIVE_CACHE=str(tmp_path / "cache")))
@@ -79,7 +79,7 @@ def test_analyze_table():
     proc = talkative("analyze", TEXT, "-k", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "layer 20" in out and "k=2" in out
+    assert "layer 12" in out and "k=2" in out
     for col in ("pos", "token", "explanation", "mse", "rel rmse", "cos", "KL"):
         assert col in out
     for tok in TOKENS:
@@ -112,6 +112,7 @@ def test_analyze_options_and_messages(tmp_path):
         "--json",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layer 5 uses an untrained NLA" in proc.stderr  # the demo explains layer 12
     out = json.loads(proc.stdout)
     rows = out["tokens"]
     assert (

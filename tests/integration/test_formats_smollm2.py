@@ -41,7 +41,7 @@ def checkpoints(tmp_path_factory, smol_dir):
     pool = LMPool()
     native = mk.make_native(out, pool)
     return {
-        "native": native,
+        "native": native,  # the committed demo checkpoint (layer 12)
         "upstream": mk.make_upstream(out, native, pool),
         "official": mk.make_official(mk.default_out(), pool),  # cached across sessions: 200 MB of AR weights
     }
@@ -55,6 +55,17 @@ def served(checkpoints):
         fmt: open_nla(str(path), pool=pool, **({"max_new_tokens": 16} if fmt == "official" else {}))
         for fmt, path in checkpoints.items()
     }
+
+
+def _layers(checkpoints) -> dict[str, int]:
+    """The upstream file is the native checkpoint exported; the official pair reads its own layer (20)."""
+    native = json.loads((Path(checkpoints["native"]) / "nla.json").read_text())["layer"]
+    return {"native": native, "upstream": native, "official": _script().OFFICIAL_LAYER}
+
+
+def test_the_native_checkpoint_is_the_committed_demo(checkpoints):
+    assert Path(checkpoints["native"]) == REPO / "checkpoints" / "smollm2-135m-l12"
+    assert _layers(checkpoints) == {"native": 12, "upstream": 12, "official": 20}
 
 
 def test_the_official_pair_is_what_the_release_describes(checkpoints):
@@ -97,15 +108,16 @@ def test_the_official_pair_is_what_the_release_describes(checkpoints):
     assert (av / "model.safetensors").is_symlink()  # the AV is the instruct model itself: no extra disk
 
 
-def test_three_formats_side_by_side(served):
+def test_three_formats_side_by_side(served, checkpoints):
     nlas = served
+    layers = _layers(checkpoints)
     subjects = {id(n.subject) for n in nlas.values()}
     assert len(subjects) == 1  # one copy of the subject serves all three
     results = {fmt: analyze(nla, TEXT, options=OPTIONS) for fmt, nla in nlas.items()}
     n_tokens = len(nlas["native"].subject.encode(TEXT))
     for fmt, res in results.items():
         assert [r["position"] for r in res.rows] == list(range(n_tokens)), fmt
-        assert res.metadata["layer"] == 20 and res.metadata["d_model"] == 576
+        assert res.metadata["layer"] == layers[fmt] and res.metadata["d_model"] == 576
         for r in res.rows:
             assert r["explanation"] is not None
             assert math.isfinite(r["mse"]) and r["mse"] >= 0
@@ -138,17 +150,19 @@ def test_convert_round_trips_and_inspect(checkpoints, tmp_path, capsys):
     assert nla.verbalizer.inject_pos == 117 and nla.reconstructor.lm.n_layers == 21
 
     capsys.readouterr()
+    layers = _layers(checkpoints)
     for fmt, path in checkpoints.items():
         assert cli(["inspect", str(path), "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
-        assert info["format"] == fmt and info["layer"] == 20 and info["d_model"] == 576, fmt
+        assert info["format"] == fmt and info["layer"] == layers[fmt] and info["d_model"] == 576, fmt
         assert info["subject"] == "bundled:smollm2-135m-instruct"
         entry = info["model_group"]["models"][0]
-        assert Path(entry["checkpoint"]) == Path(path).resolve() and entry["layer"] == 20
+        assert Path(entry["checkpoint"]) == Path(path).resolve() and entry["layer"] == layers[fmt]
 
 
 def test_a_model_groups_file_serves_the_three(checkpoints, tmp_path):
     registry = pytest.importorskip("talkative.serve.registry")
+    layers = _layers(checkpoints)
     groups = {
         "model_groups": [
             {
@@ -156,19 +170,24 @@ def test_a_model_groups_file_serves_the_three(checkpoints, tmp_path):
                 "group_name": "SmolLM2 135M, three formats",
                 "base_model_path": "bundled:smollm2-135m-instruct",
                 "models": [
-                    {"id": "native", "name": "native", "checkpoint": str(checkpoints["native"]), "layer": 20},
+                    {
+                        "id": "native",
+                        "name": "native",
+                        "checkpoint": str(checkpoints["native"]),
+                        "layer": layers["native"],
+                    },
                     {
                         "id": "upstream",
                         "name": "upstream",
                         "lens_checkpoint_path": str(checkpoints["upstream"]),
                         "different_activations_orig_path": None,
-                        "layer": 20,
+                        "layer": layers["upstream"],
                     },
                     {
                         "id": "official",
                         "name": "official",
                         "checkpoint": str(checkpoints["official"]),
-                        "layer": 20,
+                        "layer": layers["official"],
                     },
                 ],
             }
@@ -182,5 +201,5 @@ def test_a_model_groups_file_serves_the_three(checkpoints, tmp_path):
     for mid in ("native", "upstream", "official"):
         entry = reg.model(mid)
         nla = open_nla(entry.checkpoint, pool=pool)
-        assert nla.layer == entry.layer == 20
+        assert nla.layer == entry.layer == layers[mid]
     assert len({id(m) for m in pool.models()}) == 3  # subject (shared by all), official AV, official AR
