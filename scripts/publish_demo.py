@@ -64,8 +64,23 @@ def write_demo_doc(ckpt: Path, doc: Path) -> None:
         samples += [(name, s) for s in report["samples"]]
     lines += [
         "",
+        "Reproduce: `scripts/train_demo.sh` (data, the three stages, then this publication; resumable; the three stages took "
+        "about 1 h 50 min on 2 CPU cores), or evaluate the committed checkpoint again with `talkative eval "
+        f"{rel} --data data/smollm2-l12-main/heldout` once the data exist.",
+        "",
         "Best-of-k curves are in each report's `best_of_k.png`; the training curves of every stage are in "
         f"`{rel}/training/`.",
+        "",
+        "## What the explanations are",
+        "",
+        "Not prose. The warm start taught the verbalizer to write the 8 tokens of context before the position "
+        "(docs/training.md says why: that is the most faithful short explanation a frozen reconstructor can "
+        "read), and GRPO then moved it toward whatever the reconstructor reads best. What comes out is text in "
+        "the register, vocabulary and often the words of the recent context: biblical phrasing inside the King "
+        "James text, names after a list of names, reST markup in the Python docs. Read them as *what kind of "
+        "text this activation says we are in, and roughly what came just before*, and use the metrics (and the "
+        "salience of each word) to judge how much of the activation an explanation carries. The gap over the "
+        "blanked explanation is the part of the activation the words carry beyond the current token itself.",
         "",
         "## Twenty held-out tokens",
         "",
@@ -93,7 +108,13 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / DEMO_CHECKPOINT_NAME)
     ap.add_argument("-n", "--samples", type=int, default=512)
+    ap.add_argument(
+        "--doc-only", action="store_true", help="only rewrite docs/demo-model.md from the reports"
+    )
     args = ap.parse_args()
+    if args.doc_only:
+        write_demo_doc(args.out, ROOT / "docs" / "demo-model.md")
+        return 0
     src = args.run / "checkpoint"
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src / "weights.safetensors", args.out / "weights.safetensors")
