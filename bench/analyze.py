@@ -13,10 +13,12 @@ For each dtype (fp32, bf16) it measures, on one ~50-token text at best-of-k = 8,
 * a plain matmul (M = N = K = 2048) in the same dtype, to put the engine's achieved GFLOP/s in context; the engine's
   FLOPs are counted analytically from the model's dimensions and the work it does (see `engine_flops`).
 
-Both paths use the same NLA weights (the demo checkpoint when the checkout has one, else an untrained `NLA.init`
-at layer 20), the same k, T, temperature and batch size (the engine's automatic 256-row budget: 32 positions).
+Both paths use the same NLA weights (the demo checkpoint when the checkout has one; else, or with
+`--untrained-layer L`, an untrained `NLA.init` with upstream's default prompts), the same k, T, temperature and
+batch size (the engine's automatic 256-row budget: 32 positions).
 
-Usage: python bench/analyze.py [--dtypes fp32,bf16] [--repeats 2] [--tokens 50] [--json out.json]
+Usage: python bench/analyze.py [--dtypes fp32,bf16] [--repeats 2] [--tokens 50] [--untrained-layer 20]
+       [--json out.json] [--check]
 """
 
 from __future__ import annotations
@@ -56,15 +58,16 @@ K, T_TEXT, TEMPERATURE, SEED = 8, 8, 1.0, 42
 
 
 # -- the NLA -------------------------------------------------------------------------------------------------------
-def open_bench_nla(dtype: str) -> tuple[NLA, str]:
+def open_bench_nla(dtype: str, untrained_layer: int | None = None) -> tuple[NLA, str]:
+    """The demo checkpoint, or (when asked, or when the checkout has none) an untrained NLA.init, whose prompts
+    are upstream's defaults: longer than the demo's, so the shared prefixes save more."""
     pool = LMPool(dtype=dtype)
     demo = demo_checkpoint()
-    if demo is not None:
+    if demo is not None and untrained_layer is None:
         return load_nla(demo, pool=pool), f"demo checkpoint {demo.name}"
+    layer = DEFAULT_LAYER if untrained_layer is None else untrained_layer
     lm = pool.get(DEFAULT_SOURCE)
-    return NLA.init(
-        lm, DEFAULT_LAYER, subject_source=DEFAULT_SOURCE
-    ), f"untrained NLA.init at layer {DEFAULT_LAYER}"
+    return NLA.init(lm, layer, subject_source=DEFAULT_SOURCE), f"untrained NLA.init at layer {layer}"
 
 
 # -- the naive path: upstream's algorithm with plain HF calls -------------------------------------------------------
@@ -154,14 +157,24 @@ def naive_analyze(
         soft = r.soft_prompt.to(dt)
         special = r.special_vector.float() if r.special_vector is not None else 0.0
 
+        def score(a: Tensor, b: Tensor) -> Tensor:
+            """What best-of-k minimises and salience is relative to: MSE, or nMSE for `objective: nmse`."""
+            if nla.objective == "nmse":
+                d = a.shape[-1] ** 0.5
+                a = a / a.norm(dim=-1, keepdim=True) * d
+                b = b / b.norm(dim=-1, keepdim=True) * d
+            return (a - b).pow(2).mean(-1)
+
         def encode(tokens: Tensor, current: Tensor) -> Tensor:
-            """Upstream AR: the full model and LM head over [soft prefix][explanation][current + v]."""
+            """Upstream AR: the full model and LM head over [soft prefix][explanation][current + v], then the
+            optional projection (upstream's `proj`: the trained linear head) on the last position's residual."""
             n = tokens.shape[0]
             cur = (embed(current).float() + special).to(dt).unsqueeze(1)
             x = torch.cat([soft.unsqueeze(0).expand(n, -1, -1), embed(tokens), cur], 1)
             with capture_output(_blocks(lm)[Lout]) as out:
                 model(inputs_embeds=x)  # computes logits for every position, as upstream's forward does
-            return out[0][:, -1].float()
+            last = out[0][:, -1].float()
+            return r.head(last) if r.head is not None else last
 
         for start in range(0, S, batch):
             pos = torch.arange(start, min(start + batch, S))
@@ -199,17 +212,18 @@ def naive_analyze(
             current = ids[0, pos].repeat_interleave(k)
             # 3. the encoder on every sample, best of k by MSE
             hats = encode(tokens, current)
-            mse = (A - hats).pow(2).mean(-1).view(G, k)
-            best = mse.argmin(1)
-            m = mse[torch.arange(G), best]
+            scores = score(A, hats).view(G, k)
+            best = scores.argmin(1)
+            m = scores[torch.arange(G), best]
             best_tokens = tokens.view(G, k, T_TEXT)[torch.arange(G), best]
             hat = hats.view(G, k, -1)[torch.arange(G), best]
+            mse = (acts[pos] - hat).pow(2).mean(-1)
             # 4. salience: one encoder pass per ablated index, each over the batch's positions
             sal = torch.empty(G, T_TEXT)
             for i in range(T_TEXT):
                 abl = best_tokens.clone()
                 abl[:, i] = r.space_id
-                sal[:, i] = ((acts[pos] - encode(abl, ids[0, pos])).pow(2).mean(-1) - m) / m
+                sal[:, i] = (score(acts[pos], encode(abl, ids[0, pos])) - m) / m
             # 5. KL: a full forward per position with block L's output at that position replaced by Â
             with replace_output(lm, L, pos, hat):
                 patched = model(ids.expand(G, -1)).logits[torch.arange(G), pos].float()
@@ -221,7 +235,7 @@ def naive_analyze(
                     {
                         "position": int(pos[j]),
                         "explanation": lm.tokenizer.decode(best_tokens[j].tolist()),
-                        "mse": float(m[j]),
+                        "mse": float(mse[j]),
                         "token_salience": sal[j].tolist(),
                         "kl_divergence": float(kl[j]),
                     }
@@ -351,8 +365,10 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> dict[str,
     return {"wall": 2 * n**3 / wall / 1e9, "cpu": 2 * n**3 / max(cpu, 1e-9) / 1e9}
 
 
-def run_dtype(dtype: str, repeats: int, tokens: int | None) -> dict[str, Any]:
-    nla, what = open_bench_nla(dtype)
+def run_dtype(
+    dtype: str, repeats: int, tokens: int | None, untrained_layer: int | None = None
+) -> dict[str, Any]:
+    nla, what = open_bench_nla(dtype, untrained_layer)
     lm = nla.subject
     text = TEXT
     ids = lm.encode(text)
@@ -436,11 +452,11 @@ def run_dtype(dtype: str, repeats: int, tokens: int | None) -> dict[str, Any]:
     return res
 
 
-def check(dtype: str) -> None:
+def check(dtype: str, untrained_layer: int | None = None) -> None:
     """At temperature 0 both paths must give the same rows: the naive path is the same algorithm. In bf16 a greedy
     decode can take another branch at a near tie (the two paths round differently), so rows are compared where
     the explanations agree and the agreement is reported."""
-    nla, _ = open_bench_nla(dtype)
+    nla, _ = open_bench_nla(dtype, untrained_layer)
     text = "The capital of France is Paris."
     opts = {"optimize_explanations_config": {"best_of_k": 2}, "temperature": 0}
     rows = analyze(nla, text, options=opts).rows
@@ -517,6 +533,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="engine runs per dtype (the best is reported)")
     ap.add_argument("--tokens", type=int, default=None, help="cut the text to this many tokens")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--untrained-layer",
+        type=int,
+        default=None,
+        help="bench an untrained NLA.init at this layer (upstream's default prompts) instead of the demo",
+    )
     ap.add_argument("--check", action="store_true", help="only check that both paths agree at temperature 0")
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's, one per core)"
@@ -528,9 +550,11 @@ def main() -> int:
     torch.manual_seed(0)
     if args.check:
         for dt in args.dtypes.split(","):
-            check(dt)
+            check(dt, args.untrained_layer)
         return 0
-    results = [run_dtype(dt, args.repeats, args.tokens) for dt in args.dtypes.split(",")]
+    results = [
+        run_dtype(dt, args.repeats, args.tokens, args.untrained_layer) for dt in args.dtypes.split(",")
+    ]
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
