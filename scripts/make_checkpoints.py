@@ -69,7 +69,9 @@ def make_native(out: Path, pool: LMPool, native: Path | None = None) -> Path:
     if src is not None:
         return Path(src)
     subject = pool.get(DEFAULT_SOURCE)
-    nla = NLA.init(subject, DEFAULT_LAYER, subject_source=DEFAULT_SOURCE, name=f"smollm2-135m-l{DEFAULT_LAYER}-untrained")
+    nla = NLA.init(
+        subject, DEFAULT_LAYER, subject_source=DEFAULT_SOURCE, name=f"smollm2-135m-l{DEFAULT_LAYER}-untrained"
+    )
     return nla.save(out / "native")
 
 
