@@ -84,30 +84,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layer_of(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / "nla.json").read_text())["layer"])
-
-
 def _local(
     args: argparse.Namespace, text: str | None, messages: Any, options: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from ..defaults import default_checkpoint_spec, demo_checkpoint
     from ..nla.analysis import AnalysisError, analyze
     from ..nla.checkpoint import CheckpointError
+    from ..nla.formats.native import read_config
     from ..nla.loading import open_nla
     from ..nla.sources import DEFAULT_SOURCE, ModelSourceError
 
     spec = args.checkpoint or default_checkpoint_spec()
     demo = demo_checkpoint()
-    if (
-        args.checkpoint is None
-        and args.layer is not None
-        and demo is not None
-        and args.layer != _layer_of(demo)
-    ):
+    demo_layer = int(read_config(demo)["layer"]) if demo is not None else None
+    if args.checkpoint is None and args.layer is not None and demo_layer not in (None, args.layer):
         # `--layer N` alone asks for that layer: the demo explains another one, so an untrained NLA it is
         print(
-            f"note: the demo checkpoint explains layer {_layer_of(demo)}; layer {args.layer} uses an untrained NLA",
+            f"note: the demo checkpoint explains layer {demo_layer}; layer {args.layer} uses an untrained NLA",
             file=sys.stderr,
         )
         spec = f"init:{DEFAULT_SOURCE}@{args.layer}"

@@ -110,10 +110,10 @@ def _accepted(svc: Service, job: Job, group_id: str) -> dict[str, Any]:
     return {**svc.accepted(job), "model_id": job.model_id, "model_group": group_id}
 
 
-@router.post("/generate", response_model=SlimAccepted, summary="Continue a conversation (n continuations)")
-async def slim_generate(
-    body: SlimGenerate, request: Request, who: ClientIdentity = Depends(client_identity)
+async def _submit_generation(
+    request: Request, body: SlimRequest, who: ClientIdentity, options: GenerateOptions, *, slim: str
 ) -> dict[str, Any]:
+    """The two generation routes differ only in their options; `slim` shapes the status answer later."""
     svc = service_of(request)
     try:
         model_id = _model_for(svc, body, who)
@@ -121,17 +121,25 @@ async def slim_generate(
             messages=body.messages,
             model_id=model_id,
             client_request_id=body.client_request_id,
-            options=GenerateOptions(
-                max_new_tokens=body.n_tokens,
-                temperature=body.temperature,
-                num_completions=body.n_continuations,
-                seed=SEED,
-            ),
+            options=options,
         )
-        job = await generations_of(request).submit(req, model_id=model_id, owner=who.key, slim="generate")
+        job = await generations_of(request).submit(req, model_id=model_id, owner=who.key, slim=slim)
     except (SchedulerError, UnknownModel, UnknownGroup) as exc:
         raise http_error(exc) from None
     return _accepted(svc, job, body.model_group)
+
+
+@router.post("/generate", response_model=SlimAccepted, summary="Continue a conversation (n continuations)")
+async def slim_generate(
+    body: SlimGenerate, request: Request, who: ClientIdentity = Depends(client_identity)
+) -> dict[str, Any]:
+    options = GenerateOptions(
+        max_new_tokens=body.n_tokens,
+        temperature=body.temperature,
+        num_completions=body.n_continuations,
+        seed=SEED,
+    )
+    return await _submit_generation(request, body, who, options, slim="generate")
 
 
 @router.post("/analyze", response_model=SlimAccepted, summary="Explain every token of a conversation")
@@ -173,25 +181,14 @@ async def slim_analyze(
 async def slim_send_message(
     body: SlimSendMessage, request: Request, who: ClientIdentity = Depends(client_identity)
 ) -> dict[str, Any]:
-    svc = service_of(request)
-    try:
-        model_id = _model_for(svc, body, who)
-        req = GenerateRequest(
-            messages=body.messages,
-            model_id=model_id,
-            client_request_id=body.client_request_id,
-            options=GenerateOptions(
-                max_new_tokens=body.max_tokens,
-                temperature=body.temperature,
-                num_completions=1,
-                seed=SEED,
-                stop_at_end_of_turn=True,
-            ),
-        )
-        job = await generations_of(request).submit(req, model_id=model_id, owner=who.key, slim="send_message")
-    except (SchedulerError, UnknownModel, UnknownGroup) as exc:
-        raise http_error(exc) from None
-    return _accepted(svc, job, body.model_group)
+    options = GenerateOptions(
+        max_new_tokens=body.max_tokens,
+        temperature=body.temperature,
+        num_completions=1,
+        seed=SEED,
+        stop_at_end_of_turn=True,
+    )
+    return await _submit_generation(request, body, who, options, slim="send_message")
 
 
 # -- status ---------------------------------------------------------------------------------------------------------
