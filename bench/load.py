@@ -24,12 +24,9 @@ import asyncio
 import collections
 import ipaddress
 import json
-import os
 import secrets
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +37,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import websockets
+from _server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -91,41 +89,17 @@ def loopback_only(url: str) -> None:
         raise SystemExit(f"refusing to load-test {url}: only this machine's loopback is allowed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(keys: str, workdir: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_server(keys: str, workdir: Path, env_extra: dict[str, str]) -> ServerProcess:
     env = {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
         "DATA_DIR": str(workdir / "data"),
         "MODEL_GROUPS_FILE": str(REPO / "model_groups.json"),
         "API_KEYS": keys,
         "LOG_LEVEL": "warning",
         **env_extra,
     }
-    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - the process owns it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "talkative.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{(workdir / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server was not ready after 600 s")
+    server = ServerProcess(workdir, env)
+    server.wait_ready()
+    return server
 
 
 def retry_after(headers: Any, fallback: float = 1.0) -> float:
@@ -318,7 +292,7 @@ def main() -> int:
     args = p.parse_args()
     if args.clients < 1 or args.clients > 1000 or args.duration <= 0 or args.duration > 3600:
         raise SystemExit("--clients must be 1..1000 and --duration 0..3600 s")
-    proc = None
+    server = None
     workdir = Path(tempfile.mkdtemp(prefix="talkative-load-"))
     if args.url:
         loopback_only(args.url)
@@ -329,19 +303,14 @@ def main() -> int:
         keys = [secrets.token_urlsafe(24) for _ in names]
         extra = dict(item.split("=", 1) for item in args.server_env.split(",") if "=" in item)
         print(f"starting a server on the bundled model ({args.clients} keys) ...", flush=True)
-        proc, url = start_server(
-            ",".join(f"{n}:{k}" for n, k in zip(names, keys, strict=True)), workdir, extra
-        )
+        server = start_server(",".join(f"{n}:{k}" for n, k in zip(names, keys, strict=True)), workdir, extra)
+        url = server.url
     try:
         print(f"{args.clients} clients for {args.duration:g} s against {url} ...", flush=True)
         results = asyncio.run(run(args, url, keys))
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if server is not None:
+            server.stop(timeout=120)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -15,19 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import websockets
+from _server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,44 +52,6 @@ LONG_SENTENCES = [
 
 def long_text(sentences: int) -> str:
     return " ".join(LONG_SENTENCES[i % len(LONG_SENTENCES)] for i in range(sentences))
-
-
-class ServerProcess:
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.log = open(workdir / "server.log", "wb")  # noqa: SIM115
-        full_env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "talkative.cli", "serve"],
-            cwd=workdir,
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise SystemExit("the server did not become ready")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def run_one(url: str, text: str, options: dict[str, Any]) -> tuple[float, int]:

@@ -21,7 +21,12 @@ def bench_dir() -> Path:
 
 def available() -> list[str]:
     directory = bench_dir()
-    return sorted(p.stem for p in directory.glob("*.py")) if directory.is_dir() else []
+    # modules whose name starts with "_" are shared by the benchmarks, not benchmarks
+    return (
+        sorted(p.stem for p in directory.glob("*.py") if not p.stem.startswith("_"))
+        if directory.is_dir()
+        else []
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
