@@ -320,6 +320,23 @@ def test_check_roles(make_tiny, tmp_path):
         load_nla(tmp_path, pool=pool)
 
 
+@pytest.mark.parametrize("sidecar_layer", [1, 3])
+def test_check_sidecar_layer_agrees_with_the_ar_config(make_tiny, tmp_path, sidecar_layer):
+    """The AR's config.json keeps K+1 = 3 blocks; a sidecar naming another K is refused, never forced onto the
+    config (one block more would be randomly initialised, one fewer would read another layer)."""
+
+    def edit(meta):
+        if "critic" in meta:
+            meta["critic"]["extraction_layer_index"] = sidecar_layer
+        meta["extraction_layer_index"] = sidecar_layer
+
+    _, pool = build(tmp_path, make_tiny, layer=2, ar_meta=edit, av_meta=edit)
+    with pytest.raises(
+        CheckpointError, match=rf"extraction layer {sidecar_layer} .*config\.json has num_hidden_layers 3"
+    ):
+        load_nla(tmp_path, pool=pool)
+
+
 # -- lenient keys, layouts, baselines -------------------------------------------------------------------------------
 def test_training_era_sidecar_keys_are_read(make_tiny, tmp_path):
     def av_edit(meta):

@@ -154,6 +154,20 @@ def extraction_layer(ar_meta: dict[str, Any], ar_config: dict[str, Any]) -> int:
     return int(n) - 1
 
 
+def _check_ar_depth(ar_config: dict[str, Any], layer: int, where: Path) -> None:
+    """The AR backbone must hold exactly blocks 0..K: its output is read after its last block.
+
+    Forcing K+1 onto a config that says otherwise would either drop trained blocks or append a randomly
+    initialised one, and the reconstruction would silently read another layer than the one it was trained on.
+    """
+    n = (ar_config.get("text_config") or ar_config).get("num_hidden_layers")
+    if n is not None and int(n) != layer + 1:
+        raise CheckpointError(
+            f"{where}: the sidecar says extraction layer {layer} (an AR keeps blocks 0..{layer}, i.e. {layer + 1}), "
+            f"but config.json has num_hidden_layers {n}; fix whichever of the two is wrong"
+        )
+
+
 def _injection_scale(meta: dict[str, Any], d: int, where: Path) -> float | None:
     extraction = meta.get("extraction") or {}
     if "injection_scale" not in extraction:
@@ -268,7 +282,9 @@ def load_official(
         raise CheckpointError(f"{av_dir / SIDECAR} says role {av_meta.get('role')!r}, expected an AV")
     if role_of(ar_meta, ar_dir) != "ar":
         raise CheckpointError(f"{ar_dir / SIDECAR} says role {ar_meta.get('role')!r}, expected an AR")
-    layer = extraction_layer(ar_meta, _config_json(ar_dir))
+    ar_config = _config_json(ar_dir)
+    layer = extraction_layer(ar_meta, ar_config)
+    _check_ar_depth(ar_config, layer, ar_dir)
     av_layer = av_meta.get("extraction_layer_index")
     if av_layer is not None and int(av_layer) != layer:
         raise CheckpointError(f"the AV was trained on layer {av_layer}, the AR on layer {layer}")
