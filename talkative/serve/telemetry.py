@@ -348,6 +348,24 @@ class RequestContext:
 
 # -- logging ----------------------------------------------------------------------------------------------------------
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "color_message"}
+#: what could end a log line early or drive a terminal: C0 and C1 controls, DEL, line and paragraph separators,
+#: and the bidirectional overrides that make text read differently from how it is stored
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as `\\xNN` / `\\uNNNN`.
+
+    Log lines carry strings that clients chose (paths, headers, ids, messages quoting their input); a newline in
+    one would let a client forge a whole log line (`/x%0a2026-12-02 10:37:30,000 CRITICAL ...`) and an escape
+    sequence would drive the operator's terminal. Escaping in the formatters covers every line, whoever wrote it.
+    """
+    return _CONTROLS.sub(_escape_char, text)
 
 
 class RequestIdFilter(logging.Filter):
@@ -360,6 +378,16 @@ class TextFormatter(logging.Formatter):
     def __init__(self, secrets: tuple[str, ...] = ()) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
         self.secrets = secrets
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # one record, one line: the message (with whatever a client put in it) is escaped; a traceback that
+        # format() appends after it keeps its own lines
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        # a traceback keeps its line breaks, indented, so that an exception message quoting client input can
+        # neither start a line that looks like a log record nor carry terminal escapes
+        return "\n".join("  " + escape_controls(line) for line in super().formatException(ei).split("\n"))
 
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "request_id"):
@@ -381,12 +409,12 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": scrub(record.getMessage(), self.secrets),
+            "message": scrub(escape_controls(record.getMessage()), self.secrets),
             "request_id": rid if rid and rid != "-" else None,
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = scrub(value, self.secrets) if isinstance(value, str) else value
+                out[key] = scrub(escape_controls(value), self.secrets) if isinstance(value, str) else value
         if record.exc_info:
             out["exception"] = scrub(self.formatException(record.exc_info), self.secrets)
         return json.dumps(out, default=str, ensure_ascii=False)

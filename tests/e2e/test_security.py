@@ -227,3 +227,15 @@ def test_keys_never_reach_the_log(keyed: Server) -> None:
     for key in KEYS.values():
         assert key not in text
     assert "API keys required (3: alice, bob, admin; admin: admin)" in text
+
+
+def test_client_strings_cannot_forge_log_lines(keyed: Server) -> None:
+    """A decoded path is written escaped: one request, one log line, no terminal escapes."""
+    forged = "1999-12-02 10:37:30,000 CRITICAL forged"
+    for raw in ("/x%0a1999-12-02%2010:37:30,000%20CRITICAL%20forged", "/y%1b%5b31mred%0d"):
+        assert httpx.get(keyed.url + raw, timeout=30).status_code == 404
+    lines = list(tail(keyed))
+    assert not any(line.startswith(forged) for line in lines)
+    assert sum(f"/x\\x0a{forged}" in line for line in lines) == 1
+    assert sum("/y\\x1b[31mred\\x0d" in line for line in lines) == 1
+    assert not any("\x1b" in line or "\r" in line for line in lines)

@@ -433,3 +433,21 @@ def test_without_the_guard_the_dependencies_still_refuse(tmp_path: Path) -> None
     local_only.add_api_route("/mine", mine)
     assert TestClient(local_only, client=("10.0.0.9", 1)).get("/mine").status_code == 401
     assert TestClient(local_only, client=("127.0.0.1", 1)).get("/mine").json() == {"who": "ip:127.0.0.1"}
+
+
+def test_client_strings_cannot_forge_log_lines_or_drive_terminals() -> None:
+    forged = "/x\n2026-12-02 10:37:30,000 CRITICAL forged\r\x1b[31mred\u2028\x9b"
+    text = TextFormatter().format(_record('"GET %s" 404', forged))
+    assert "\n" not in text and "\r" not in text and "\x1b" not in text and "\x9b" not in text
+    assert "\\x0a2026-12-02 10:37:30,000 CRITICAL forged\\x0d\\x1b[31mred\\u2028\\x9b" in text
+    try:
+        raise ValueError("bad input\n1999-12-02 10:37:30,000 CRITICAL forged")
+    except ValueError:
+        record = _record("failed")
+        record.exc_info = sys.exc_info()
+    lines = TextFormatter().format(record).splitlines()
+    assert len(lines) > 2 and all(line.startswith("  ") for line in lines[1:])  # the traceback, indented
+    assert not any(line.startswith("1999-12-02") for line in lines)
+    data = json.loads(JsonFormatter().format(_record("GET %s", forged, path=forged)))
+    for value in (data["message"], data["path"]):
+        assert "\n" not in value and "\x1b" not in value and "\\x0a2026" in value and "\\x1b[31m" in value
