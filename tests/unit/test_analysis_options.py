@@ -162,7 +162,8 @@ def test_tuned_lens_adds_the_translator_first(nla):
             t.bias.copy_(torch.randn(t.bias.shape, generator=g))
     rows = analyze(nla, TEXT, options=_opts(k=1, no_kl=True, tuned_lens=True), tuned=lens).rows
     acts = hf_activations(lm, lm.encode(TEXT), nla.layer)
-    t = lens.layer_translators[nla.layer]
+    # the activation after block L is HF hidden_states[L+1], the input of block L+1: tuned-lens translator L+1
+    t = lens.layer_translators[nla.layer + 1]
     with torch.no_grad():
         logits = lm.model.lm_head(lm.model.model.norm(acts + acts @ t.weight.T + t.bias))
     assert [r["tuned_lens_top"] for r in rows] == [_top10(lm, logits[p]) for p in range(len(rows))]
@@ -170,6 +171,85 @@ def test_tuned_lens_adds_the_translator_first(nla):
     # a lens given but not asked for is not used
     rows = analyze(nla, TEXT, options=_opts(k=1, no_kl=True), tuned=lens).rows
     assert all(r["tuned_lens_top"] is None for r in rows)
+
+
+def _random_lens(d: int, n: int, seed: int = 0) -> TunedLens:
+    lens = TunedLens(d, n)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in lens.layer_translators:
+            t.weight.copy_(torch.randn(t.weight.shape, generator=g) * 0.5)
+            t.bias.copy_(torch.randn(t.bias.shape, generator=g))
+    return lens
+
+
+def test_tuned_lens_with_an_identity_translator_after_block_l_is_the_logit_lens(nla):
+    lm = nla.subject
+    lens = _random_lens(lm.d_model, lm.n_layers)
+    with torch.no_grad():  # h + 0·h + 0: the identity, at the translator for hidden_states[L+1] only
+        lens.layer_translators[nla.layer + 1].weight.zero_()
+        lens.layer_translators[nla.layer + 1].bias.zero_()
+    opts = _opts(k=1, no_kl=True, tuned_lens=True, logit_lens_analysis=True)
+    rows = analyze(nla, TEXT, options=opts, tuned=lens).rows
+    assert all(r["tuned_lens_top"] == r["logit_lens_top"] for r in rows)
+    # any other translator zeroed instead changes the read-out
+    other = _random_lens(lm.d_model, lm.n_layers)
+    with torch.no_grad():
+        other.layer_translators[nla.layer].weight.zero_()
+        other.layer_translators[nla.layer].bias.zero_()
+    rows = analyze(nla, TEXT, options=opts, tuned=other).rows
+    assert any(r["tuned_lens_top"] != r["logit_lens_top"] for r in rows)
+
+
+def test_tuned_lens_after_the_last_block_is_the_logit_lens(nla):
+    from talkative.nla.lens import logit_lens, tuned_lens_logits
+
+    lm = nla.subject
+    lens = _random_lens(lm.d_model, lm.n_layers)
+    h = torch.randn(3, lm.d_model, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(tuned_lens_logits(lm, lens, h, lm.n_layers - 1), logit_lens(lm, h))
+
+
+def test_a_lens_saved_by_the_tuned_lens_package_loads(nla, tmp_path):
+    """`tuned_lens.TunedLens.save`: params.pt = `layer_translators.state_dict()` (keys `0.weight`, `0.bias`, …),
+    config.json = its `TunedLensConfig` fields."""
+    lm = nla.subject
+    lens = _random_lens(lm.d_model, lm.n_layers, seed=3)
+    torch.save(
+        {k: v.to(torch.float16) for k, v in lens.layer_translators.state_dict().items()},
+        tmp_path / "params.pt",
+    )
+    config = {
+        "base_model_name_or_path": "tiny-subject",
+        "d_model": lm.d_model,
+        "num_hidden_layers": lm.n_layers,
+        "bias": True,
+        "base_model_revision": None,
+        "unembed_hash": "0123abcd",
+        "lens_type": "linear_tuned_lens",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_tuned_lens(tmp_path, lm)
+    assert len(loaded.layer_translators) == lm.n_layers
+    want = lens.layer_translators[nla.layer + 1]
+    got = loaded.layer_translators[nla.layer + 1]
+    torch.testing.assert_close(got.weight, want.weight.half().float())
+    opts = _opts(k=1, no_kl=True, tuned_lens=True)
+    acts = hf_activations(lm, lm.encode(TEXT), nla.layer)
+    with torch.no_grad():
+        logits = lm.model.lm_head(lm.model.model.norm(acts + acts @ got.weight.T + got.bias))
+    rows = analyze(nla, TEXT, options=opts, tuned=loaded).rows
+    assert [r["tuned_lens_top"] for r in rows] == [_top10(lm, logits[p]) for p in range(len(rows))]
+    # without biases (TunedLensConfig.bias = false) the keys are 0.weight, 1.weight, …
+    torch.save(
+        {f"{i}.weight": t.weight for i, t in enumerate(lens.layer_translators)}, tmp_path / "params.pt"
+    )
+    assert loaded.layer_translators[0].bias is not None
+    assert load_tuned_lens(tmp_path, lm).layer_translators[0].bias is None
+    config["num_hidden_layers"] = lm.n_layers + 5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LensError, match="blocks"):
+        load_tuned_lens(tmp_path, lm)
 
 
 def test_tuned_lens_directory_loads(nla, tmp_path):
