@@ -1,7 +1,10 @@
 """WebSocket connections and who hears what.
 
 Every connection has its own outbox and sender task, so a slow client delays only itself: messages are queued
-without waiting, a client whose outbox overflows or whose send takes longer than `WS_SEND_TIMEOUT` is dropped.
+without waiting. The receive loop stops reading a connection's frames while its outbox is above a high-water mark
+(`HIGH_WATER`) until the sender has brought it down to `LOW_WATER`, so a client sending a burst of frames gets
+every answer instead of overflowing its own outbox. A client that really is too slow (its outbox overflows, it
+does not drain within `WS_SEND_TIMEOUT`, or one send takes longer than that) is closed with 1013 and a reason.
 Broadcasts iterate over a snapshot of the connections, so clients coming and going never break one (upstream W7).
 `queue_update` is coalesced: at most one is pending per connection, built when it is sent, so it is never stale.
 
@@ -28,6 +31,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("talkative.serve.hub")
 
 OUTBOX_SIZE = 1024
+#: the receive loop pauses above this many waiting messages and resumes at LOW_WATER (room stays for broadcasts
+#: and job messages that arrive meanwhile)
+HIGH_WATER = OUTBOX_SIZE // 2
+LOW_WATER = OUTBOX_SIZE // 8
+#: the close code of a client too slow to keep up: "try again later" (RFC 6455 1013)
+TOO_SLOW = 1013
 QUEUE_UPDATE = object()  # outbox marker: build a queue_update for this connection when sending
 CLOSE = object()
 TERMINAL_TYPES = frozenset({"result", "error", "request_cancelled", "model_switch_complete"})
@@ -42,6 +51,11 @@ class Connection:
     jobs: set[str] = field(default_factory=set)  # jobs this connection follows
     update_pending: bool = False
     closed: bool = False
+    #: the close frame the sender ends with (code, reason); the normal close unless the client was too slow
+    close_code: int = 1000
+    close_reason: str = ""
+    #: set by the sender whenever the outbox is at or below LOW_WATER; the receive loop waits on it
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     def send(self, message: Any) -> None:
         if self.closed:
@@ -49,11 +63,34 @@ class Connection:
         try:
             self.outbox.put_nowait(message)
         except asyncio.QueueFull:
-            log.warning("connection %s is too slow (%d messages waiting); dropping it", self.id, OUTBOX_SIZE)
-            self.closed = True
+            self.close_too_slow(f"too slow: more than {OUTBOX_SIZE} messages waiting")
+
+    def close_too_slow(self, reason: str) -> None:
+        """End the connection with 1013 and the reason, after what is already queued (minus one message)."""
+        if self.closed:
+            return
+        log.warning("connection %s is too slow (%s); closing it", self.id, reason)
+        self.closed = True
+        self.close_code, self.close_reason = TOO_SLOW, reason
+        if self.outbox.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 self.outbox.get_nowait()
-            self.outbox.put_nowait(CLOSE)
+        self.outbox.put_nowait(CLOSE)
+
+    async def wait_for_room(self, timeout: float) -> bool:
+        """Backpressure for the receive loop: above HIGH_WATER, wait until the sender has drained the outbox to
+        LOW_WATER. False (and the connection is closed as too slow) when that takes longer than `timeout`."""
+        if self.outbox.qsize() < HIGH_WATER:
+            return True
+        self.drained.clear()
+        if self.outbox.qsize() <= LOW_WATER:
+            return True
+        try:
+            await asyncio.wait_for(self.drained.wait(), timeout)
+        except TimeoutError:
+            self.close_too_slow(f"too slow: {self.outbox.qsize()} messages not read within {timeout:g} s")
+            return False
+        return True
 
     def want_queue_update(self) -> None:
         if not self.update_pending and not self.closed:
@@ -109,6 +146,8 @@ class Hub:
         try:
             while True:
                 message = await conn.outbox.get()
+                if conn.outbox.qsize() <= LOW_WATER:
+                    conn.drained.set()
                 if message is CLOSE:
                     break
                 if message is QUEUE_UPDATE:
@@ -121,8 +160,9 @@ class Hub:
             log.info("connection %s closed while sending: %r", conn.id, exc)
         finally:
             conn.closed = True
+            conn.drained.set()  # a receive loop waiting for room sees the close at once
             with contextlib.suppress(Exception):
-                await conn.websocket.close()
+                await conn.websocket.close(conn.close_code, conn.close_reason)
 
     # -- EventSink ------------------------------------------------------------------------------------------------
     def subscribe(self, job: Job, subscriber: Any) -> None:

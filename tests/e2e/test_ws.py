@@ -154,3 +154,34 @@ def test_finished_jobs_outlive_the_connection_and_subscribe_picks_them_up(tiny_s
         got = recv_until(ws, lambda m: m["type"] == "result")
         assert got[-1]["request_id"] == rid and got[-1]["client_request_id"] == "later"
         assert got[-1]["tokens"] == done["result"]["tokens"]
+
+
+def test_a_burst_of_frames_from_a_prompt_reader_is_answered_in_full(tiny_server: Server) -> None:
+    """3,000 frames sent at once (more than a connection's outbox holds) all get their answers: the server stops
+    reading while the outbox is full instead of dropping a client that reads as fast as it can."""
+    import threading
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    n = 3000
+    pongs: list[str] = []
+    closed: list[object] = []
+    with connect(tiny_server.ws_url, open_timeout=30, max_size=None, max_queue=None) as ws:
+
+        def read() -> None:
+            try:
+                while len(pongs) < n:
+                    msg = json.loads(ws.recv(timeout=60))
+                    if msg["type"] == "pong":
+                        pongs.append(msg["client_request_id"])
+            except (ConnectionClosed, TimeoutError) as exc:
+                closed.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        for i in range(n):
+            ws.send(json.dumps({"type": "ping", "client_request_id": f"b{i}"}))
+        reader.join(120)
+    assert not closed, closed
+    assert pongs == [f"b{i}" for i in range(n)]

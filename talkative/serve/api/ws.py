@@ -9,6 +9,7 @@ job carries the job's. The handlers are small functions in a table, not one long
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -88,6 +89,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     conn.want_queue_update()
     try:
         while not conn.closed:
+            if not await conn.wait_for_room(svc.settings.ws_send_timeout):
+                break  # too slow to read its answers: the sender closes it with 1013 and the reason
             frame = await websocket.receive()
             if frame["type"] == "websocket.disconnect":
                 break
@@ -95,6 +98,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             if raw is None and frame.get("bytes") is not None:
                 raw = frame["bytes"].decode("utf-8", errors="replace")
             await _handle(svc, conn, raw or "")
+            # frames a client sent in a burst are already buffered, so receive() would return them one after
+            # another without ever letting the sender run; yield so answers leave as frames come in
+            await asyncio.sleep(0)
     except WebSocketDisconnect:
         pass
     except RuntimeError as exc:  # receive after the sender closed the socket
@@ -102,6 +108,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     finally:
         followed = list(conn.jobs)
         svc.hub.detach(conn)
+        if conn.close_code != 1000:  # too slow: let the sender end with its close frame (code and reason)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sender, 2 * svc.settings.ws_send_timeout)
         sender.cancel()
         await cancel_abandoned(svc, conn, followed)  # issue 4: its unfinished jobs end with it
 
