@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-HOST ?= 0.0.0.0
+# empty: 0.0.0.0 with API keys (or ALLOW_UNAUTHENTICATED), else 127.0.0.1 (a keyless server serves its own machine)
+HOST ?=
 PORT ?= 8000
 PYTEST_ARGS ?=
 
@@ -33,7 +34,7 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 run: model
-	$(PY) -m talkative.cli serve --host $(HOST) --port $(PORT)
+	$(PY) -m talkative.cli serve $(if $(HOST),--host $(HOST)) --port $(PORT)
 
 test: model chromium
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,7 +11,10 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", help="bind address (default: HOST, else 0.0.0.0)")
+    p.add_argument(
+        "--host",
+        help="bind address (default: HOST, else 0.0.0.0 with API keys or ALLOW_UNAUTHENTICATED, else 127.0.0.1)",
+    )
     p.add_argument("--port", type=int, help="listen port (default: PORT, else 8000)")
     p.add_argument(
         "--log-level", help="critical, error, warning, info or debug (default: LOG_LEVEL, else info)"
@@ -28,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..serve.app import create_app
     from ..serve.lifecycle import DrainingServer
+    from ..serve.protocols import Utf8CheckedWebSocketProtocol, header_timeout_protocol
     from ..serve.registry import RegistryError
-    from ..serve.security import SecurityConfigError
+    from ..serve.security import KeyRing, SecurityConfigError, startup_refusal
     from ..serve.settings import Settings
     from ..serve.telemetry import configure_logging
 
@@ -51,14 +55,24 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings)  # LOG_FORMAT, request ids, keys scrubbed; uvicorn's loggers included
     try:
+        refusal = startup_refusal(settings, KeyRing.from_settings(settings))
+        if refusal is not None:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
         app = create_app(settings)
     except (RegistryError, SecurityConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = uvicorn.Config(
         app,
-        host=settings.host,
+        host=settings.bind_host(),
         port=settings.port,
+        # X-Forwarded-For is resolved by uvicorn (from FORWARDED_ALLOW_IPS) only when it is the trusted header;
+        # X-Real-IP and Forwarded are resolved by the guard (security.client_address)
+        proxy_headers=settings.trusted_proxy_header == "x-forwarded-for",
+        # uvicorn never times out a request whose headers trickle in; this protocol does (HEADER_TIMEOUT)
+        http=header_timeout_protocol(settings.header_timeout),
+        ws=Utf8CheckedWebSocketProtocol,  # invalid UTF-8 gets an error message, not a logged traceback
         log_level=settings.log_level,
         log_config=None,  # configure_logging did it
         access_log=False,  # the app writes its own access lines, with request ids

@@ -36,6 +36,7 @@ from .security import (
     AccessPolicy,
     ClientIdentity,
     bearer,
+    client_address,
     host_allowed,
     origin_allowed,
     scope_header,
@@ -101,8 +102,8 @@ class Guard:
         host = scope_header(scope, "host")
         if policy.check_hosts and not host_allowed(host, policy.allowed_hosts):
             raise Refusal(400, "bad_host", f"host {host!r} is not served here (ALLOWED_HOSTS)")
-        address = _address(scope)
-        if policy.refuses_address(address):
+        address, proxied = client_address(scope, policy.settings.trusted_proxy_header)
+        if policy.refuses_address(address, proxied):
             raise Refusal(
                 403,
                 "not_local",
@@ -119,7 +120,7 @@ class Guard:
         token = bearer(scope_header(scope, "authorization"))
         if token is None and scope["type"] == "websocket":
             token = _query_param(scope, "api_key")
-        identity = policy.identify(address, token)
+        identity = policy.identify(address, token, proxied)
         if identity is None:
             wait = self.limiter.hit(f"auth-failures:{address}")
             if wait is not None:
@@ -248,11 +249,6 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-def _address(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return str(client[0]) if client else None
 
 
 def _query_param(scope: Scope, name: str) -> str | None:

@@ -151,6 +151,56 @@ def scope_header(scope: Mapping[str, Any], name: str) -> str | None:
     return None
 
 
+#: headers a reverse proxy adds to name the client; a request carrying one came through a proxy
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def _ip(value: str | None) -> str | None:
+    """A bare IP address out of a header value (`"[2001:db8::1]:4711"`, `192.0.2.7:80`, `192.0.2.7`), else None."""
+    if not value:
+        return None
+    value = value.strip().strip('"')
+    if value.startswith("["):
+        value = value[1:].split("]", 1)[0]
+    elif value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def _forwarded_for(header: str | None) -> str | None:
+    """The client the nearest proxy names in RFC 7239 `Forwarded` (the `for=` of its last element)."""
+    if not header:
+        return None
+    last = header.split(",")[-1]
+    for pair in last.split(";"):
+        name, _, value = pair.partition("=")
+        if name.strip().lower() == "for":
+            return _ip(value)
+    return None
+
+
+def client_address(scope: Mapping[str, Any], trusted_header: str) -> tuple[str | None, bool]:
+    """The client's address and whether the request came through a proxy (it carries a proxy header).
+
+    `X-Forwarded-For` is uvicorn's to resolve (from `FORWARDED_ALLOW_IPS`); it has already rewritten the scope's
+    client. `X-Real-IP` or `Forwarded` (TRUSTED_PROXY_HEADER) is believed only from a loopback peer, the proxy on
+    this machine; from anyone else it could be forged. A proxied request is never a local client, whatever
+    address it resolves to: a keyless server behind a proxy must not take every client for its own user.
+    """
+    client = scope.get("client")
+    peer = str(client[0]) if client else None
+    proxied = any(scope_header(scope, name) is not None for name in PROXY_HEADERS)
+    if proxied and trusted_header in ("x-real-ip", "forwarded") and is_loopback(peer):
+        value = scope_header(scope, trusted_header)
+        named = _forwarded_for(value) if trusted_header == "forwarded" else _ip(value)
+        if named is not None:
+            return named, True
+    return peer, proxied
+
+
 def is_loopback(address: str | None) -> bool:
     """Loopback addresses (IPv4, IPv6, IPv4-mapped IPv6); None = a Unix socket, which is local too."""
     if address is None:
@@ -222,8 +272,11 @@ class AccessPolicy:
         self.origins = settings.cors_origins()
 
     # -- identity -------------------------------------------------------------------------------------------------
-    def identify(self, address: str | None, token: str | None) -> ClientIdentity | None:
-        """None when keys are configured and `token` is none of them."""
+    def identify(
+        self, address: str | None, token: str | None, proxied: bool = False
+    ) -> ClientIdentity | None:
+        """None when keys are configured and `token` is none of them. Without keys, the local user (a loopback
+        client, not through a proxy) is the admin; proxied clients the proxy does not name share one identity."""
         if self.keys:
             name = self.keys.match(token)
             if name is None:
@@ -231,13 +284,18 @@ class AccessPolicy:
             return ClientIdentity(
                 key=f"key:{name}", address=address, authenticated=True, name=name, is_admin=name == ADMIN
             )
-        local = is_loopback(address)
+        local = self.is_local(address, proxied)
+        key = f"proxy:{address}" if proxied and is_loopback(address) else f"ip:{address}"
         return ClientIdentity(
-            key=f"ip:{address}", address=address, authenticated=False, is_admin=local, metered=not local
+            key=key, address=address, authenticated=False, is_admin=local, metered=not local
         )
 
-    def refuses_address(self, address: str | None) -> bool:
-        return self.local_only and not is_loopback(address)
+    @staticmethod
+    def is_local(address: str | None, proxied: bool = False) -> bool:
+        return is_loopback(address) and not proxied
+
+    def refuses_address(self, address: str | None, proxied: bool = False) -> bool:
+        return self.local_only and not self.is_local(address, proxied)
 
     def metered_owner(self, owner: str | None) -> bool:
         """Whether a job owner (as recorded on jobs) is subject to the per-client cap."""
@@ -269,6 +327,22 @@ class AccessPolicy:
             "no API key configured and ALLOW_UNAUTHENTICATED=true: every client is served without a key; "
             f"rate limit {self.settings.rate_limit_per_minute or 'off'}/min per client address"
         )
+
+
+def startup_refusal(settings: Settings, keys: KeyRing) -> str | None:
+    """Why the server must not start, or None: without a key and without ALLOW_UNAUTHENTICATED it serves only
+    its own machine, so listening on a network address (HOST=0.0.0.0, a LAN address) can only mean that a proxy
+    or a port mapping was meant to reach it, and through those every client would be taken for the local user."""
+    if keys or settings.allow_unauthenticated:
+        return None
+    host = settings.bind_host()
+    if host == "localhost" or is_loopback(host):
+        return None
+    return (
+        f"HOST={host} is not a loopback address and no API key is configured: set API_KEY or API_KEYS (see "
+        "docs/security.md), bind to 127.0.0.1, or set ALLOW_UNAUTHENTICATED=true to serve every client without "
+        "a key"
+    )
 
 
 def owns(identity: ClientIdentity, job: Job) -> bool:

@@ -171,7 +171,11 @@ class Settings(BaseSettings):
     purge_interval_seconds: float = Field(3600, gt=0)
 
     # -- HTTP -----------------------------------------------------------------------------------------------------
-    host: str = "0.0.0.0"
+    host: str | None = Field(
+        None,
+        description="Bind address; default 0.0.0.0 with API keys or ALLOW_UNAUTHENTICATED, else 127.0.0.1 (a keyless "
+        "server serves only its own machine, and refuses to start on a non-loopback HOST).",
+    )
     port: int = Field(8000, ge=0, le=65535)
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://localhost:3000"],
@@ -191,6 +195,14 @@ class Settings(BaseSettings):
     queue_update_interval: float = Field(2.0, gt=0, description="Seconds between periodic queue_update.")
     ws_send_timeout: float = Field(
         10.0, gt=0, description="A WebSocket send slower than this drops the client."
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a request's headers may take to arrive; slower clients get 408."
+    )
+    trusted_proxy_header: Literal["x-forwarded-for", "x-real-ip", "forwarded", "none"] = Field(
+        "x-forwarded-for",
+        description="The header that names the client behind a reverse proxy (docs/security.md); a request with "
+        "any proxy header is never taken for a local client.",
     )
 
     # -- security, limits and observability (issue 4; see docs/security.md) -------------------------------------
@@ -230,12 +242,14 @@ class Settings(BaseSettings):
     def _comma_list(cls, v: Any) -> Any:
         return _split(v)
 
-    @field_validator("api_key", "api_keys", "tuned_lens_dir", "default_group", "device", mode="before")
+    @field_validator(
+        "api_key", "api_keys", "tuned_lens_dir", "default_group", "device", "host", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
 
-    @field_validator("log_format", mode="before")
+    @field_validator("log_format", "trusted_proxy_header", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v
@@ -303,6 +317,13 @@ class Settings(BaseSettings):
             for k, v in env.items()
             if k.upper().startswith(("MODEL_", "GLOBAL_")) and k.upper() != "MODEL_GROUPS_FILE" and v != ""
         }
+
+    def bind_host(self) -> str:
+        """HOST, else every interface when clients are authenticated (or ALLOW_UNAUTHENTICATED says everyone may
+        come), else loopback: a keyless server serves only its own machine, so it need not listen further."""
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.api_key or self.api_keys or self.allow_unauthenticated else "127.0.0.1"
 
     def store_path(self) -> Path:
         return Path(self.data_dir) / "jobs.sqlite3"

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +24,7 @@ from typing import Any, TypeVar
 from .jobs import PROCESSING, QUEUED, TERMINAL, Job
 
 T = TypeVar("T")
+log = logging.getLogger("talkative.serve.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -98,10 +102,35 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(**data)
 
 
+def _private_directory(directory: Path) -> None:
+    """Create the store's directory 0700: it holds every user's texts and results, for this account only. A
+    directory that already exists is the operator's choice and is left as it is, with a warning when others can
+    list it."""
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode passes through the umask, which may not be 077
+    elif directory.stat().st_mode & 0o077:
+        log.warning(
+            "the job store's directory %s is accessible to other users (mode %o); 0700 keeps their texts private",
+            directory,
+            stat.S_IMODE(directory.stat().st_mode),
+        )
+
+
+def _private_file(path: Path) -> None:
+    """The database (and its WAL and shared-memory files, which SQLite creates with the database's mode) 0600."""
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if part.exists():
+            os.chmod(part, 0o600)
+
+
 class JobStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private_directory(self.path.parent)
+        _private_file(self.path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
         self._local = threading.local()
         self._call_sync(self._init)

@@ -239,3 +239,68 @@ def test_client_strings_cannot_forge_log_lines(keyed: Server) -> None:
     assert sum(f"/x\\x0a{forged}" in line for line in lines) == 1
     assert sum("/y\\x1b[31mred\\x0d" in line for line in lines) == 1
     assert not any("\x1b" in line or "\r" in line for line in lines)
+
+
+# -- connections and proxies --------------------------------------------------------------------------------------
+def test_trickled_headers_are_timed_out(make_server: Callable[..., Server]) -> None:
+    """A client that sends its headers a byte at a time gets 408 and loses the connection (slowloris)."""
+    import socket
+    import time
+
+    server = make_server(HEADER_TIMEOUT="1.5")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        t0, answer = time.monotonic(), b""
+        try:
+            for byte in b"X-Slow: " + b"a" * 40:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+        except OSError:
+            pass  # closed by the server while trickling
+        sock.settimeout(5)
+        while chunk := sock.recv(4096):
+            answer += chunk
+        seconds = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert seconds < 5
+    assert server.get("/health").status_code == 200  # ordinary requests are untouched
+
+
+def test_a_keyless_server_never_takes_a_proxied_client_for_its_own_user(
+    make_server: Callable[..., Server],
+) -> None:
+    """Behind a proxy that sends only Forwarded or X-Real-IP, a keyless server's clients are not local."""
+    server = make_server()
+    for headers in (
+        {"Forwarded": "for=203.0.113.7"},
+        {"X-Real-IP": "203.0.113.7"},
+        {"Forwarded": "for=unknown"},
+    ):
+        r = server.get("/api/v2/models", headers=headers)
+        assert r.status_code == 403 and r.json()["kind"] == "not_local", (headers, r.text)
+    assert server.get("/api/v2/models").status_code == 200  # the local user, directly
+
+
+def test_a_trusted_real_ip_header_names_the_client(make_server: Callable[..., Server]) -> None:
+    server = make_server(
+        ALLOW_UNAUTHENTICATED="true", RATE_LIMIT_PER_MINUTE="0", TRUSTED_PROXY_HEADER="x-real-ip"
+    )
+    one, two = {"X-Real-IP": "203.0.113.7"}, {"X-Real-IP": "198.51.100.9"}
+    rid = server.post("/analyze", {"text": "from one", "options": FAST}, headers=one).json()["request_id"]
+    assert server.get(f"/status/{rid}", headers=one).status_code == 200
+    assert server.get(f"/status/{rid}", headers=two).status_code == 404
+    admin_only = server.post("/reset", headers=one)
+    assert admin_only.status_code == 403  # a proxied client is never the local administrator
+
+
+def test_a_keyless_server_refuses_to_start_on_a_network_address(make_server: Callable[..., Server]) -> None:
+    import subprocess
+    import sys
+
+    server = make_server(start=False)
+    env = {**__import__("os").environ, **server.env, "HOST": "0.0.0.0", "PORT": str(server.port)}
+    done = subprocess.run(
+        [sys.executable, "-m", "talkative.cli", "serve"], env=env, cwd=server.workdir, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "HOST=0.0.0.0 is not a loopback address" in done.stderr, done.stderr

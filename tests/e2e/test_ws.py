@@ -185,3 +185,19 @@ def test_a_burst_of_frames_from_a_prompt_reader_is_answered_in_full(tiny_server:
         reader.join(120)
     assert not closed, closed
     assert pongs == [f"b{i}" for i in range(n)]
+
+
+def test_invalid_utf8_frames_get_an_error_without_a_traceback(tiny_server: Server) -> None:
+    """A text frame that is not UTF-8 is a malformed frame like any other: an `error`, the connection stays, and
+    the log gets no traceback (uvicorn alone logs one per frame)."""
+    before = tiny_server.log_path.read_text(errors="replace").count("Traceback")
+    with tiny_server.ws() as ws:
+        for i in range(3):
+            ws.send(b'{"type": "ping", "client_request_id": "\xff\xfe"}', text=True)
+            err = recv_until(ws, lambda m: m["type"] == "error", timeout=10)[-1]
+            assert "not valid UTF-8" in err["error"] and err["code"] == 400
+            tag = f"after{i}"
+            _send(ws, type="ping", client_request_id=tag)
+            recv_until(ws, lambda m, tag=tag: m.get("client_request_id") == tag, timeout=10)
+    after = tiny_server.log_path.read_text(errors="replace").count("Traceback")
+    assert after == before, tiny_server.log()[-3000:]

@@ -451,3 +451,54 @@ def test_client_strings_cannot_forge_log_lines_or_drive_terminals() -> None:
     data = json.loads(JsonFormatter().format(_record("GET %s", forged, path=forged)))
     for value in (data["message"], data["path"]):
         assert "\n" not in value and "\x1b" not in value and "\\x0a2026" in value and "\\x1b[31m" in value
+
+
+# -- proxies and the bind address -------------------------------------------------------------------------------------
+def _scope(peer: str, **headers: str) -> dict[str, Any]:
+    return {
+        "client": (peer, 1234),
+        "headers": [(k.replace("_", "-").lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+
+
+def test_proxied_requests_are_never_local_and_only_the_trusted_header_names_the_client(
+    tmp_path: Path,
+) -> None:
+    from talkative.serve.security import client_address
+
+    assert client_address(_scope("127.0.0.1"), "x-forwarded-for") == ("127.0.0.1", False)
+    assert client_address(_scope("127.0.0.1", X_Real_IP="203.0.113.7"), "x-forwarded-for") == (
+        "127.0.0.1",
+        True,
+    )
+    assert client_address(_scope("127.0.0.1", X_Real_IP="203.0.113.7"), "x-real-ip") == ("203.0.113.7", True)
+    forwarded = _scope("::1", Forwarded='for=192.0.2.1, for="[2001:db8::1]:4711";proto=https')
+    assert client_address(forwarded, "forwarded") == ("2001:db8::1", True)
+    assert client_address(_scope("127.0.0.1", Forwarded="for=_hidden"), "forwarded") == ("127.0.0.1", True)
+    # from a peer that is not the local proxy, the header could be forged: the peer is the client
+    assert client_address(_scope("198.51.100.2", X_Real_IP="127.0.0.1"), "x-real-ip") == (
+        "198.51.100.2",
+        True,
+    )
+    policy = AccessPolicy(settings(tmp_path))
+    assert policy.refuses_address("127.0.0.1", proxied=True) and not policy.refuses_address("127.0.0.1")
+    open_policy = AccessPolicy(settings(tmp_path, allow_unauthenticated=True))
+    who = open_policy.identify("127.0.0.1", None, proxied=True)
+    assert who is not None and not who.is_admin and who.metered and who.key == "proxy:127.0.0.1"
+    assert open_policy.metered_owner(who.key) and not open_policy.metered_owner("ip:127.0.0.1")
+
+
+def test_a_keyless_server_binds_loopback_and_refuses_a_network_address(tmp_path: Path) -> None:
+    from talkative.serve.security import startup_refusal
+
+    def refusal(**kw: Any) -> str | None:
+        s = settings(tmp_path, **kw)
+        return startup_refusal(s, KeyRing.from_settings(s))
+
+    assert settings(tmp_path).bind_host() == "127.0.0.1" and refusal() is None
+    assert settings(tmp_path, api_key=ADMIN).bind_host() == "0.0.0.0" and refusal(api_key=ADMIN) is None
+    assert refusal(host="localhost") is None and refusal(host="::1") is None
+    message = refusal(host="0.0.0.0")
+    assert message is not None and "HOST=0.0.0.0" in message and "ALLOW_UNAUTHENTICATED" in message
+    assert refusal(host="0.0.0.0", allow_unauthenticated=True) is None
+    assert refusal(host="0.0.0.0", api_keys=f"alice:{ALICE}") is None

@@ -99,8 +99,8 @@ def test_lists_devices_and_empty_values(layout: dict[str, Path], monkeypatch: py
 
 def test_defaults(layout: dict[str, Path]) -> None:
     s = Settings.load()
-    assert (s.host, s.port, s.enable_docs, s.num_workers_per_gpu, s.result_retention_days) == (
-        "0.0.0.0",
+    assert (s.bind_host(), s.port, s.enable_docs, s.num_workers_per_gpu, s.result_retention_days) == (
+        "127.0.0.1",
         8000,
         True,
         1,

@@ -61,3 +61,24 @@ def test_status_body_times_are_iso_utc() -> None:
     assert body["created_at"] == "1970-01-01T00:16:41.000Z"
     assert body["started_at"] == iso(1700000000.25) == "2023-11-14T22:13:20.250Z"
     assert body["completed_at"] is None and body["queue_position"] == 3 and body["result"] is None
+
+
+def test_the_store_is_private_to_its_account(tmp_path: Path) -> None:
+    """Every user's texts and results live here: the directory is created 0700 and the database files 0600."""
+    import stat
+
+    path = tmp_path / "fresh" / "data" / "jobs.sqlite3"
+
+    async def go() -> None:
+        store = JobStore(path)
+        await store.put(job(1))
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists() and stat.S_IMODE(wal.stat().st_mode) == 0o600
+        store.close()
+
+    asyncio.run(go())
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)  # loosened by hand: reopening tightens it again
+    JobStore(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

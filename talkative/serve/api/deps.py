@@ -24,7 +24,7 @@ from fastapi import HTTPException, Request, Security, WebSocket, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..hub import Connection
-from ..security import IDENTITY_SCOPE_KEY, AccessPolicy, ClientIdentity, bearer, owns
+from ..security import IDENTITY_SCOPE_KEY, AccessPolicy, ClientIdentity, bearer, client_address, owns
 from ..service import Service
 
 __all__ = [
@@ -81,10 +81,10 @@ def _identify(conn: Request | WebSocket, token: str | None) -> ClientIdentity | 
     if isinstance(identity, ClientIdentity):
         return identity
     policy = _policy(conn)
-    address = conn.client.host if conn.client else None
-    if policy.refuses_address(address):
+    address, proxied = client_address(conn.scope, policy.settings.trusted_proxy_header)
+    if policy.refuses_address(address, proxied):
         return None
-    return policy.identify(address, token)
+    return policy.identify(address, token, proxied)
 
 
 async def ensure_owner(svc: Service, identity: ClientIdentity, job_id: str) -> None:

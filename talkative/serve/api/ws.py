@@ -96,7 +96,11 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                 break
             raw = frame.get("text")
             if raw is None and frame.get("bytes") is not None:
-                raw = frame["bytes"].decode("utf-8", errors="replace")
+                try:
+                    raw = frame["bytes"].decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    _error(conn, None, f"message is not valid UTF-8 (byte {exc.start})", 400)
+                    continue
             await _handle(svc, conn, raw or "")
             # frames a client sent in a burst are already buffered, so receive() would return them one after
             # another without ever letting the sender run; yield so answers leave as frames come in
