@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import access
 from .jobs import Job, new_id
 
 if TYPE_CHECKING:
@@ -197,8 +198,12 @@ class Hub:
             conn.want_queue_update()
 
     def broadcast(self, message: dict[str, Any]) -> None:
+        """To every connection, as each may see it: nothing about groups a client may not know of."""
+        registry = self.scheduler.registry
         for conn in list(self.connections.values()):
-            conn.send(message)
+            shown = access.visible_broadcast(message, registry, conn.identity)
+            if shown is not None:
+                conn.send(shown)
 
     # -- messages -------------------------------------------------------------------------------------------------
     def queue_update(self, conn: Connection) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import access
 from .jobs import PROCESSING, Job
 from .security import KeyRing, SecurityConfigError, scope_header, scrub
 
@@ -45,6 +46,8 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 #: probes and scrapes, logged at debug level when they succeed (they come every few seconds)
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+#: the label value of every model and group that listings do not show (visible: false, backend_only)
+HIDDEN_LABEL = "hidden"
 access_log = logging.getLogger("talkative.access")
 
 
@@ -115,7 +118,20 @@ class Metrics:
     def bind(self, service: Service) -> None:
         self.service = service
         for model_id in service.registry.models:  # every series exists from the first scrape, at 0
-            self.tokens_generated.labels(model_id)
+            self.tokens_generated.labels(self.model_label(model_id))
+
+    # -- labels: every key may scrape /metrics, so hidden and backend_only ids are one "hidden" series ----------
+    def group_label(self, group_id: str | None) -> str:
+        svc = self.service
+        if svc is None or group_id is None:
+            return str(group_id)
+        return group_id if access.sees_group(svc.registry, group_id, access.ANYONE) else HIDDEN_LABEL
+
+    def model_label(self, model_id: str | None) -> str:
+        svc = self.service
+        if svc is None or model_id is None:
+            return str(model_id)
+        return model_id if access.sees_model(svc.registry, model_id, access.ANYONE) else HIDDEN_LABEL
 
     # -- the scheduler's monitor ----------------------------------------------------------------------------------
     def stage(self, name: str, seconds: float) -> None:
@@ -128,7 +144,7 @@ class Metrics:
     def job_finished(self, job: Job) -> None:
         counts = (job.result or {}).get("completion_tokens") if job.status == "completed" else None
         if isinstance(counts, list) and all(isinstance(n, int) for n in counts):
-            self.tokens_generated.labels(str(job.model_id)).inc(sum(counts))
+            self.tokens_generated.labels(self.model_label(job.model_id)).inc(sum(counts))
         if job.started_at is not None:
             self.queue_seconds.labels(job.kind).observe(max(0.0, job.started_at - job.created_at))
             if job.completed_at is not None:
@@ -139,7 +155,7 @@ class Metrics:
                     self.completed_seconds += seconds
 
     def switch_event(self, message: dict[str, Any]) -> None:
-        status, group = message.get("status"), str(message.get("group_id"))
+        status, group = message.get("status"), self.group_label(message.get("group_id"))
         if status == "completed":
             self.switches.labels(group, "completed").inc()
             if isinstance(message.get("seconds"), int | float):
@@ -186,9 +202,10 @@ class _StateCollector(Collector):
         depth = GaugeMetricFamily(
             "talkative_queue_depth", "Jobs waiting in the queue, by model group", labels=["group"]
         )
-        waiting: dict[str, int] = dict.fromkeys(svc.registry.groups, 0)
+        label = self.metrics.group_label
+        waiting: dict[str, int] = dict.fromkeys((label(g) for g in svc.registry.groups), 0)
         for job in sched.queue:
-            waiting[str(job.group_id)] = waiting.get(str(job.group_id), 0) + 1
+            waiting[label(job.group_id)] = waiting.get(label(job.group_id), 0) + 1
         for gid, n in waiting.items():
             depth.add_metric([gid], n)
         yield depth
@@ -228,7 +245,7 @@ class _StateCollector(Collector):
             slots.add_metric([dev.name], dev.slots)
             jobs.add_metric([dev.name], len(dev.works) + len(dev.whole))
             if dev.group_id is not None:
-                loaded.add_metric([dev.name, dev.group_id], 1)
+                loaded.add_metric([dev.name, label(dev.group_id)], 1)
         yield from (busy, slots, jobs, loaded)
         yield GaugeMetricFamily(
             "talkative_websocket_connections", "Open WebSocket connections", value=len(svc.hub.connections)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from e2e_helpers import FAST, Server, recv_until
+from security_support import wait_job
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.e2e
@@ -201,8 +202,6 @@ def test_listings_hide_invisible_and_backend_only(access_server: Server) -> None
         ("post", "/api/v1/describe", {"vectors": [[0.0] * 64], "model_id": "open-admin"}),
         ("post", "/api/v1/tokenize", {"text": "hi", "model_id": "secret-l1"}),
         ("post", "/api/v2/groups/secret/preload", None),
-        ("get", "/api/v2/models/open-admin/info", None),
-        ("get", "/api/slim/models/secret/layers", None),
         ("post", "/reset", None),
     ],
 )
@@ -246,3 +245,51 @@ def test_websocket_refuses_backend_only_models_to_other_keys(access_server: Serv
             ws.send(json.dumps(frame))
             err = recv_until(ws, lambda m, c=frame["client_request_id"]: m.get("client_request_id") == c)[-1]
             assert err["type"] == "error" and err["code"] == 403, err
+
+
+def test_hidden_ids_answer_like_unknown_ones_and_never_leak(access_server: Server) -> None:
+    """Hidden (visible: false) and backend_only ids appear nowhere a non-admin key or an anonymous probe looks:
+    not-found answers, /health, /metrics labels, broadcasts and the current model of a new connection."""
+    hidden = ("secret", "unlisted", "open-hidden", "open-admin")
+    unknown = access_server.get("/api/slim/models/nope/layers", **_as(ALICE))
+    assert unknown.status_code == 404
+    for name in hidden:
+        for path in (f"/api/slim/models/{name}/layers", f"/api/v2/models/{name}/info"):
+            r = access_server.get(path, **_as(ALICE))
+            if path.endswith("/info") and name == "open-hidden":
+                continue  # a hidden model runs (and is described) when named; only listings leave it out
+            assert r.status_code == 404, (path, r.status_code, r.text)
+            assert r.json()["detail"].startswith("unknown") and "administrator" not in r.text
+    assert access_server.get("/api/slim/models/secret/layers", **_as(ADMIN)).status_code == 200
+    with (
+        connect(f"{access_server.ws_url}?api_key={ALICE}", open_timeout=30) as alice,
+        connect(f"{access_server.ws_url}?api_key={ADMIN}", open_timeout=30) as admin,
+    ):
+        r = access_server.post(
+            "/analyze", {"text": "hi there", "model_id": "secret-l1", "options": FAST}, **_as(ADMIN)
+        )
+        assert r.status_code == 200, r.text
+        rid = r.json()["request_id"]
+        seen = recv_until(
+            admin, lambda m: m["type"] == "group_switch_status" and m["status"] == "completed", timeout=120
+        )
+        assert any(m.get("group_id") == "secret" for m in seen)
+        assert wait_job(access_server, rid, _as(ADMIN)["headers"])["status"] == "completed"
+        alice.send(json.dumps({"type": "ping", "client_request_id": "end"}))
+        heard = recv_until(alice, lambda m: m.get("client_request_id") == "end")
+        assert not [m for m in heard if m["type"] == "group_switch_status"], heard
+        health = access_server.get("/health").text
+        metrics = access_server.get("/metrics", **_as(ALICE)).text
+        listing = access_server.get("/api/v2/models", **_as(ALICE)).text
+        for name in hidden:
+            assert name not in health and f'"{name}"' not in metrics and name not in listing, name
+    switched = access_server.post("/api/v2/models/switch", {"model_id": "unlisted-l2"}, **_as(ADMIN))
+    assert switched.status_code == 200, switched.text
+    try:
+        with connect(f"{access_server.ws_url}?api_key={ALICE}", open_timeout=30) as alice:
+            hello = json.loads(alice.recv(timeout=30))
+        assert hello["type"] == "connection_established" and "unlisted" not in json.dumps(hello)
+        assert "unlisted" not in access_server.get("/health").text
+    finally:
+        back = access_server.post("/api/v2/models/switch", {"model_id": "open-l1"}, **_as(ADMIN))
+        assert back.status_code == 200, back.text

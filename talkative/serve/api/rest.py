@@ -56,7 +56,8 @@ async def root(request: Request) -> Any:
 
 @public.get("/health", summary="Liveness, loaded model, devices and queue size")
 async def health(request: Request) -> dict[str, Any]:
-    return service_of(request).health()
+    svc = service_of(request)
+    return access.public_health(svc.health(), svc.registry)
 
 
 @public.get("/ready", summary="Readiness: 200 once the startup model group is loaded, 503 before")

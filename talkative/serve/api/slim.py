@@ -258,7 +258,7 @@ async def slim_models(request: Request, who: ClientIdentity = Depends(client_ide
             }
             for g in access.listed_groups(registry, who)
         ],
-        "current_model_id": current if current and access.may_use(registry, current, who) else None,
+        "current_model_id": access.shown_model(registry, current, who),
     }
 
 
@@ -268,12 +268,18 @@ async def slim_layers(
 ) -> dict[str, Any]:
     svc = service_of(request)
     registry = svc.registry
+    # a group or model this client may not see answers exactly like one that does not exist (a 403 would
+    # confirm that it does)
+    named_group = group_id in registry.groups
+    gid = group_id if named_group else getattr(registry.models.get(group_id), "group_id", None)
+    visible = access.sees_group(registry, gid, who) and (
+        named_group or access.sees_model(registry, group_id, who)
+    )
+    if gid is None or not visible:
+        raise HTTPException(404, f"unknown group_id or model_id {group_id!r}")
     try:
-        gid = group_id if group_id in registry.groups else registry.model(group_id).group_id
         group = access.check_group(registry, gid, who)
         default = default_model(registry, group, who)
-    except UnknownModel:
-        raise HTTPException(404, f"unknown group_id or model_id {group_id!r}") from None
     except SchedulerError as exc:
         raise http_error(exc) from None
     current = svc.scheduler.current_model

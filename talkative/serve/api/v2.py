@@ -66,11 +66,11 @@ async def memory(request: Request, who: ClientIdentity = Depends(client_identity
     devices = [d.name for d in svc.scheduler.devices]
     per_device = stats_of(request).memory(devices)
     registry = svc.registry
-    shown = {g.group_id for g in registry.groups.values() if who.is_admin or not g.backend_only}
+    shown = {g for g in registry.groups if access.sees_group(registry, g, who)}
     on_device = {g: d for g, d in svc.scheduler.loaded_groups().items() if g in shown}
     cached = [g for g in svc.residency.cached_groups() if g in shown]
-    models_cached = [m for m in svc.residency.cached_models() if access.may_use(registry, m, who)]
-    current = svc.scheduler.current_model
+    models_cached = [m for m in svc.residency.cached_models() if access.sees_model(registry, m, who)]
+    current = access.shown_model(registry, svc.scheduler.current_model, who)
     return {
         "memory": per_device[devices[0]],
         "devices": per_device,
@@ -93,9 +93,10 @@ async def model_info(
     svc = service_of(request)
     try:
         model = svc.registry.model(model_id)
-        access.check_model(svc.registry, model_id, who)
-    except (SchedulerError, UnknownModel) as exc:
+    except UnknownModel as exc:
         raise http_error(exc) from None
+    if not access.may_use(svc.registry, model_id, who):  # as unknown: a 403 would confirm that it exists
+        raise HTTPException(404, f"unknown model_id {model_id!r}")
     group = svc.registry.group(model.group_id)
     loaded = svc.scheduler.runtime_for(model_id)
     settings = svc.settings

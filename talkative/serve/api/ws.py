@@ -75,15 +75,14 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     svc = service_of(websocket)
     conn = svc.hub.attach(websocket, identity)
     sender = asyncio.get_running_loop().create_task(svc.hub.run_sender(conn))
+    current = access.shown_model(svc.registry, svc.scheduler.current_model, identity)
     conn.send(
         {
             "type": "connection_established",
             "connection_id": conn.id,
             "message": "Connected to the Talkative analysis server",
-            "current_model": svc.scheduler.current_model,
-            "model_info": svc.scheduler.model_info(svc.scheduler.current_model)
-            if svc.scheduler.current_model
-            else None,
+            "current_model": current,
+            "model_info": svc.scheduler.model_info(current) if current else None,
         }
     )
     conn.want_queue_update()
