@@ -253,6 +253,33 @@ def _score(nla: NLA, a: Tensor, b: Tensor) -> Tensor:
     return M.nmse(a, b) if nla.objective == "nmse" else M.mse(a, b)
 
 
+def scales_to_norm(nla: NLA) -> bool:
+    """Whether reconstructions are rescaled to ‖A‖ before use: a direction-only objective (nmse) never constrains
+    the reconstructor's output norm, so its raw norm is arbitrary and would dominate every unit-dependent number
+    (mse, relative RMSE, the vector patched in for KL) without saying anything about the explanation."""
+    return nla.objective == "nmse"
+
+
+def reported_reconstruction(nla: NLA, A: Tensor, hats: Tensor) -> Tensor:
+    """Â as the metrics, the KL patch and `return_vectors` use it: rescaled to ‖A‖ under a direction-only
+    objective, as the reconstructor gave it otherwise."""
+    return M.rescale_to_norm(hats, A) if scales_to_norm(nla) else hats
+
+
+def _truncated(nla: NLA, explanations: Sequence[Explanation]) -> Tensor:
+    """Which samples hit the token budget. Fixed-length verbalizers always stop there by design; for free-length
+    ones a sample that did not end on its own is a failed sample in the reference recipe."""
+    if isinstance(nla.verbalizer, LayerReplacementVerbalizer):
+        return torch.zeros(len(explanations), dtype=torch.bool)
+    return torch.tensor([e.finish_reason == "length" for e in explanations], dtype=torch.bool)
+
+
+def _complete_first(scores: Tensor, truncated: Tensor) -> Tensor:
+    """Scores [G, k] with truncated samples ranked after every complete one of their position."""
+    ruled_out = truncated & ~truncated.all(dim=1, keepdim=True)
+    return scores.masked_fill(ruled_out, float("inf"))
+
+
 def _timed(timings: dict[str, float] | None, name: str, t0: float) -> float:
     now = time.perf_counter()
     if timings is not None:
@@ -301,6 +328,7 @@ def _run_batch(
     t = _timed(timings, "verbalize", t)
 
     units = [_units(nla, e) for e in explanations]
+    truncated = _truncated(nla, explanations).view(G, k)
     need_ar = opts.evaluate or k > 1
     best_idx = list(range(0, G * k, k))
     best_hat: Tensor | None = None
@@ -314,9 +342,9 @@ def _run_batch(
         else:
             hats = _reconstruct_grouped(rec, units, current)
         scores = _score(nla, A.repeat_interleave(k, 0), hats).view(G, k)
-        best_j = scores.argmin(dim=1)
+        best_j = _complete_first(scores, truncated).argmin(dim=1)
         best_idx = [g * k + int(j) for g, j in enumerate(best_j)]
-        best_hat = hats[best_idx]
+        best_hat = reported_reconstruction(nla, A, hats[best_idx])
         best_score = scores[torch.arange(G), best_j]
         t = _timed(timings, "reconstruct", t)
 
@@ -372,6 +400,9 @@ def _run_batch(
             }
             if e.finish_reason != "length" or not isinstance(nla.verbalizer, LayerReplacementVerbalizer):
                 row["finish_reason"] = e.finish_reason
+            if not isinstance(nla.verbalizer, LayerReplacementVerbalizer):
+                row["all_samples_truncated"] = bool(truncated[g].all())
+                row["explanation_parse"] = e.parse
             if metrics is not None:
                 for name in ("mse", "relative_rmse", "cosine", "nmse", "fve"):
                     value = metrics[name]
@@ -546,6 +577,7 @@ def metadata(
         "verbalizer_mode": nla.verbalizer.mode,
         "reconstructor_mode": nla.reconstructor.mode,
         "objective": nla.objective,
+        "reconstruction_scaled_to_norm": scales_to_norm(nla),
         "fve_variance": nla.fve_variance,
         "best_of_k": opts.best_of_k,
         "temperature": opts.temperature,

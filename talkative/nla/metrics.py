@@ -1,6 +1,8 @@
 """Reconstruction metrics, all computed in fp32 over the last dimension.
 
-* `mse` = mean_d (A − Â)² in activation units (what upstream reports and best-of-k minimises).
+* `mse` = mean_d (A − Â)² in activation units (what upstream reports and best-of-k minimises). For direction-only
+  reconstructors (objective `nmse`) the callers first rescale Â to ‖A‖ (`rescale_to_norm`): their output norm is
+  arbitrary, so only a reconstruction on A's own scale gives unit-dependent numbers that mean anything.
 * `relative_rmse` = ‖A − Â‖ / ‖A‖.
 * `cosine`.
 * `nmse` = MSE after rescaling both vectors to norm √d, which equals 2(1 − cos): direction only.
@@ -38,6 +40,11 @@ def normalize(v: Tensor, scale: float | None = None) -> Tensor:
     v = v.float()
     s = math.sqrt(v.shape[-1]) if scale is None else scale
     return v / v.norm(dim=-1, keepdim=True).clamp_min(EPS) * s
+
+
+def rescale_to_norm(v: Tensor, like: Tensor) -> Tensor:
+    """Rows of `v` rescaled to the L2 norms of the rows of `like` (direction of v, magnitude of like), fp32."""
+    return normalize(v, 1.0) * like.float().norm(dim=-1, keepdim=True)
 
 
 def nmse(a: Tensor, b: Tensor) -> Tensor:

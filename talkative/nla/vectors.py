@@ -38,7 +38,9 @@ from .analysis import (
     batch_positions,
     check_options,
     prepare,
+    reported_reconstruction,
     run_batch,
+    scales_to_norm,
 )
 from .checkpoint import NLA
 from .lens import TunedLens
@@ -296,7 +298,8 @@ def score(
 ) -> dict[str, Any]:
     """The reconstruction metrics of each explanation for one vector (lower mse / higher cosine = more faithful).
 
-    `mse` and `relative_rmse` are in activation units, `nmse` is direction only, `fve` needs the checkpoint's
+    `mse` and `relative_rmse` are in activation units (Â rescaled to ‖A‖ first when the objective is direction-only:
+    `metadata.reconstruction_scaled_to_norm`), `nmse` is direction only, `fve` needs the checkpoint's
     variance baseline (null otherwise). With `salience`, each explanation unit's relative score change when it is
     replaced by a space (as in analysis rows).
     """
@@ -332,7 +335,8 @@ def score(
     with torch.no_grad():
         A = vector.to(device=nla.subject.device, dtype=torch.float32).unsqueeze(0).expand(k, -1)
         current = torch.full((k,), cur.token_id, dtype=torch.long)
-        hats = _reconstruct_grouped(nla.reconstructor, units, current).float().to(A.device)
+        raw = _reconstruct_grouped(nla.reconstructor, units, current).float().to(A.device)
+        hats = reported_reconstruction(nla, A, raw)  # on A's scale for direction-only reconstructors
         metrics = M.all_metrics(A, hats, nla.fve_variance)
         base = M.nmse(A, hats) if nla.objective == "nmse" else metrics["mse"]
         assert base is not None
@@ -452,6 +456,7 @@ def _meta(
         "layer": nla.layer,
         "d_model": nla.d_model,
         "objective": nla.objective,
+        "reconstruction_scaled_to_norm": scales_to_norm(nla),
         "fve_variance": nla.fve_variance,
         "reads_current_token": reads_current_token(nla),
         "processing_time": round(time.perf_counter() - started, 4),

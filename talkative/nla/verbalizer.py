@@ -38,7 +38,9 @@ class Explanation:
     ids: list[int]
     text: str
     finish_reason: str = "length"  # "length" | "stop" | "eos"
-    raw: str = ""
+    raw: str = ""  # the generated text without the end-of-turn token that stopped it
+    # how `text` was read from `raw` by a free-length verbalizer ("tagged" | "unclosed" | "untagged")
+    parse: str | None = None
 
 
 @dataclass
@@ -435,21 +437,37 @@ class EmbeddingReplacementVerbalizer(nn.Module):
             h = lm.forward(lm.add_positions(lm.embed(tok.to(lm.device).unsqueeze(1)), p), p, cache=cache)
             logits = lm.logits(lm.final_norm(h[:, -1]))
             pos += 1
-        raws = lm.tokenizer.batch_decode(out, skip_special_tokens=False)
+        # The reference client reads the text its server returns, which leaves out the end-of-turn token that
+        # stopped the sample; a tagless reply must be read the same way to give the reconstructor the same text.
+        raws = lm.tokenizer.batch_decode(
+            [ids[:-1] if reason == "eos" else ids for ids, reason in zip(out, reasons, strict=True)],
+            skip_special_tokens=False,
+        )
+        read = [read_explanation(raw) for raw in raws]
         return [
-            Explanation(ids=ids, text=parse_explanation(raw, reason), finish_reason=reason, raw=raw)
-            for ids, raw, reason in zip(out, raws, reasons, strict=True)
+            Explanation(ids=ids, text=text, finish_reason=reason, raw=raw, parse=how)
+            for ids, raw, reason, (text, how) in zip(out, raws, reasons, read, strict=True)
         ]
 
 
-def parse_explanation(raw: str, finish_reason: str = "stop") -> str:
-    """The body between <explanation> tags; a truncated sample keeps what it has, tags and specials stripped."""
+def read_explanation(raw: str) -> tuple[str, str]:
+    """(explanation, how it was read) from a free-length verbalizer's output, as the official reference client
+    reads it, so that its reconstructor gets the same text:
+
+    * `"tagged"`: the body of the first `<explanation>…</explanation>`, whitespace stripped;
+    * `"unclosed"`: an `<explanation>` that never closes (the sample hit its token budget or ended early): the
+      reference keeps the whole raw text, opening tag included;
+    * `"untagged"`: no `<explanation>` at all (a verbalizer trained without tags): the raw text is the explanation.
+    """
     m = EXPLANATION_RE.search(raw)
     if m:
-        return m.group(1).strip()
-    body = raw.split("<explanation>", 1)[-1]
-    body = re.sub(r"<\|[^|>]*\|>|</?explanation>|<end_of_turn>|<eos>", "", body)
-    return body.strip()
+        return m.group(1).strip(), "tagged"
+    return raw, "unclosed" if "<explanation>" in raw else "untagged"
+
+
+def parse_explanation(raw: str) -> str:
+    """The explanation in a free-length verbalizer's output (see `read_explanation`)."""
+    return read_explanation(raw)[0]
 
 
 def _end_ids(lm: LM) -> set[int]:

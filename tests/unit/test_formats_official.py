@@ -137,15 +137,12 @@ def _reference_models(root: Path):
     return av, ar, head
 
 
-def _ref_parse(tok, ids) -> str:
-    raw = tok.decode(ids, skip_special_tokens=False)
-    m = re.search(r"<explanation>\s*(.*?)\s*</explanation>", raw, re.DOTALL)
-    if m:
-        return m.group(1).strip()
-    body = raw.split("<explanation>", 1)[-1]
-    for s in tok.all_special_tokens:
-        body = body.replace(s, "")
-    return body.replace("</explanation>", "").strip()
+def _ref_parse(tok, ids, reason) -> str:
+    """The reference client's reading (§2.4): its server returns the text without the end-of-turn token that
+    stopped the sample; the first tagged body, stripped, else that whole text as it is."""
+    raw = tok.decode(ids[:-1] if reason == "eos" else ids, skip_special_tokens=False)
+    m = re.search(r"<explanation>(.*?)</explanation>", raw, re.DOTALL)
+    return raw if m is None else m.group(1).strip()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "gemma3"])
@@ -198,17 +195,19 @@ def test_official_pair_matches_the_reference(make_tiny, kind, tmp_path):
     for row in rows[2:5]:
         q = row["position"]
         uu = row_uniforms(seed, [(q, j) for j in range(k)], 8)
-        texts = [
-            _ref_parse(
-                tok, ref.official_av_sample(av, tok, prompt, 7, acts[q], SCALE, uu[j], 1.0, 8, eos=eos)[0]
-            )
+        samples = [
+            ref.official_av_sample(av, tok, prompt, 7, acts[q], SCALE, uu[j], 1.0, 8, eos=eos)
             for j in range(k)
         ]
+        texts = [_ref_parse(tok, ids, reason) for ids, reason in samples]
         preds = [ref.official_ar(ar, tok, head, t, OFFICIAL_AR_TEMPLATE) for t in texts]
         scores = [ref.official_metrics(acts[q], p, 0.8) for p in preds]
-        best = min(range(k), key=lambda j: scores[j]["nmse"])
+        # a sample cut at the budget is a failed sample: it wins only when every sample was cut
+        best = min(range(k), key=lambda j: (samples[j][1] == "length", scores[j]["nmse"]))
         assert row["explanation"] == texts[best]
-        torch.testing.assert_close(torch.tensor(row["reconstruction"]), preds[best], rtol=1e-5, atol=1e-5)
+        # the direction-only AR's output is reported on the activation's scale
+        want = preds[best] / preds[best].norm() * acts[q].norm()
+        torch.testing.assert_close(torch.tensor(row["reconstruction"]), want, rtol=1e-5, atol=1e-4)
         for name in ("nmse", "cosine", "fve"):
             assert math.isclose(row[name], scores[best][name], rel_tol=1e-4, abs_tol=1e-5)
         assert math.isclose(row["nmse"], 2 * (1 - row["cosine"]), abs_tol=1e-5)
@@ -450,3 +449,213 @@ def test_a_megatron_compatible_ar_loads(make_tiny, tmp_path):
     nla = load_nla(tmp_path, pool=fresh)
     got = nla.reconstructor.reconstruct([nla.reconstructor.units("a fox")], None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- direction-only reconstructions are used on the activation's scale ----------------------------------------------
+def _scale_value_head(ar_dir: Path, factor: float) -> None:
+    """The released head × factor (kept in fp32: a bf16 round trip would change the direction too)."""
+    f, orig = ar_dir / "value_head.safetensors", ar_dir / "value_head.orig"
+    if not orig.exists():
+        shutil.copy(f, orig)
+    save_file({k: v.float() * factor for k, v in load_file(str(orig)).items()}, str(f))
+
+
+def _fresh_load(root: Path, subject):
+    pool = LMPool()
+    pool.add(subject, "tiny-subject")
+    return load_nla(root, pool=pool, max_new_tokens=8)
+
+
+def test_the_value_head_scale_changes_no_number(make_tiny, tmp_path):
+    """The official AR is trained on direction only: its output norm is arbitrary. Â is rescaled to ‖A‖ before the
+    unit-dependent metrics and the KL patch, so scaling the value head (weight and bias) by 0.1 or 10 changes
+    nothing the server reports."""
+    subject, _ = build(tmp_path, make_tiny, "qwen2", bias=True)
+    options = {"seed": 3, "return_vectors": True, "optimize_explanations_config": {"best_of_k": 2}}
+    runs = {}
+    for factor in (1.0, 0.1, 10.0):
+        _scale_value_head(tmp_path / "ar", factor)
+        nla = _fresh_load(tmp_path, subject)
+        runs[factor] = analyze(nla, TEXT, options=options)
+    base = runs[1.0]
+    assert base.metadata["reconstruction_scaled_to_norm"] is True
+    for factor in (0.1, 10.0):
+        assert [r["explanation"] for r in runs[factor].rows] == [r["explanation"] for r in base.rows]
+        for mine, ref_row in zip(runs[factor].rows, base.rows, strict=True):
+            for name in ("nmse", "fve", "cosine", "kl_divergence", "mse", "relative_rmse"):
+                assert math.isclose(mine[name], ref_row[name], rel_tol=1e-4, abs_tol=1e-6), (factor, name)
+    for row in base.rows:
+        assert math.isclose(torch.tensor(row["reconstruction"]).norm(), row["norm"], rel_tol=1e-5)
+        # on A's scale, relative RMSE is a function of the direction alone
+        assert math.isclose(row["relative_rmse"], math.sqrt(row["nmse"]), rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_the_vector_endpoints_use_the_same_scale(make_tiny, tmp_path):
+    from talkative.nla.options import resolve
+    from talkative.nla.vectors import describe, score
+
+    subject, _ = build(tmp_path, make_tiny, "qwen2", bias=True)
+    v = ref.activations(subject.model, subject.encode(TEXT), 2)[5]
+    texts = ["A fox.", "Final token is a comma."]
+    opts = resolve({"seed": 1, "no_kl": True, "return_vectors": True})
+    scored, described = [], []
+    for step in (1.0, 10.0):
+        _scale_value_head(tmp_path / "ar", step)
+        nla = _fresh_load(tmp_path, subject)
+        scored.append(score(nla, v, texts, return_vectors=True))
+        described.append(describe(nla, v.unsqueeze(0), opts))
+    for body in scored + described:
+        assert body["metadata"]["reconstruction_scaled_to_norm"] is True
+        hats = torch.tensor(body["reconstructions"])
+        torch.testing.assert_close(hats.norm(dim=-1), v.norm().expand(hats.shape[0]), rtol=1e-5, atol=1e-4)
+    for a, b in ((scored[0], scored[1]), (described[0], described[1])):
+        for ra, rb in zip(a["results"], b["results"], strict=True):
+            for name in ("mse", "relative_rmse", "cosine", "nmse", "fve"):
+                assert math.isclose(ra[name], rb[name], rel_tol=1e-4, abs_tol=1e-6), name
+
+
+class _ExactTimes:
+    """A reconstructor double that returns `factor` × the true activation of each analysed position (k = 1, no
+    salience: one call per batch, rows in position order), to pin down what the KL patch uses."""
+
+    mode = "template"
+
+    def __init__(self, real, acts: torch.Tensor, positions: list[int], factor: float) -> None:
+        self.real, self.acts, self.positions, self.factor = real, acts, positions, factor
+        self.lm, self.space_id = real.lm, real.space_id
+
+    def units(self, text):
+        return self.real.units(text)
+
+    def explanation_span(self, units):
+        return self.real.explanation_span(units)
+
+    def reconstruct(self, units, current=None):
+        assert len(units) == len(self.positions)
+        return self.factor * self.acts[self.positions]
+
+
+def test_an_exact_direction_at_ten_times_the_norm_costs_no_kl(make_tiny, tmp_path):
+    import dataclasses
+
+    subject, pool = build(tmp_path, make_tiny, "llama")
+    nla = load_nla(tmp_path, pool=pool, max_new_tokens=4)
+    ids = subject.encode(TEXT)
+    acts = ref.activations(subject.model, ids, 2)
+    positions = [3, 6, 9]
+    options = {"seed": 0, "calculate_token_salience": False, "optimize_explanations_config": {"best_of_k": 1}}
+    for objective, factor in (("nmse", 10.0), ("nmse", 0.1), ("mse", 1.0)):
+        double = dataclasses.replace(
+            nla, objective=objective, reconstructor=_ExactTimes(nla.reconstructor, acts, positions, factor)
+        )
+        rows = analyze(double, TEXT, options=options, positions=positions).rows
+        for row in rows:
+            assert row["kl_divergence"] < 1e-6
+            assert row["mse"] < 1e-8 * row["norm"] ** 2 and row["relative_rmse"] < 1e-4
+            assert math.isclose(row["cosine"], 1.0, abs_tol=1e-6)
+    # a unit-dependent objective keeps the reconstruction as given: ten times the norm is a real error there
+    double = dataclasses.replace(
+        nla, objective="mse", reconstructor=_ExactTimes(nla.reconstructor, acts, positions, 10.0)
+    )
+    rows = analyze(double, TEXT, options=options, positions=positions).rows
+    assert all(
+        r["kl_divergence"] > 1e-3 and math.isclose(r["relative_rmse"], 9.0, rel_tol=1e-4) for r in rows
+    )
+
+
+# -- truncated samples in best-of-k --------------------------------------------------------------------------------
+class _ScriptedAV:
+    """A verbalizer double whose k samples per position are given: (text, finish_reason) for sample j."""
+
+    mode = "embedding_replacement"
+
+    def __init__(self, real, samples: list[tuple[str, str]]) -> None:
+        self.lm, self.max_new_tokens, self.samples = real.lm, 4, samples
+
+    def generate(self, A, k, seeds, temperature, overrides=None):
+        from talkative.nla.verbalizer import Explanation, read_explanation
+
+        assert k == len(self.samples)
+        out = []
+        for _ in range(A.shape[0]):
+            for text, reason in self.samples:
+                body, how = read_explanation(text)
+                out.append(Explanation(ids=[1], text=body, finish_reason=reason, raw=text, parse=how))
+        return out
+
+
+class _ScoredAR:
+    """A reconstructor double: explanation text → the position's activation plus a text-dependent error."""
+
+    mode = "template"
+
+    def __init__(
+        self, real, acts: torch.Tensor, positions: list[int], k: int, error: dict[str, float]
+    ) -> None:
+        self.lm, self.space_id = real.lm, real.space_id
+        self.acts, self.positions, self.k, self.error = acts, positions, k, error
+        self.direction = torch.randn(acts.shape[1], generator=torch.Generator().manual_seed(0))
+
+    def units(self, text):
+        return [ord(c) for c in text]
+
+    def explanation_span(self, units):
+        return 0, len(units)
+
+    def reconstruct(self, units, current=None):
+        rows = []
+        for r, u in enumerate(units):
+            a = self.acts[self.positions[r // self.k]]
+            rows.append(
+                a + self.error["".join(map(chr, u))] * a.norm() * self.direction / self.direction.norm()
+            )
+        return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("samples", "chosen", "all_truncated"),
+    [
+        # the truncated sample reconstructs best, but a complete one exists: the best complete sample wins
+        (
+            [("<explanation>cut", "length"), ("<explanation>bad</explanation>", "stop"), ("fine", "eos")],
+            "fine",
+            False,
+        ),
+        ([("<explanation>bad</explanation>", "stop"), ("<explanation>cut", "length")], "bad", False),
+        # every sample hit the budget: the best of them, flagged
+        ([("<explanation>cut", "length"), ("<explanation>also cut", "length")], "<explanation>cut", True),
+    ],
+)
+def test_truncated_samples_never_beat_a_complete_one(make_tiny, tmp_path, samples, chosen, all_truncated):
+    import dataclasses
+
+    subject, pool = build(tmp_path, make_tiny, "llama")
+    nla = load_nla(tmp_path, pool=pool, max_new_tokens=4)
+    acts = ref.activations(subject.model, subject.encode(TEXT), 2)
+    positions, k = [2, 5], len(samples)
+    error = {
+        "cut": 0.0,
+        "<explanation>cut": 0.0,
+        "also cut": 0.5,
+        "<explanation>also cut": 0.5,
+        "bad": 0.9,
+        "fine": 0.3,
+    }
+    double = dataclasses.replace(
+        nla,
+        verbalizer=_ScriptedAV(nla.verbalizer, samples),
+        reconstructor=_ScoredAR(nla.reconstructor, acts, positions, k, error),
+    )
+    options = {
+        "seed": 0,
+        "no_kl": True,
+        "calculate_token_salience": False,
+        "optimize_explanations_config": {"best_of_k": k},
+    }
+    rows = analyze(double, TEXT, options=options, positions=positions).rows
+    for row in rows:
+        assert row["explanation"] == chosen
+        assert row["all_samples_truncated"] is all_truncated
+        assert (row["finish_reason"] == "length") is all_truncated
+    expected_parse = {"fine": "untagged", "bad": "tagged", "<explanation>cut": "unclosed"}[chosen]
+    assert all(r["explanation_parse"] == expected_parse for r in rows)

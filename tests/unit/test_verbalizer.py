@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from nla_reference import (
@@ -22,6 +24,7 @@ from talkative.nla.verbalizer import (
     PromptOverrides,
     encode_piece,
     parse_explanation,
+    read_explanation,
 )
 
 
@@ -274,7 +277,39 @@ def test_embedding_replacement_refuses_bad_markers(make_tiny):
         )
 
 
-def test_parse_explanation():
-    assert parse_explanation("<explanation>\nA cat.\n</explanation><|im_end|>") == "A cat."
-    assert parse_explanation("junk <explanation> partial text<|im_end|>", "length") == "partial text"
-    assert parse_explanation("no tags at all") == "no tags at all"
+def _reference_client_text(server_text: str) -> str:
+    """The official reference client (format spec §2.4): the first tagged body, stripped; without a match, the
+    server's text exactly as it came (the server leaves out the end-of-turn token that stopped the sample)."""
+    m = re.search(r"<explanation>(.*?)</explanation>", server_text, re.DOTALL)
+    return server_text if m is None else m.group(1).strip()
+
+
+@pytest.mark.parametrize(
+    ("raw", "how"),
+    [
+        ("<explanation>\nA cat.\n</explanation>", "tagged"),
+        ("junk <explanation>\nA cat.\n\nIt sits.</explanation> more <explanation>x</explanation>", "tagged"),
+        ("<explanation>\nA cat sat on", "unclosed"),  # cut at the token budget
+        ("junk <explanation> partial text", "unclosed"),
+        ("  A cat, written by a verbalizer trained without tags.\n", "untagged"),
+        ("only a close tag</explanation>", "untagged"),
+        ("", "untagged"),
+    ],
+)
+def test_explanations_are_read_as_the_reference_client_reads_them(raw, how):
+    assert read_explanation(raw) == (_reference_client_text(raw), how)
+    assert parse_explanation(raw) == _reference_client_text(raw)
+
+
+def test_an_unclosed_sample_ended_by_end_of_turn_is_read_without_that_token(make_tiny):
+    nla = tiny_official_nla(make_tiny, max_new_tokens=6)
+    v = nla.verbalizer
+    eos = v.lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    _favour(v.lm, eos, after_calls=2)  # prefix pass + one step: the third token is the end of turn
+    forced = encode_piece(v.lm, "<explanation> a")
+    out = v.generate(_acts(v.lm, n=2), 1, None, 0.0, PromptOverrides(add_ids=forced))
+    tok = v.lm.tokenizer
+    for e in out:
+        assert e.finish_reason == "eos" and e.ids[-1] == eos
+        assert e.raw == tok.decode(e.ids[:-1]) and "<|im_end|>" not in e.raw
+        assert (e.text, e.parse) == (e.raw, "unclosed") and e.text.startswith("<explanation> a")
