@@ -46,7 +46,7 @@ def check_group(registry: Registry, group_id: str, who: Identity) -> GroupEntry:
 
 def resolve(scheduler: Scheduler, model_id: str | None, who: Identity) -> str:
     """The model a request runs on (the one it names, else the current one), checked for this client."""
-    resolved = scheduler.resolve_model(model_id)
+    resolved = scheduler.resolve_model(model_id, getattr(who, "key", None))
     if model_id is None and not may_use(scheduler.registry, resolved, who):
         raise SchedulerError(
             403, f"the current model {resolved} is reserved for the administrator: name a model_id"

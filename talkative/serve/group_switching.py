@@ -119,18 +119,35 @@ class GroupSwitching(SchedulerBase):
                 job, FAILED, error=rt.errors.get(job.model_id, f"model {job.model_id} is not loaded")
             )
             return
-        previous = self.registry.models.get(self.current_model or "")
-        self.current_model = job.model_id
+        server_wide = job.request.get("scope", "server") == "server"
+        previous = self.registry.models.get(
+            self.client_models.get(job.owner or "") or self.current_model or ""
+        )
+        if server_wide:  # the administrator's act: the default of every client that has not chosen its own
+            self.current_model = job.model_id
+            if job.owner is not None:
+                self.client_models.pop(job.owner, None)
+        elif job.owner is not None:  # this client's own choice; nobody else's requests change
+            self.client_models[job.owner] = job.model_id
         switched = previous is None or previous.group_id != job.group_id
+        whose = "the current model" if server_wide else "your current model (other clients keep theirs)"
         result = {
             "model_id": job.model_id,
             "group_id": job.group_id,
-            "message": f"{job.model_id} is now the current model"
+            "message": f"{job.model_id} is now {whose}"
             + (f" (group {job.group_id} loaded)" if switched else ""),
             "group_switched": switched,
             "model_info": self.model_info(job.model_id),
         }
         self._finish(job, COMPLETED, result=result)
+
+    async def supersede_switches(self, owner: str | None, model_id: str) -> None:
+        """A client's repeated switches coalesce: its switches still queued are cancelled (their subscribers hear
+        `request_cancelled`), so each client has at most one switch waiting, the latest."""
+        if owner is None:
+            return
+        for job in [j for j in self.queue if j.kind == "switch" and j.owner == owner]:
+            await self.cancel(job.id, reason=f"superseded by a later switch to {model_id}")
 
     # -- preload and reset (issue 5: /api/v2/groups/{id}/preload, /reset) ---------------------------------------------
     async def _preload(self) -> None:
@@ -223,6 +240,7 @@ class GroupSwitching(SchedulerBase):
                     )
                 loaded = self.default_group
                 self.current_model = self.registry.group(self.default_group).models[0].id
+                self.client_models.clear()  # a reset starts every client afresh on the default
         finally:
             self._resetting = False
             self._schedule()

@@ -106,17 +106,24 @@ class Scheduler(GroupSwitching, AnalysisJobs):
             await asyncio.sleep(self.settings.purge_interval_seconds)
 
     # -- submission -----------------------------------------------------------------------------------------------
-    def resolve_model(self, model_id: str | None) -> str:
-        """The model a request runs on: the one it names, else the current model."""
+    def resolve_model(self, model_id: str | None, client: str | None = None) -> str:
+        """The model a request runs on: the one it names, else its client's current model."""
         if model_id is not None:
             self.registry.model(model_id)  # UnknownModel for the caller to turn into a 404
             return model_id
-        if self.current_model is None:
+        current = self.current_for(client)
+        if current is None:
             raise SchedulerError(
                 400,
                 "no model_id given and this server has no current model: name a model_id or switch to one",
             )
-        return self.current_model
+        return current
+
+    def current_for(self, client: str | None) -> str | None:
+        """A client's current model: the one it last switched to, else the server's default. One client's
+        switch never changes what another client's requests run on."""
+        chosen = self.client_models.get(client) if client is not None else None
+        return chosen if chosen is not None and chosen in self.registry.models else self.current_model
 
     async def submit(
         self,
@@ -185,13 +192,14 @@ class Scheduler(GroupSwitching, AnalysisJobs):
 
     def _admit_check(self, kind: str, owner: str | None) -> None:
         """Backpressure: refuse while draining, beyond MAX_QUEUE_SIZE (429, or 503 before the server is ready)
-        and beyond the owner's cap of unfinished jobs (429); switches are never refused for room."""
+        and beyond the owner's cap of unfinished jobs (429). Switches count like every other job (a client's
+        repeated switches replace each other in the queue: `supersede_switches`)."""
         refusal: SchedulerError | None = None
         if self.draining:
             refusal = SchedulerError(
                 503, "the server is shutting down; retry shortly", reason="draining", retry_after=5
             )
-        elif kind != "switch" and len(self.jobs) >= self.settings.max_queue_size:
+        elif len(self.jobs) >= self.settings.max_queue_size:
             status, reason = (429, "queue_full") if self.ready else (503, "not_ready")
             refusal = SchedulerError(
                 status,
@@ -199,8 +207,8 @@ class Scheduler(GroupSwitching, AnalysisJobs):
                 reason=reason,
                 retry_after=self.retry_after(),
             )
-        elif kind != "switch" and (cap := self.client_cap(owner)) is not None:
-            mine = sum(1 for j in self.jobs.values() if j.owner == owner and j.kind != "switch")
+        elif (cap := self.client_cap(owner)) is not None:
+            mine = sum(1 for j in self.jobs.values() if j.owner == owner)
             if mine >= cap:
                 refusal = SchedulerError(
                     429,

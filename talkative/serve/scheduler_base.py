@@ -72,6 +72,9 @@ class SchedulerBase(ABC):
         self.current_model: str | None = (
             registry.group(self.default_group).models[0].id if self.default_group else None
         )
+        #: the current model of each client (its identity key) that switched; requests of other clients that
+        #: name no model run on `current_model`, the server's default, which only the administrator changes
+        self.client_models: dict[str, str] = {}
         self.ready = False
         self.startup_error: str | None = None
         self.stats: dict[str, float] = dict.fromkeys(

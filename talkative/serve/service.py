@@ -52,7 +52,7 @@ class Service:
                 400,
                 f"the text has {req.text_length()} characters, more than MAX_TEXT_LENGTH ({self.settings.max_text_length})",
             )
-        model_id = self.scheduler.resolve_model(req.model_id)
+        model_id = self.scheduler.resolve_model(req.model_id, owner)
         request = req.engine_request()
         try:
             self.scheduler.check_analysis(model_id, request["options"])
@@ -68,11 +68,20 @@ class Service:
         )
 
     async def submit_switch(
-        self, model_id: str, *, client_request_id: str | None, owner: str | None, subscriber: Any = None
+        self,
+        model_id: str,
+        *,
+        client_request_id: str | None,
+        owner: str | None,
+        subscriber: Any = None,
+        server_default: bool = False,
     ) -> Job:
+        """Switch a client's current model (`server_default`: the server's, for every client that has not
+        chosen one: the administrator's act). A queued switch of the same client is replaced by this one."""
+        await self.scheduler.supersede_switches(owner, model_id)
         return await self.scheduler.submit(
             "switch",
-            {"model_id": model_id},
+            {"model_id": model_id, "scope": "server" if server_default else "client"},
             model_id=self.scheduler.resolve_model(model_id),
             client_request_id=client_request_id,
             owner=owner,
@@ -89,12 +98,13 @@ class Service:
         }
 
     # -- descriptions ---------------------------------------------------------------------------------------------
-    def models_listing(self) -> dict[str, Any]:
-        """`GET /api/v2/models` and the WebSocket `model_groups_list`: one builder for both."""
+    def models_listing(self, client: str | None = None) -> dict[str, Any]:
+        """`GET /api/v2/models` and the WebSocket `model_groups_list`: one builder for both; `current_model`
+        and `is_current` are the client's (its own choice, else the server's default)."""
         sched = self.scheduler
         on_device = sched.loaded_groups()
         cached = self.residency.cached_groups()
-        current = sched.current_model
+        current = sched.current_for(client)
         current_group = self.registry.model(current).group_id if current else None
         groups = []
         for g in self.registry.groups.values():

@@ -304,3 +304,36 @@ def test_a_keyless_server_refuses_to_start_on_a_network_address(make_server: Cal
         text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "HOST=0.0.0.0 is not a loopback address" in done.stderr, done.stderr
+
+
+# -- the current model ------------------------------------------------------------------------------------------------
+def test_one_users_switch_never_changes_another_users_model(keyed: Server) -> None:
+    """Bob's switch is Bob's; the administrator's switch moves the default of those who chose none; every result
+    names the model it ran on."""
+
+    def ran_on(name: str) -> str:
+        r = keyed.post("/analyze", {"text": f"{name} asks", "options": FAST}, headers=auth(name))
+        assert r.status_code == 200, r.text
+        done = wait_job(keyed, r.json()["request_id"], auth(name))
+        assert done["status"] == "completed", done
+        assert done["model_id"] == done["result"]["metadata"]["model_id"]
+        return str(done["result"]["metadata"]["model_id"])
+
+    def current(name: str) -> str:
+        return str(keyed.get("/api/v2/models", headers=auth(name)).json()["current_model"])
+
+    switched = keyed.post("/api/v2/models/switch", {"model_id": "tiny-b-l1"}, headers=auth("bob"))
+    assert switched.status_code == 200 and switched.json()["status"] == "success", switched.text
+    assert ran_on("alice") == "tiny-a-l1" and current("alice") == "tiny-a-l1"
+    assert ran_on("bob") == "tiny-b-l1" and current("bob") == "tiny-b-l1"
+    try:
+        default = keyed.post("/api/v2/models/switch", {"model_id": "tiny-a-l2"}, headers=auth("admin"))
+        assert default.status_code == 200, default.text
+        assert ran_on("alice") == "tiny-a-l2" and ran_on("bob") == "tiny-b-l1"
+        with ws_connect(keyed, "alice") as ws:
+            assert recv_json(ws)["current_model"] == "tiny-a-l2"
+            ws.send(json.dumps({"type": "switch_model", "model_id": "tiny-a-l1", "client_request_id": "s"}))
+            assert next_of(ws, {"model_switch_complete", "error"})["type"] == "model_switch_complete"
+        assert ran_on("alice") == "tiny-a-l1" and current("admin") == "tiny-a-l2"
+    finally:
+        keyed.post("/api/v2/models/switch", {"model_id": "tiny-a-l1"}, headers=auth("admin"))

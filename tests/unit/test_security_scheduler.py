@@ -132,14 +132,15 @@ def test_backpressure_queue_client_cap_and_not_ready(tmp_path: Path, monkeypatch
         with pytest.raises(SchedulerError) as full:
             await sched.submit("analyze", {"text": words(3), "options": {}}, model_id="a1", owner="key:c")
         assert full.value.status == 429 and full.value.reason == "queue_full"
-        switch = await sched.submit("switch", {"model_id": "a2"}, model_id="a2", owner="key:a")
-        assert switch.status == "completed"  # a switch is never refused for room
+        with pytest.raises(SchedulerError) as switch_full:
+            await sched.submit("switch", {"model_id": "a2"}, model_id="a2", owner="key:d")
+        assert switch_full.value.reason == "queue_full"  # a switch counts like any other job
         sched.ready = False  # as while the startup group loads
         with pytest.raises(SchedulerError) as starting:
             await sched.submit("analyze", {"text": words(3), "options": {}}, model_id="a1", owner="key:c")
         assert starting.value.status == 503 and starting.value.reason == "not_ready"
         sched.ready = True
-        assert recorder.rejections == ["client_busy", "queue_full", "not_ready"]
+        assert recorder.rejections == ["client_busy", "queue_full", "queue_full", "not_ready"]
 
     run(tmp_path, monkeypatch, body, max_queue_size=4)
 
@@ -200,3 +201,54 @@ def test_the_monitor_hears_every_engine_stage(tmp_path: Path, monkeypatch: pytes
         assert {"verbalize", "reconstruct", "kl"} <= set(recorder.stages)
 
     run(tmp_path, monkeypatch, body)
+
+
+def test_switches_are_per_client_counted_and_coalesced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client's switch never changes what another's requests run on; the administrator's moves the default;
+    switches count against the per-client cap, and repeated ones replace each other in the queue."""
+
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        sched.client_cap = lambda owner: 3 if owner and owner.startswith("key:") else None
+        mine = await sched.submit(
+            "switch", {"model_id": "a2", "scope": "client"}, model_id="a2", owner="key:bob"
+        )
+        assert mine.status == "completed" and sched.current_model == "a1"
+        assert sched.resolve_model(None, "key:bob") == "a2" and sched.resolve_model(None, "key:alice") == "a1"
+        alice = await sched.wait(await analyze_as(sched, "key:alice"), 10)
+        assert alice.model_id == "a1"
+        await sched.submit("switch", {"model_id": "a2", "scope": "server"}, model_id="a2", owner="key:admin")
+        assert sched.resolve_model(None, "key:alice") == "a2" and sched.resolve_model(None, "key:bob") == "a2"
+        await sched.submit("switch", {"model_id": "a1", "scope": "server"}, model_id="a1", owner="key:admin")
+        assert sched.resolve_model(None, "key:alice") == "a1" and sched.resolve_model(None, "key:bob") == "a2"
+        engine.delay = 0.3  # the device stays busy with group a, so switches to group b wait in the queue
+        await analyze(sched, words(30))
+        ids = []
+        for _ in range(6):
+            await sched.supersede_switches("key:bob", "b1")
+            job = await sched.submit(
+                "switch", {"model_id": "b1", "scope": "client"}, model_id="b1", owner="key:bob"
+            )
+            ids.append(job.id)
+        waiting = [j.id for j in sched.queue if j.kind == "switch"]
+        assert waiting == ids[-1:]
+        for old in ids[:-1]:
+            got = await sched.get(old)
+            assert got is not None and got.status == "cancelled" and "superseded" in (got.error or "")
+        await analyze_as(sched, "key:bob")
+        await analyze_as(sched, "key:bob")
+        with pytest.raises(SchedulerError) as busy:  # two analyses and the queued switch: the cap of 3
+            await analyze_as(sched, "key:bob")
+        assert busy.value.reason == "client_busy"
+        done = await sched.wait(ids[-1], 20)
+        assert done.status == "completed" and sched.resolve_model(None, "key:bob") == "b1"
+        assert sched.current_model == "a1"
+
+    run(tmp_path, monkeypatch, body)
+
+
+async def analyze_as(sched: Scheduler, owner: str) -> str:
+    model = sched.resolve_model(None, owner)
+    job = await sched.submit("analyze", {"text": words(3), "options": {}}, model_id=model, owner=owner)
+    return job.id

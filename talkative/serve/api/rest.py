@@ -12,6 +12,7 @@ from .. import access
 from ..jobs import Job
 from ..registry import UnknownModel
 from ..scheduler_types import SchedulerError
+from ..service import Service
 from .deps import ClientIdentity, client_identity, service_of
 from .models import (
     AnalyzeAccepted,
@@ -117,25 +118,46 @@ async def cancel(request_id: str, request: Request) -> dict[str, Any]:
 @api.get("/api/v2/models", summary="Model groups, their models, and what is loaded")
 async def list_models(request: Request, who: ClientIdentity = Depends(client_identity)) -> dict[str, Any]:
     svc = service_of(request)
-    return access.filter_listing(svc.models_listing(), svc.registry, who)
+    return client_listing(svc, who)
+
+
+def client_listing(svc: Service, who: ClientIdentity) -> dict[str, Any]:
+    """The listing as this client sees it; its current model is its own choice, shown even when hidden (it
+    named it), else the server's default unless hidden from it."""
+    listing = access.filter_listing(svc.models_listing(who.key), svc.registry, who)
+    own = svc.scheduler.client_models.get(who.key)
+    if own is not None:
+        listing["current_model"] = own
+        listing["current_group"] = svc.registry.model(own).group_id
+    return listing
 
 
 @api.post("/api/v2/models/switch", response_model=SwitchResponse, responses={503: {"model": ErrorBody}})
 async def switch_model(
     body: SwitchRequest, request: Request, who: ClientIdentity = Depends(client_identity)
 ) -> dict[str, Any]:
-    """Make a model current (the model of requests that name none). A switch to another group is queued behind
-    the work running on the device and answered when the group is loaded (or after REQUEST_TIMEOUT with
-    `status: "queued"`; follow it with `GET /status/{request_id}`)."""
+    """Make a model this client's current one (the model of its requests that name none); the administrator's
+    switch sets the server's default instead, for every client that has not chosen its own. A switch to another
+    group is queued behind the work running on the device and answered when the group is loaded (or after
+    REQUEST_TIMEOUT with `status: "queued"`; follow it with `GET /status/{request_id}`). A switch counts against
+    MAX_QUEUE_SIZE and MAX_JOBS_PER_CLIENT; a later switch of the same client replaces a queued one (409 for
+    the replaced request)."""
     svc = service_of(request)
     try:
         access.check_model(svc.registry, body.model_id, who)
-        job = await svc.submit_switch(body.model_id, client_request_id=body.client_request_id, owner=who.key)
+        job = await svc.submit_switch(
+            body.model_id,
+            client_request_id=body.client_request_id,
+            owner=who.key,
+            server_default=who.is_admin,
+        )
     except (SchedulerError, UnknownModel) as exc:
         raise _http(exc) from None
     job = await svc.scheduler.wait(job.id, timeout=svc.settings.request_timeout or None)
     if job.status == "failed":
         raise HTTPException(503, job.error or "the switch failed")
+    if job.status == "cancelled":  # a later switch of this client replaced it while it waited
+        raise HTTPException(409, job.error or "the switch was cancelled")
     if job.status == "completed" and job.result is not None:
         info = job.result["model_info"]
         return {

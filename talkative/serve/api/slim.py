@@ -246,7 +246,7 @@ async def slim_status(request_id: str, request: Request) -> dict[str, Any]:
 async def slim_models(request: Request, who: ClientIdentity = Depends(client_identity)) -> dict[str, Any]:
     svc = service_of(request)
     registry, loaded = svc.registry, svc.scheduler.loaded_groups()
-    current = svc.scheduler.current_model
+    current = svc.scheduler.current_for(who.key)
     return {
         "model_groups": [
             {
@@ -258,7 +258,9 @@ async def slim_models(request: Request, who: ClientIdentity = Depends(client_ide
             }
             for g in access.listed_groups(registry, who)
         ],
-        "current_model_id": access.shown_model(registry, current, who),
+        "current_model_id": current
+        if current == svc.scheduler.client_models.get(who.key)
+        else access.shown_model(registry, current, who),
     }
 
 
@@ -282,7 +284,7 @@ async def slim_layers(
         default = default_model(registry, group, who)
     except SchedulerError as exc:
         raise http_error(exc) from None
-    current = svc.scheduler.current_model
+    current = svc.scheduler.current_for(who.key)
     return {
         "group_id": group.group_id,
         "group_name": group.group_name,

@@ -70,7 +70,9 @@ async def memory(request: Request, who: ClientIdentity = Depends(client_identity
     on_device = {g: d for g, d in svc.scheduler.loaded_groups().items() if g in shown}
     cached = [g for g in svc.residency.cached_groups() if g in shown]
     models_cached = [m for m in svc.residency.cached_models() if access.sees_model(registry, m, who)]
-    current = access.shown_model(registry, svc.scheduler.current_model, who)
+    current = svc.scheduler.current_for(who.key)
+    if current != svc.scheduler.client_models.get(who.key):  # the server's default: shown unless hidden
+        current = access.shown_model(registry, current, who)
     return {
         "memory": per_device[devices[0]],
         "devices": per_device,
@@ -126,7 +128,7 @@ async def model_info(
         "batch_size": svc.registry.model_setting(settings, "batch_size", model_id=model.id),
         "auto_batch_size_max": svc.registry.model_setting(settings, "auto_batch_size_max", model_id=model.id),
         "is_loaded": loaded is not None,
-        "is_current": model.id == svc.scheduler.current_model,
+        "is_current": model.id == svc.scheduler.current_for(who.key),
         "location": on_device.get(group.group_id)
         or ("cpu_cache" if group.group_id in svc.residency.cached_groups() else None),
         "visible": model.visible and group.visible,

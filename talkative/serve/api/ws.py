@@ -30,6 +30,7 @@ from .deps import MessageRefused, message_gate, service_of, websocket_identity
 from .errors import describe_validation_error
 from .generate import generations_of
 from .models import AnalyzeRequest, GenerateRequest
+from .rest import client_listing
 
 log = logging.getLogger("talkative.serve.ws")
 router = APIRouter()
@@ -75,7 +76,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     svc = service_of(websocket)
     conn = svc.hub.attach(websocket, identity)
     sender = asyncio.get_running_loop().create_task(svc.hub.run_sender(conn))
-    current = access.shown_model(svc.registry, svc.scheduler.current_model, identity)
+    # the client's own choice (kept across reconnects), else the server's default unless hidden from it
+    own = svc.scheduler.client_models.get(identity.key)
+    current = own or access.shown_model(svc.registry, svc.scheduler.current_model, identity)
     conn.send(
         {
             "type": "connection_established",
@@ -226,7 +229,7 @@ async def cancel(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
 
 @handles("list_model_groups")
 async def list_model_groups(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
-    listing = access.filter_listing(svc.models_listing(), svc.registry, conn.identity)
+    listing = client_listing(svc, conn.identity)
     conn.send({"type": "model_groups_list", **listing, "client_request_id": _crid(data)})
 
 
@@ -236,7 +239,13 @@ async def switch_model(svc: Service, conn: Connection, data: dict[str, Any]) -> 
     if not isinstance(model_id, str) or not model_id:
         raise ProtocolError("'model_id' (a string) is required")
     access.check_model(svc.registry, model_id, conn.identity)
-    await svc.submit_switch(model_id, client_request_id=_crid(data), owner=conn.identity.key, subscriber=conn)
+    await svc.submit_switch(
+        model_id,
+        client_request_id=_crid(data),
+        owner=conn.identity.key,
+        subscriber=conn,
+        server_default=conn.identity.is_admin,
+    )
 
 
 @handles("ping")
