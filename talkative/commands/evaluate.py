@@ -1,5 +1,9 @@
 """`talkative eval CHECKPOINT --data HELDOUT`: FVE, nMSE, MSE, relative RMSE and KL on held-out activations,
-against the untrained init and the blanked-explanation baseline, with best-of-k scaling (table + PNG)."""
+with best-of-k scaling, against baselines at equal k: the mean training activation of the current token, the
+selection control (best of k over explanations of other documents' activations) and the untrained init.
+
+The data must come from the checkpoint's subject at its layer (refused otherwise); a training split is accepted
+only with `--allow-train`, and the report then says `train` everywhere it says held-out otherwise."""
 
 from __future__ import annotations
 
@@ -11,6 +15,15 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="held-out activation directory (with shard-*.safetensors)")
+    p.add_argument(
+        "--train-data",
+        help="training split for the token-mean baseline (default: the dataset's train/ beside --data, if any)",
+    )
+    p.add_argument(
+        "--allow-train",
+        action="store_true",
+        help="accept a training split as --data (the report is labelled train, not held-out)",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -33,7 +46,19 @@ def run(args: argparse.Namespace) -> int:
 
     pool = LMPool(dtype=args.dtype)
     nla = open_nla(args.checkpoint, pool=pool)
-    data = ActivationSet(args.data)
+    try:
+        data = ActivationSet(args.data)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"talkative eval: {exc}") from None
+    if data.split != "heldout" and not args.allow_train:
+        raise SystemExit(
+            f"{args.data} is not a held-out split ({data.split}); pass --allow-train to evaluate on it anyway, "
+            "labelled as such"
+        )
+    train_dir = Path(args.train_data) if args.train_data else Path(args.data).parent / "train"
+    train = ActivationSet(train_dir) if any(train_dir.glob("shard-*.safetensors")) else None
+    if args.train_data and train is None:
+        raise SystemExit(f"no activation shards in {train_dir}")
     untrained = None
     if not args.no_untrained:
         cfg = nla.config()
@@ -50,15 +75,19 @@ def run(args: argparse.Namespace) -> int:
             objective=nla.objective,
             fve_variance=nla.fve_variance,
         )
-    report = evaluate(
-        nla,
-        data,
-        untrained=untrained,
-        n=args.samples,
-        kl_samples=args.kl_samples,
-        seed=args.seed,
-        temperature=args.temperature,
-    )
+    try:
+        report = evaluate(
+            nla,
+            data,
+            train=train,
+            untrained=untrained,
+            n=args.samples,
+            kl_samples=args.kl_samples,
+            seed=args.seed,
+            temperature=args.temperature,
+        )
+    except ValueError as exc:  # wrong subject or layer, a context too short for KL, too few documents
+        raise SystemExit(f"talkative eval: {exc}") from None
     out = args.out or Path(args.checkpoint) / "eval"
     write_report(report, out, f"{nla.name}: layer {nla.layer} of {nla.subject_source}")
     print((out / "eval.md").read_text())

@@ -38,13 +38,17 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == "chats":
         return _chats(args)
     from ..nla.train.config import load_config
+    from ..nla.train.data import DatasetMismatch
     from ..nla.train.loop import Run
     from ..nla.train.stages import train
 
     cfg = load_config(
         args.config, stage=args.stage, out=args.out, data=args.data, init=args.init, steps=args.steps
     )
-    run_ = Run(cfg, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    try:
+        run_ = Run(cfg, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    except DatasetMismatch as exc:  # data of another subject or layer than the NLA
+        raise SystemExit(f"talkative train {args.stage}: {exc}") from None
     path = train(run_, progress=not args.no_progress)
     print(f"checkpoint: {path}")
     return 0
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from ..nla.lm import load_lm
-    from ..nla.train.data import DataConfig, build_dataset
+    from ..nla.train.data import DataConfig, DatasetMismatch, build_dataset
 
     raw: dict[str, Any] = {}
     if args.config:
@@ -66,7 +70,10 @@ def _data(args: argparse.Namespace) -> int:
     raw.pop("out", None)
     cfg = DataConfig(**raw)
     lm = load_lm(cfg.source, dtype=cfg.dtype, progress=not args.no_progress)
-    meta = build_dataset(cfg, lm, out, progress=not args.no_progress)
+    try:
+        meta = build_dataset(cfg, lm, out, progress=not args.no_progress)
+    except DatasetMismatch as exc:  # chunks of another plan in the output directory
+        raise SystemExit(f"talkative train data: {exc}") from None
     print(
         json.dumps(
             {"out": str(out), "counts": meta["counts"], "train_variance": meta.get("train_variance")},

@@ -29,19 +29,24 @@ from .lens import TunedLens, format_top, logit_lens, tuned_lens_logits
 from .options import AnalyzeOptions, ChatMessage, Resolved, resolve
 from .reconstructor import SoftPromptReconstructor
 from .sampling import row_uniforms
+from .stopping import Cancelled as Cancelled  # re-exported: callers catch it from here
+from .stopping import Check, stop_if
 from .verbalizer import Explanation, LayerReplacementVerbalizer, PromptOverrides, encode_piece
 
 DEFAULT_ROW_BUDGET = 256
+# Rows × tokens per engine forward. Memory (keys and values of every block, attention) and time grow with both, and
+# free-length explanations run to hundreds of tokens: a row count alone does not bound them. 8192 is the native
+# demo's full batch (256 rows of about 30 tokens) and about 24 rows of an official AV prompt with a 200-token budget.
+DEFAULT_ROW_TOKEN_BUDGET = 8192
+# Tokens a user-supplied prompt piece (replace_left, replace_right, all add_tokens together) may have: each is
+# prepended to every row of a batch, so it multiplies the batch's cost; refused beyond this, before any engine work.
+MAX_PROMPT_PIECE_TOKENS = 256
 KL_ROW_TOKENS = 1 << 17  # rows x cached tokens per KL sub-batch, bounds the transient key/value copies
 OUTLIER_FACTOR = 5.0
 
 
 class AnalysisError(ValueError):
     """Bad input or options for an analysis; the message is meant for the user."""
-
-
-class Cancelled(Exception):
-    """The caller asked to stop; no partial result is kept."""
 
 
 @dataclass
@@ -73,7 +78,6 @@ class Analysis:
 
 
 Progress = Callable[[int, int], None]
-Check = Callable[[], bool]
 
 
 # -- input --------------------------------------------------------------------------------------------------------
@@ -206,6 +210,7 @@ def overrides_for(nla: NLA, opts: Resolved) -> PromptOverrides:
     add_ids: list[int] = []
     for piece in opts.add_tokens:
         add_ids.extend(encode_piece(lm, piece))
+        _bound_piece("add_tokens", add_ids)
     if (
         opts.replace_left is not None or opts.replace_right is not None or opts.hard_tokens
     ) and not isinstance(nla.verbalizer, LayerReplacementVerbalizer):
@@ -216,12 +221,27 @@ def overrides_for(nla: NLA, opts: Resolved) -> PromptOverrides:
         raise AnalysisError(
             f"add_tokens gives {len(add_ids)} tokens; explanations here are {nla.verbalizer.t_text} tokens long"
         )
-    return PromptOverrides(
-        add_ids=add_ids,
-        replace_left_ids=None if opts.replace_left is None else encode_piece(lm, opts.replace_left),
-        replace_right_ids=None if opts.replace_right is None else encode_piece(lm, opts.replace_right),
-        hard_tokens=opts.hard_tokens,
+    left = (
+        None
+        if opts.replace_left is None
+        else _bound_piece("replace_left", encode_piece(lm, opts.replace_left))
     )
+    right = (
+        None
+        if opts.replace_right is None
+        else _bound_piece("replace_right", encode_piece(lm, opts.replace_right))
+    )
+    return PromptOverrides(
+        add_ids=add_ids, replace_left_ids=left, replace_right_ids=right, hard_tokens=opts.hard_tokens
+    )
+
+
+def _bound_piece(name: str, ids: list[int]) -> list[int]:
+    if len(ids) > MAX_PROMPT_PIECE_TOKENS:
+        raise AnalysisError(
+            f"{name} is {len(ids)} tokens long; a prompt piece may have at most {MAX_PROMPT_PIECE_TOKENS} tokens"
+        )
+    return ids
 
 
 def check_options(nla: NLA, opts: Resolved, tuned: TunedLens | None = None) -> None:
@@ -236,6 +256,39 @@ def _steps(nla: NLA, overrides: PromptOverrides) -> int:
     if isinstance(v, LayerReplacementVerbalizer):
         return max(v.t_text - len(overrides.add_ids), 1)
     return v.max_new_tokens
+
+
+def verbalizer_row_tokens(nla: NLA, overrides: PromptOverrides) -> int:
+    """Tokens one verbalizer row holds at its longest (prompt, forced start, every sampled token): what its keys
+    and values and its attention cost grow with."""
+    v = nla.verbalizer
+    if isinstance(v, LayerReplacementVerbalizer):
+        left = len(v.left_ids if overrides.replace_left_ids is None else overrides.replace_left_ids)
+        right = len(v.right_ids if overrides.replace_right_ids is None else overrides.replace_right_ids)
+        return left + 1 + right + max(v.t_text, len(overrides.add_ids))
+    return len(v.prompt_ids) + len(overrides.add_ids) + v.max_new_tokens
+
+
+def reconstructor_row_tokens(rec: Any, n_units: int) -> int:
+    """Tokens one reconstructor row holds for an explanation of `n_units` units (shared prefix included: every
+    row carries its own copy of the prefix's keys)."""
+    extra = len(rec.post_ids) + 1 if isinstance(rec, SoftPromptReconstructor) else 0
+    return len(rec.pre_ids) + n_units + extra
+
+
+def max_positions(
+    nla: NLA,
+    opts: Resolved,
+    row_budget: int = DEFAULT_ROW_BUDGET,
+    row_token_budget: int = DEFAULT_ROW_TOKEN_BUDGET,
+    overrides: PromptOverrides | None = None,
+) -> int:
+    """The most positions one engine batch takes: k rows each, within the row budget and, with every verbalizer
+    row at its longest, within the rows × tokens budget (at least one position: its k rows are then verbalized
+    in several passes, see `_verbalize`)."""
+    k = max(opts.best_of_k, 1)
+    per_row = verbalizer_row_tokens(nla, overrides or overrides_for(nla, opts))
+    return max(1, min(row_budget // k, row_token_budget // (k * per_row)))
 
 
 def _units(nla: NLA, expl: Explanation) -> list[int]:
@@ -294,13 +347,69 @@ def run_batch(
     *,
     tuned: TunedLens | None = None,
     timings: dict[str, float] | None = None,
+    row_token_budget: int = DEFAULT_ROW_TOKEN_BUDGET,
+    cancelled: Check | None = None,
 ) -> list[list[dict[str, Any]]]:
-    """Analyse the given positions of each prepared input in one engine batch; rows per part, in order."""
+    """Analyse the given positions of each prepared input in one engine batch; rows per part, in order.
+
+    Every forward inside stays within `row_token_budget` rows × tokens (verbalizer, reconstructor and salience
+    passes are split as needed), and `cancelled` is asked between decode steps and between those passes: when it
+    answers True the call raises `Cancelled` (see `stopping`).
+    """
     items = [(p, list(pos)) for p, pos in parts if pos]
     if not items:
         return []
     with torch.no_grad():
-        return _run_batch(nla, items, opts, tuned, timings)
+        return _run_batch(nla, items, opts, tuned, timings, Budget(row_token_budget, cancelled))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much one forward may hold (rows × tokens) and when to stop: what every pass of a batch is given."""
+
+    row_tokens: int = DEFAULT_ROW_TOKEN_BUDGET
+    cancelled: Check | None = None
+
+    def rows(self, tokens_per_row: int) -> int:
+        return max(1, self.row_tokens // max(tokens_per_row, 1))
+
+    def check(self) -> None:
+        stop_if(self.cancelled)
+
+
+def _verbalize(
+    nla: NLA,
+    A: Tensor,
+    k: int,
+    noise: Tensor | None,
+    opts: Resolved,
+    overrides: PromptOverrides,
+    budget: Budget,
+) -> list[Explanation]:
+    """`generate` in passes of at most `budget` rows × tokens: whole positions while k rows fit, else the k
+    samples of one position split over several passes (each row keeps its own seeds, so its sample is the same)."""
+    v = nla.verbalizer
+    G = A.shape[0]
+    cap = budget.rows(verbalizer_row_tokens(nla, overrides))
+    calls: list[tuple[slice, int, slice]] = []  # (positions, samples per position, rows)
+    if G * k <= cap:
+        calls.append((slice(0, G), k, slice(0, G * k)))
+    elif k <= cap:
+        step = cap // k
+        calls.extend((slice(g, g + step), k, slice(g * k, min(g + step, G) * k)) for g in range(0, G, step))
+    else:
+        for g in range(G):
+            for j in range(0, k, cap):
+                n = min(cap, k - j)
+                calls.append((slice(g, g + 1), n, slice(g * k + j, g * k + j + n)))
+    out: list[Explanation] = []
+    for positions, n, rows in calls:
+        budget.check()
+        seeds = None if noise is None else noise[rows]
+        out.extend(
+            v.generate(A[positions], n, seeds, opts.temperature, overrides, cancelled=budget.cancelled)
+        )
+    return out
 
 
 def _run_batch(
@@ -309,6 +418,7 @@ def _run_batch(
     opts: Resolved,
     tuned: TunedLens | None,
     timings: dict[str, float] | None,
+    budget: Budget,
 ) -> list[list[dict[str, Any]]]:
     k = opts.best_of_k
     overrides = overrides_for(nla, opts)
@@ -324,7 +434,7 @@ def _run_batch(
         uniforms = torch.stack(
             [row_uniforms(s, [key], n_steps)[0] for s, key in zip(seeds, keys, strict=True)]
         )
-    explanations = nla.verbalizer.generate(A, k, uniforms, opts.temperature, overrides)
+    explanations = _verbalize(nla, A, k, uniforms, opts, overrides, budget)
     t = _timed(timings, "verbalize", t)
 
     units = [_units(nla, e) for e in explanations]
@@ -337,10 +447,12 @@ def _run_batch(
     current = torch.tensor(cur_ids, dtype=torch.long).repeat_interleave(k)
     ar_cache: KVCache | None = None
     if need_ar:
-        if isinstance(rec, SoftPromptReconstructor) and len({len(u) for u in units}) == 1:
+        budget.check()
+        one_pass = len(units) * reconstructor_row_tokens(rec, max(map(len, units))) <= budget.row_tokens
+        if isinstance(rec, SoftPromptReconstructor) and len({len(u) for u in units}) == 1 and one_pass:
             hats, ar_cache = rec.reconstruct_cached(units, current)  # its keys serve the salience ablations
         else:
-            hats = _reconstruct_grouped(rec, units, current)
+            hats = _reconstruct_grouped(rec, units, current, budget)
         scores = _score(nla, A.repeat_interleave(k, 0), hats).view(G, k)
         best_j = _complete_first(scores, truncated).argmin(dim=1)
         best_idx = [g * k + int(j) for g, j in enumerate(best_j)]
@@ -351,12 +463,13 @@ def _run_batch(
     salience: list[list[float] | None] = [None] * G
     if opts.salience and best_hat is not None and best_score is not None:
         salience = _salience(
-            nla, A, [units[i] for i in best_idx], current[best_idx], best_score, ar_cache, best_idx
+            nla, A, [units[i] for i in best_idx], current[best_idx], best_score, budget, ar_cache, best_idx
         )
         t = _timed(timings, "salience", t)
 
     kl: list[float | None] = [None] * G
     if opts.kl and best_hat is not None:
+        budget.check()
         kl = _kl(nla, parts, best_hat)
         t = _timed(timings, "kl", t)
 
@@ -432,15 +545,18 @@ def _salience(
     best_units: list[list[int]],
     current: Tensor,
     base: Tensor,
+    budget: Budget | None = None,
     cache: KVCache | None = None,
     cache_rows: list[int] | None = None,
 ) -> list[list[float] | None]:
     """(score with unit i replaced by a space − score) / score for every unit of every position.
 
     With the KV cache of the best explanations' own reconstructor pass (soft-prompt ARs), the keys before unit i
-    are reused and one pass per index i recomputes units i.. of every position; otherwise all ablations of all
-    positions go through one pass.
+    are reused and one pass per index i recomputes units i.. of the positions of a chunk; otherwise every
+    ablation is a row of its own, reconstructed in chunks. Either way a pass holds at most `budget` rows × tokens,
+    whatever the explanations' length.
     """
+    budget = budget or Budget()
     rec = nla.reconstructor
     spans = [rec.explanation_span(u) for u in best_units]
     owner = [g for g, (start, stop) in enumerate(spans) for _ in range(start, stop)]
@@ -448,7 +564,13 @@ def _salience(
         return [[] for _ in best_units]
     idx = torch.tensor(owner)
     if cache is not None and cache_rows is not None and isinstance(rec, SoftPromptReconstructor):
-        hats = rec.ablations(best_units, current, cache, cache_rows)  # rows g·T + i, as `owner`
+        step = budget.rows(reconstructor_row_tokens(rec, len(best_units[0])))
+        chunks = []
+        for g in range(0, len(best_units), step):
+            budget.check()
+            sl = slice(g, g + step)
+            chunks.append(rec.ablations(best_units[sl], current[sl], cache, cache_rows[sl]))
+        hats = torch.cat(chunks)  # rows g·T + i, as `owner`
     else:
         ablated = []
         for u, (start, stop) in zip(best_units, spans, strict=True):
@@ -456,7 +578,7 @@ def _salience(
                 v = list(u)
                 v[i] = rec.space_id
                 ablated.append(v)
-        hats = _reconstruct_grouped(rec, ablated, current[idx])
+        hats = _reconstruct_grouped(rec, ablated, current[idx], budget)
     scores = _score(nla, A[idx], hats)
     rel = ((scores - base[idx]) / base[idx].clamp_min(1e-12)).tolist()
     out: list[list[float] | None] = []
@@ -467,19 +589,42 @@ def _salience(
     return out
 
 
-def _reconstruct_grouped(rec: Any, units: list[list[int]], current: Tensor) -> Tensor:
-    """Reconstruct rows of possibly different lengths: soft-prompt ARs need one length per call."""
+def _reconstruct_grouped(
+    rec: Any, units: list[list[int]], current: Tensor, budget: Budget | None = None
+) -> Tensor:
+    """Reconstruct rows of possibly different lengths in passes of at most `budget` rows × tokens: soft-prompt ARs
+    need one length per pass; template ARs pad to the longest row of a pass, so rows go in order of length."""
+    budget = budget or Budget()
+    if not units:
+        return torch.empty(0, rec.lm.d_model)
     if isinstance(rec, SoftPromptReconstructor):
-        by_len: dict[int, list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for i, u in enumerate(units):
-            by_len.setdefault(len(u), []).append(i)
-        if len(by_len) == 1:
-            return rec.reconstruct(units, current)
-        out = torch.empty(len(units), rec.lm.d_model)
-        for idx in by_len.values():
-            out[idx] = rec.reconstruct([units[i] for i in idx], current[idx])
-        return out
-    return rec.reconstruct(units, current)
+            groups.setdefault(len(u), []).append(i)
+        passes: list[list[int]] = []
+        for n, idx in groups.items():
+            step = budget.rows(reconstructor_row_tokens(rec, n))
+            passes.extend(idx[s : s + step] for s in range(0, len(idx), step))
+    else:
+        order = sorted(range(len(units)), key=lambda i: len(units[i]))
+        passes, start = [], 0
+        while start < len(order):
+            stop = start + 1  # rows are sorted by length: the last one taken sets the pass's width
+            while stop < len(order):
+                width = reconstructor_row_tokens(rec, len(units[order[stop]]))
+                if (stop + 1 - start) * width > budget.row_tokens:
+                    break
+                stop += 1
+            passes.append(order[start:stop])
+            start = stop
+    if len(passes) == 1 and passes[0] == list(range(len(units))):
+        budget.check()
+        return rec.reconstruct(units, current)
+    out = torch.empty(len(units), rec.lm.d_model, device=rec.lm.device)
+    for idx in passes:
+        budget.check()
+        out[idx] = rec.reconstruct([units[i] for i in idx], current[idx]).float()
+    return out
 
 
 def _kl(nla: NLA, parts: list[tuple[Prepared, list[int]]], best_hat: Tensor) -> list[float | None]:
@@ -509,10 +654,15 @@ def _kl(nla: NLA, parts: list[tuple[Prepared, list[int]]], best_hat: Tensor) -> 
 
 
 # -- one input, start to finish -----------------------------------------------------------------------------------
-def batch_positions(nla: NLA, opts: Resolved, row_budget: int = DEFAULT_ROW_BUDGET) -> int:
-    if opts.batch_size is not None:
-        return opts.batch_size
-    return max(1, row_budget // max(opts.best_of_k, 1))
+def batch_positions(
+    nla: NLA,
+    opts: Resolved,
+    row_budget: int = DEFAULT_ROW_BUDGET,
+    row_token_budget: int = DEFAULT_ROW_TOKEN_BUDGET,
+) -> int:
+    """Positions per engine batch: the request's batch_size, never more than the budgets allow (`max_positions`)."""
+    cap = max_positions(nla, opts, row_budget, row_token_budget)
+    return cap if opts.batch_size is None else max(1, min(opts.batch_size, cap))
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -535,23 +685,34 @@ def analyze(
     cancelled: Check | None = None,
     tuned: TunedLens | None = None,
     row_budget: int = DEFAULT_ROW_BUDGET,
+    row_token_budget: int = DEFAULT_ROW_TOKEN_BUDGET,
     max_tokens: int | None = None,
     positions: Sequence[int] | None = None,
 ) -> Analysis:
-    """Explain every position of `text` (or the rendered `messages`) and score each explanation."""
+    """Explain every position of `text` (or the rendered `messages`) and score each explanation; `cancelled` is
+    asked between batches and inside them (decode steps, reconstruction and salience passes)."""
     opts = resolve(options)
     check_options(nla, opts, tuned)
     started = time.perf_counter()
     prep = prepare(nla, text, messages, opts, max_tokens=max_tokens, positions=positions)
     timings: dict[str, float] = {"extract": prep.extract_seconds}
-    size = batch_positions(nla, opts, row_budget)
+    size = batch_positions(nla, opts, row_budget, row_token_budget)
     rows: list[dict[str, Any]] = []
     total = len(prep.positions)
     for b in range(0, total, size):
-        if cancelled is not None and cancelled():
-            raise Cancelled()
+        stop_if(cancelled)
         chunk = prep.positions[b : b + size]
-        rows.extend(run_batch(nla, [(prep, chunk)], opts, tuned=tuned, timings=timings)[0])
+        rows.extend(
+            run_batch(
+                nla,
+                [(prep, chunk)],
+                opts,
+                tuned=tuned,
+                timings=timings,
+                row_token_budget=row_token_budget,
+                cancelled=cancelled,
+            )[0]
+        )
         if progress is not None:
             progress(len(rows), total)
     return Analysis(

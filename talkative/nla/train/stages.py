@@ -26,7 +26,7 @@ from ..checkpoint import NLA
 from ..loading import open_nla
 from ..reconstructor import SoftPromptReconstructor
 from ..verbalizer import LayerReplacementVerbalizer
-from .data import ActivationSet
+from .data import ActivationSet, cross_document_derangement
 from .loop import Run
 
 
@@ -74,8 +74,12 @@ def _fve(run: Run, n: Tensor) -> float:
 
 # -- evaluation used during training --------------------------------------------------------------------------
 def heldout_eval(run: Run, *, with_generation: bool) -> dict[str, float]:
-    """FVE of warm-start texts and of a blank explanation (the AR's bounds), plus the AV's k=1 FVE and losses."""
-    data = run.heldout or run.train
+    """FVE of warm-start texts and of a blank explanation (the AR's bounds), plus the AV's k=1 FVE and losses.
+
+    Measured on the held-out split, or on the training split when the data have none: the loop logs which
+    (`eval_split`), so a curve of training data is never read as a held-out one.
+    """
+    data = run.heldout if run.heldout is not None else run.train
     nla = run.nla
     v, r = _require_upstream(nla)
     n = min(run.cfg.eval_samples, len(data))
@@ -96,7 +100,7 @@ def heldout_eval(run: Run, *, with_generation: bool) -> dict[str, float]:
             ids = torch.tensor([e.ids for e in expl], device=run.device)
             out["fve_k1"] = _fve(run, M.nmse(A, _batched(lambda i: r(ids[i], cur[i]), n)))
             out["av_loss"] = float(-_batched_logp(v, A, warm).mean())
-            perm = torch.roll(torch.arange(n), 1)
+            perm = cross_document_derangement(data.doc_key[idx], seed=1234)
             out["av_loss_shuffled"] = float(-_batched_logp(v, A[perm], warm).mean())
     return out
 
