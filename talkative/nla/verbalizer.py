@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .kvcache import KVCache
 from .lm import LM, sequence_bos_id
 from .sampling import sample_next
+from .stopping import Check, stop_if
 
 EMBED_PLACEHOLDER = "<embed>"
 DEFAULT_AV_PROMPT = "Short explanation of <embed>. Language, topic, sentiment, claims, speaker, style, etc:"
@@ -215,8 +216,11 @@ class LayerReplacementVerbalizer(nn.Module):
         uniforms: Tensor | None,
         temperature: float,
         overrides: PromptOverrides | None = None,
+        *,
+        cancelled: Check | None = None,
     ) -> list[Explanation]:
-        """k explanations for each row of A [G, d], rows ordered position-major (row g*k + j)."""
+        """k explanations for each row of A [G, d], rows ordered position-major (row g*k + j); `cancelled` is
+        asked before every decode step (see `stopping`)."""
         ov = overrides or PromptOverrides()
         lm = self.lm
         n_forced = len(ov.add_ids)
@@ -240,6 +244,7 @@ class LayerReplacementVerbalizer(nn.Module):
             cache = cache.repeat_interleave(k, extra_capacity=n_sample)
             pos = int(positions[0, -1]) + 1
             for t in range(n_sample):
+                stop_if(cancelled)
                 u = uniforms[:, t] if uniforms is not None else None
                 tok = sample_next(logits, temperature, u)
                 sampled.append(tok)
@@ -380,7 +385,11 @@ class EmbeddingReplacementVerbalizer(nn.Module):
         temperature: float,
         overrides: PromptOverrides | None = None,
         max_new_tokens: int | None = None,
+        *,
+        cancelled: Check | None = None,
     ) -> list[Explanation]:
+        """k explanations for each row of A [G, d] (position-major rows), each sampled until the stop string, an
+        end-of-turn token or the token budget; `cancelled` is asked before every decode step."""
         ov = overrides or PromptOverrides()
         if ov.replace_left_ids is not None or ov.replace_right_ids is not None or ov.hard_tokens:
             raise ValueError(
@@ -411,26 +420,28 @@ class EmbeddingReplacementVerbalizer(nn.Module):
         reasons = ["length"] * rows
         pos = int(positions[0, -1]) + 1
         stop_tail = max(8, len(encode_piece(lm, self.stop)) + 2)
+        done = [False] * rows
+        n_live = rows
         for t in range(budget):
+            stop_if(cancelled)
             u = uniforms[alive, t] if uniforms is not None else None
             tok = sample_next(logits, temperature, u).cpu()
-            finished = []
-            for j, (r, tid) in enumerate(zip(alive.tolist(), tok.tolist(), strict=True)):
+            for r, tid in zip(alive.tolist(), tok.tolist(), strict=True):
+                if done[r]:
+                    continue  # a finished row still in the cache: its token is never read
                 out[r].append(tid)
                 if tid in self.eos_ids:
-                    reasons[r] = "eos"
-                    finished.append(j)
+                    reasons[r], done[r] = "eos", True
                 elif self.stop and self.stop in lm.tokenizer.decode(out[r][-stop_tail:]):
-                    reasons[r] = "stop"
-                    finished.append(j)
-            if t == budget - 1:
+                    reasons[r], done[r] = "stop", True
+                n_live -= done[r]
+            if t == budget - 1 or n_live == 0:
                 break
-            keep = torch.ones(len(alive), dtype=torch.bool)
-            keep[finished] = False
-            if not keep.any():
-                break
-            if finished:
-                idx = keep.nonzero().squeeze(1)
+            # Compacting copies the whole cache, which costs about as much as a decode step of the same rows:
+            # finished rows ride along until a quarter of the cache is dead, so each row is copied a few times at
+            # most instead of once per finishing row.
+            if 4 * (len(alive) - n_live) >= len(alive):
+                idx = torch.tensor([j for j, r in enumerate(alive.tolist()) if not done[r]], dtype=torch.long)
                 alive, tok = alive[idx], tok[idx]
                 cache = cache.select(idx.to(lm.device), extra_capacity=budget - t)
             p = torch.full((len(alive), 1), pos, device=lm.device)

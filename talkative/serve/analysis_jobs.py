@@ -3,7 +3,10 @@
 An admitted analysis is prepared on the device's preparation thread, then its positions are dealt out in chunks.
 A device runs `NUM_WORKERS_PER_GPU` engine batches at once; each batch is led by the active job served least
 recently and filled with chunks of compatible jobs up to the model's row budget (see the `scheduler` module for
-the policy). Here too: REQUEST_TIMEOUT, progress and ETA messages, and turning the rows into a job's result.
+the policy), and no forward of a batch holds more than ROW_TOKEN_BUDGET rows × tokens. Here too: REQUEST_TIMEOUT,
+counted on a job's own engine time (its preparation and the batches that carry its positions, not the time it
+waits for a worker another job holds) and enforced inside engine calls, progress and ETA messages, and turning
+the rows into a job's result.
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..nla.analysis import (
     AnalysisError,
+    Cancelled,
     Prepared,
-    batch_positions,
     check_options,
+    max_positions,
     metadata,
     prepare,
     run_batch,
@@ -38,12 +43,18 @@ log = logging.getLogger("talkative.serve.scheduler")  # the scheduler's parts lo
 class AnalysisJobs(SchedulerBase):
     """The analysis part of `Scheduler` (a mixin on its shared state)."""
 
-    def check_analysis(self, model_id: str, options: dict[str, Any]) -> None:
-        """Options the model cannot honour are refused before queueing when the model is loaded (else later)."""
+    async def check_analysis(self, model_id: str, options: dict[str, Any]) -> None:
+        """Options the model cannot honour are refused before queueing when the model is loaded (else later).
+
+        The check tokenizes user-supplied prompt pieces (to bound them in tokens), so it runs on a worker thread,
+        never on the event loop."""
+        resolved = resolve(options)
         loaded = self.runtime_for(model_id)
         if loaded is not None:
             rt, nla = loaded
-            check_options(nla, resolve(options), rt.tuned.get(model_id))
+            await asyncio.get_running_loop().run_in_executor(
+                None, check_options, nla, resolved, rt.tuned.get(model_id)
+            )
 
     # -- analysis: prepare ----------------------------------------------------------------------------------------
     def _budget(self, model_id: str) -> int:
@@ -74,8 +85,8 @@ class AnalysisJobs(SchedulerBase):
                 raise AnalysisError(rt.errors.get(job.model_id, f"model {job.model_id} is not loaded"))
             tuned = rt.tuned.get(job.model_id)
             req = job.request
-            prepared = await asyncio.get_running_loop().run_in_executor(
-                dev.prep_pool, self._prepare_sync, nla, req, work.resolved, tuned
+            prepared, most = await asyncio.get_running_loop().run_in_executor(
+                dev.prep_pool, self._prepare_sync, work, nla, req, tuned
             )
         except AnalysisError as exc:
             self._fail_work(work, str(exc))
@@ -90,30 +101,38 @@ class AnalysisJobs(SchedulerBase):
                 work.prepared = prepared
                 work.pending = list(prepared.positions)
                 work.total = len(work.pending)
-                work.chunk = self._chunk_size(job.model_id, nla, work.resolved)
+                work.max_positions = most
+                work.chunk = self._chunk_size(job.model_id, work.resolved, most)
                 work.num_batches = math.ceil(work.total / work.chunk)
                 if work.total == 0:
                     self._complete_work(work, nla)
         finally:
+            if work.prep_started is not None:
+                work.engine_seconds += time.time() - work.prep_started
+                work.prep_started = None
             dev.preparing -= 1
             self._schedule()
 
-    def _prepare_sync(self, nla: NLA, req: dict[str, Any], opts: Resolved, tuned: Any) -> Prepared:
+    def _prepare_sync(self, work: Work, nla: NLA, req: dict[str, Any], tuned: Any) -> tuple[Prepared, int]:
+        """The prepared input and the most positions one batch of it may take (both tokenize: a worker thread)."""
+        work.prep_started = time.time()  # the job's own time starts when this thread takes it up
+        opts = work.resolved
+        assert work.job.model_id is not None
         check_options(nla, opts, tuned)
-        return prepare(
+        prepared = prepare(
             nla,
             text=req.get("text"),
             messages=req.get("messages"),
             options=opts,
             max_tokens=self.settings.max_tokens,
         )
+        most = max_positions(nla, opts, self._budget(work.job.model_id), self.settings.row_token_budget)
+        return prepared, most
 
-    def _chunk_size(self, model_id: str, nla: NLA, opts: Resolved) -> int:
-        """Positions per chunk: the request's batch_size, else the model's, else what the row budget allows."""
-        budget = self._budget(model_id)
-        cap = max(1, budget // max(opts.best_of_k, 1))
+    def _chunk_size(self, model_id: str, opts: Resolved, most: int) -> int:
+        """Positions per chunk: the request's batch_size, else the model's, never more than the budgets allow."""
         size = opts.batch_size or self.registry.model_setting(self.settings, "batch_size", model_id=model_id)
-        return min(size or batch_positions(nla, opts, budget), cap)
+        return max(1, min(size or most, most))
 
     # -- analysis: chunks -----------------------------------------------------------------------------------------
     def _take(self, work: Work, n: int) -> list[int]:
@@ -142,7 +161,8 @@ class AnalysisJobs(SchedulerBase):
             parts = [(lead, self._take(lead, lead.chunk))]
             rows = len(parts[0][1]) * k
             for other in order[1:]:
-                room = (budget - rows) // k
+                # equal keys mean equal k and prompt pieces, so the lead's rows × tokens cap holds for all parts
+                room = min((budget - rows) // k, lead.max_positions - rows // k)
                 if room <= 0:
                     break
                 if other.key == lead.key and not (only_whole and len(other.pending) > min(other.chunk, room)):
@@ -153,19 +173,20 @@ class AnalysisJobs(SchedulerBase):
             self._spawn(self._run_batch(dev, rt, parts))
 
     def _expire(self, dev: DeviceState) -> None:
+        """Fail the jobs whose own engine time passed REQUEST_TIMEOUT; their engine calls see it and stop."""
         limit = self.settings.request_timeout
         if not limit:
             return
         now = time.time()
-        message = f"the request took longer than REQUEST_TIMEOUT ({limit:g} s) and was stopped"
+        message = f"the request took longer than REQUEST_TIMEOUT ({limit:g} s) of engine time and was stopped"
         for work in list(dev.works.values()):
-            started = work.job.started_at
-            if started is not None and now - started > limit:
+            if work.own_seconds(now) > limit:
                 log.warning("job %s exceeded REQUEST_TIMEOUT on %s", work.job.id, dev.name)
                 self._fail_work(work, message)
         for job_id in list(dev.whole):
             job = self.jobs.get(job_id)
-            if job is not None and not job.terminal and job.started_at and now - job.started_at > limit:
+            began = dev.whole_started.get(job_id)  # set when a worker thread takes the job up
+            if job is not None and not job.terminal and began is not None and now - began > limit:
                 log.warning("job %s exceeded REQUEST_TIMEOUT on %s", job.id, dev.name)
                 dev.whole.discard(job_id)  # its handler sees ctx.cancelled() and stops; the slot frees
                 self._finish(job, FAILED, error=message)
@@ -202,15 +223,37 @@ class AnalysisJobs(SchedulerBase):
             work.chunks_started += 1
         inputs = [(w.prepared, pos) for w, pos in parts]
         timings: dict[str, float] = {}
+        works = [w for w, _pos in parts]
+        for work in works:
+            if work.busy_since is None:
+                work.busy_since = now
+
+        def stopped() -> bool:
+            """Asked by the engine between steps on its thread: stop once no part's job wants the rows."""
+            return all(w.cancelled or w.job.terminal for w in works)
+
         t0 = time.perf_counter()
         try:
             outs = await asyncio.get_running_loop().run_in_executor(
-                dev.batch_pool, _engine_batch, nla, inputs, lead.resolved, tuned, timings
+                dev.batch_pool,
+                _engine_batch,
+                nla,
+                inputs,
+                lead.resolved,
+                tuned,
+                timings,
+                self.settings.row_token_budget,
+                stopped,
             )
         except Exception as exc:  # the executor itself failed (shutdown): every part fails alike
             outs = [exc] * len(parts)
         finally:
             dev.inflight -= 1
+            ended = time.time()
+            for work in works:
+                if work.inflight == 1 and work.busy_since is not None:  # its last batch in flight ends here
+                    work.engine_seconds += ended - work.busy_since
+                    work.busy_since = None
         seconds = time.perf_counter() - t0
         n_rows = sum(len(pos) for _w, pos in parts) * lead.resolved.best_of_k
         self._record_batch(lead.job.model_id, n_rows, seconds, merged=len(parts) > 1)
@@ -315,13 +358,18 @@ def _engine_batch(
     opts: Resolved,
     tuned: Any,
     timings: dict[str, float],
+    row_token_budget: int,
+    stopped: Callable[[], bool],
 ) -> list[list[dict[str, Any]] | BaseException]:
     """One engine batch on a worker thread; if a merged batch fails, each part is retried alone so a bad part
-    fails only its own job."""
+    fails only its own job. `stopped` is handed to the engine, which stops early (`Cancelled`) once it says so."""
     parts = [(p, pos) for p, pos in inputs if p is not None]
+    kw: dict[str, Any] = {"tuned": tuned, "timings": timings, "row_token_budget": row_token_budget}
     if len(parts) == len(inputs):
         try:
-            return list(run_batch(nla, parts, opts, tuned=tuned, timings=timings))
+            return list(run_batch(nla, parts, opts, cancelled=stopped, **kw))
+        except Cancelled as exc:
+            return [exc] * len(inputs)
         except Exception as exc:
             if len(inputs) == 1:
                 return [exc]
@@ -334,7 +382,7 @@ def _engine_batch(
             out.append(AnalysisError("cancelled"))
             continue
         try:
-            out.append(run_batch(nla, [(p, pos)], opts, tuned=tuned, timings=timings)[0])
+            out.append(run_batch(nla, [(p, pos)], opts, cancelled=stopped, **kw)[0])
         except Exception as exc:
             out.append(exc)
     return out

@@ -364,7 +364,7 @@ class Generations:
         """Queue the generation (one completion; client_request_id + "_gen") and chain its analysis."""
         options = analysis.options.model_dump(exclude_unset=True) if analysis.options else {}
         try:
-            self.scheduler.check_analysis(analysis_model_id, options)
+            await self.scheduler.check_analysis(analysis_model_id, options)
         except AnalysisError as exc:
             raise SchedulerError(400, str(exc)) from None
         crid = req.client_request_id

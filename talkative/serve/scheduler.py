@@ -369,7 +369,13 @@ class Scheduler(GroupSwitching, AnalysisJobs):
                 emit=emit,
                 cancelled=lambda: job.terminal,
             )
-            result = await loop.run_in_executor(dev.batch_pool, handler, ctx)
+
+            def started_handler(ctx: JobContext) -> dict[str, Any]:
+                # REQUEST_TIMEOUT counts from here: time waiting for a worker held by others is not the job's
+                dev.whole_started[job.id] = time.time()
+                return handler(ctx)
+
+            result = await loop.run_in_executor(dev.batch_pool, started_handler, ctx)
         except AnalysisError as exc:
             if not job.terminal:
                 self._finish(job, FAILED, error=str(exc))
@@ -385,4 +391,5 @@ class Scheduler(GroupSwitching, AnalysisJobs):
         finally:
             dev.inflight -= 1
             dev.whole.discard(job.id)
+            dev.whole_started.pop(job.id, None)
             self._schedule()

@@ -114,6 +114,18 @@ class Work:
     merged: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
+    # the most positions one engine batch of this job may take (row and rows × tokens budgets)
+    max_positions: int = 1
+    # REQUEST_TIMEOUT counts the job's own engine time only: its preparation from when the preparation thread takes
+    # it up, and the spans during which at least one of its batches runs (waiting for a worker does not count).
+    engine_seconds: float = 0.0
+    busy_since: float | None = None  # a batch of this job is running since then
+    prep_started: float | None = None  # its preparation is running since then (set on the preparation thread)
+
+    def own_seconds(self, now: float) -> float:
+        """Engine time spent on this job so far, the span running now included."""
+        running = [t for t in (self.busy_since, self.prep_started) if t is not None]
+        return self.engine_seconds + sum(now - t for t in running)
 
 
 @dataclass
@@ -127,6 +139,7 @@ class DeviceState:
     draining_for: str | None = None  # group waiting for this device to finish its work
     works: dict[str, Work] = field(default_factory=dict)
     whole: set[str] = field(default_factory=set)  # admitted jobs run by a JobHandler
+    whole_started: dict[str, float] = field(default_factory=dict)  # job id -> when a worker thread took it up
     inflight: int = 0  # engine batches (and whole jobs) running
     preparing: int = 0
     last_used: float = 0.0

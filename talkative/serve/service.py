@@ -55,7 +55,7 @@ class Service:
         model_id = self.scheduler.resolve_model(req.model_id, owner)
         request = req.engine_request()
         try:
-            self.scheduler.check_analysis(model_id, request["options"])
+            await self.scheduler.check_analysis(model_id, request["options"])
         except AnalysisError as exc:
             raise SchedulerError(400, str(exc)) from None
         return await self.scheduler.submit(

@@ -154,7 +154,16 @@ class Settings(BaseSettings):
     max_text_length: int = Field(20000, ge=1, description="Longest text (characters) an analysis accepts.")
     max_tokens: int = Field(4096, ge=1, description="Longest input (tokens) an analysis accepts.")
     request_timeout: float = Field(
-        300, ge=0, description="Seconds a job may spend processing; 0 = no limit (checked between batches)."
+        300,
+        ge=0,
+        description="Seconds of its own engine time a job may use (its preparation and batches, not time waiting "
+        "for a worker); 0 = no limit. Checked every second and inside engine calls, which then stop.",
+    )
+    row_token_budget: int = Field(
+        8192,
+        ge=64,
+        description="Rows × tokens one engine forward may hold (verbalizer, reconstructor and salience passes are "
+        "split to fit): bounds an analysis's memory whatever its explanations' length.",
     )
     max_active_jobs: int = Field(
         8, ge=1, description="Jobs prepared and interleaved at once per device; the rest wait queued."

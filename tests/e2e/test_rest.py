@@ -83,6 +83,21 @@ def test_bad_input_is_400_with_detail(tiny_server: Server, body: dict, fragment:
     assert fragment in r.json()["detail"]
 
 
+def test_a_prompt_override_is_bounded_in_tokens_before_any_engine_work(tiny_server: Server) -> None:
+    """2,000 characters of CJK Extension B are about 8,000 tokens, each prepended to every row of a batch: refused
+    with a 400 naming the token bound, quickly (tokenized off the event loop, no engine work queued)."""
+    huge = "".join(chr(0x20000 + i * 7) for i in range(2000))
+    t0 = time.monotonic()
+    r = tiny_server.post("/analyze", {"text": "hello world", "options": {**FAST, "replace_right": huge}})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert "replace_right" in detail and "at most 256 tokens" in detail, detail
+    assert time.monotonic() - t0 < 5
+    r = tiny_server.post("/analyze", {"text": "hello world", "options": {**FAST, "replace_left": huge[:40]}})
+    assert r.status_code == 200, r.text  # 40 such characters fit within the bound
+    assert tiny_server.get("/health").json()["status"] == "healthy"
+
+
 def test_bad_json_and_unknown_ids(tiny_server: Server) -> None:
     r = tiny_server.post("/analyze", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["detail"]

@@ -54,7 +54,7 @@ class Engine:
         return FakePrep(text, list(range(len(text.split()))), options.seed)
 
     def run_batch(
-        self, nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None
+        self, nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None, **kw: Any
     ) -> list[list[dict[str, Any]]]:
         self.batches.append([(p.text, list(pos)) for p, pos in parts])
         time.sleep(self.delay)
@@ -146,6 +146,9 @@ def run(
     monkeypatch.setattr(analysis_jobs, "prepare", engine.prepare)
     monkeypatch.setattr(analysis_jobs, "run_batch", engine.run_batch)
     monkeypatch.setattr(analysis_jobs, "check_options", lambda nla, opts, tuned=None: None)
+    monkeypatch.setattr(
+        analysis_jobs, "max_positions", lambda nla, opts, rows, row_tokens: rows // opts.best_of_k
+    )
     monkeypatch.setattr(analysis_jobs, "metadata", lambda nla, prep, *a: {"n_positions": len(prep.positions)})
     cfg = Settings(
         model_groups_file=tmp_path / "none.json",

@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_scheduler import Engine, FakeResidency, Sink, analyze, run, until, words
 
+from talkative.nla.analysis import Cancelled
 from talkative.serve import analysis_jobs
 from talkative.serve.lifecycle import drain
 from talkative.serve.scheduler import Scheduler
@@ -39,12 +40,12 @@ def test_out_of_memory_fails_only_its_job_with_a_clear_error(
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
         real = analysis_jobs.run_batch
 
-        def run_batch(nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None) -> Any:
+        def run_batch(nla: Any, parts: Any, opts: Any, **kw: Any) -> Any:
             if any(p.text.startswith("oom") for p, _ in parts):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
             if any(p.text.startswith("ram") for p, _ in parts):
                 raise MemoryError()
-            return real(nla, parts, opts, tuned=tuned, timings=timings)
+            return real(nla, parts, opts, **kw)
 
         monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
         oom = await sched.wait(await analyze(sched, "oom " + words(3)), 10)
@@ -69,10 +70,10 @@ def test_a_stuck_engine_call_fails_its_job_at_the_timeout(
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
         real = analysis_jobs.run_batch
 
-        def run_batch(nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None) -> Any:
+        def run_batch(nla: Any, parts: Any, opts: Any, **kw: Any) -> Any:
             if any(p.text.startswith("stuck") for p, _ in parts):
                 release.wait(30)  # an engine call that does not come back on its own
-            return real(nla, parts, opts, tuned=tuned, timings=timings)
+            return real(nla, parts, opts, **kw)
 
         monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
         sched.settings.request_timeout = 1.0
@@ -191,10 +192,11 @@ def test_the_monitor_hears_every_engine_stage(tmp_path: Path, monkeypatch: pytes
         sched.monitor = recorder
         real = analysis_jobs.run_batch
 
-        def run_batch(nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None) -> Any:
+        def run_batch(nla: Any, parts: Any, opts: Any, **kw: Any) -> Any:
+            timings = kw["timings"]
             for stage in ("verbalize", "reconstruct", "kl"):
                 timings[stage] = timings.get(stage, 0.0) + 0.001
-            return real(nla, parts, opts, tuned=tuned, timings=timings)
+            return real(nla, parts, opts, **kw)
 
         monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
         assert (await sched.wait(await analyze(sched, words(3)), 10)).status == "completed"
@@ -252,3 +254,43 @@ async def analyze_as(sched: Scheduler, owner: str) -> str:
     model = sched.resolve_model(None, owner)
     job = await sched.submit("analyze", {"text": words(3), "options": {}}, model_id=model, owner=owner)
     return job.id
+
+
+def test_a_job_waiting_behind_a_long_batch_does_not_time_out_and_the_long_one_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REQUEST_TIMEOUT counts a job's own engine time: bob's job, admitted while alice's batch holds the only
+    worker, waits longer than the limit yet completes; alice's batch, past the limit, is told to stop and does."""
+    ended = threading.Event()
+
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        real = analysis_jobs.run_batch
+        started = threading.Event()
+
+        def run_batch(nla: Any, parts: Any, opts: Any, **kw: Any) -> Any:
+            if any(p.text.startswith("slow") for p, _ in parts):
+                started.set()
+                deadline = time.monotonic() + 20
+                while (
+                    time.monotonic() < deadline
+                ):  # a long engine call asking its cancel callable between steps
+                    if kw["cancelled"]():
+                        ended.set()
+                        raise Cancelled()
+                    time.sleep(0.01)
+            return real(nla, parts, opts, **kw)
+
+        monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
+        sched.settings.request_timeout = 0.5
+        alice = await analyze(sched, "slow " + words(3))
+        await until(started.is_set, 5)
+        t0 = time.monotonic()
+        bob = await analyze(sched, words(2))
+        done_alice = await sched.wait(alice, 10)
+        assert done_alice.status == "failed" and "REQUEST_TIMEOUT" in (done_alice.error or "")
+        await until(ended.is_set, 5)  # the engine call itself returned early
+        done_bob = await sched.wait(bob, 10)
+        assert done_bob.status == "completed", done_bob.error
+        assert time.monotonic() - t0 > 0.5  # bob waited past the limit for the worker alice held
+
+    run(tmp_path, monkeypatch, body, num_workers_per_gpu=1)
