@@ -75,8 +75,16 @@ def describe_arch(config: Any) -> Arch:
         raise ValueError(f"model type {mt!r} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
     family = "gpt2" if mt == "gpt2" else ("gemma" if mt in GEMMA else "llama")
     n_layers = cfg.num_hidden_layers if family != "gpt2" else cfg.n_layer
-    layer_types = tuple(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
-    window = getattr(cfg, "sliding_window", None) if "sliding_attention" in layer_types else None
+    declared = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None)
+    if declared:
+        layer_types = tuple(declared)
+    elif window is not None:
+        # Mistral-style configs name one global window and no layer types: transformers windows every layer
+        layer_types = ("sliding_attention",) * n_layers
+    else:
+        layer_types = ("full_attention",) * n_layers
+    window = window if "sliding_attention" in layer_types else None
     return Arch(
         model_type=mt,
         family=family,

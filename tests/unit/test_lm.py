@@ -82,3 +82,47 @@ def test_unsupported_model_type_is_refused():
 
     with pytest.raises(ValueError, match="not supported"):
         describe_arch(BertConfig())
+
+
+def _tiny_mistral(tokenizer, window: int | None):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from talkative.nla.lm import LM
+
+    cfg = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=window,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LM(AutoModelForCausalLM.from_config(cfg), tokenizer, source="tiny-mistral")
+
+
+def test_a_global_sliding_window_applies_to_every_layer(tokenizer):
+    """Mistral-style: `sliding_window` without `layer_types`; transformers windows every layer."""
+    lm = _tiny_mistral(tokenizer, window=4)
+    assert lm.arch.layer_types == ("sliding_attention",) * 4 and lm.arch.sliding_window == 4
+    ids = _ids(lm, n=20)
+    with torch.no_grad():
+        ref = lm.model(ids, output_hidden_states=True).hidden_states
+        for layer in range(lm.n_layers - 1):
+            torch.testing.assert_close(lm.residual(ids, layer), ref[layer + 1], rtol=1e-5, atol=1e-5)
+        # the window matters here: the same weights without it give other states
+        lm.model.config.sliding_window = None
+        unwindowed = lm.model(ids, output_hidden_states=True).hidden_states
+        lm.model.config.sliding_window = 4
+        assert not torch.allclose(unwindowed[2], ref[2], atol=1e-3)
+        # decoding one token at a time through the cache sees the same window
+        cache = KVCache(2, 3)
+        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(2, -1)
+        outs = [lm.forward(lm.embed(ids[:, :6]), pos[:, :6], cache=cache)]
+        for i in range(6, ids.shape[1]):
+            outs.append(lm.forward(lm.embed(ids[:, i : i + 1]), pos[:, i : i + 1], cache=cache))
+        logits = lm.logits(lm.final_norm(torch.cat(outs, 1)))
+    torch.testing.assert_close(logits, lm.model(ids).logits, rtol=1e-4, atol=1e-4)
