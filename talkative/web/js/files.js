@@ -17,6 +17,9 @@ export const CSV_COLUMNS = [
   'norm',
   'outlier',
   'layer',
+  'finish_reason',
+  'all_samples_truncated',
+  'explanation_parse',
   'logit_lens_top',
   'tuned_lens_top',
   'explanation_structured',
@@ -105,7 +108,7 @@ function csvValue(column, raw) {
     const n = Number(raw);
     return Number.isFinite(n) ? n : null;
   }
-  if (column === 'outlier') return raw === 'true';
+  if (column === 'outlier' || column === 'all_samples_truncated') return raw === 'true';
   if (JSON_CELLS.has(column)) {
     try {
       return JSON.parse(raw);
