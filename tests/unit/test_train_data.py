@@ -407,6 +407,12 @@ def test_eval_baselines_at_equal_k(tmp_path, tiny_ds):
         assert gap == pytest.approx(float((best - M.nmse(A, mine)).mean() / 0.5), rel=1e-4, abs=1e-6)
         assert "vs_untrained" in report["gaps"][str(k)]
     assert "vs_token_mean" in report["gaps"]["1"] and "blank" not in report
+    # a direction-only NLA's unit-dependent figures use its reconstruction at the norm of A
+    k1, _ = best_of(scored, 1)
+    assert report["unit_metrics_at_norm_of_A"] is True
+    assert report["best_of_k"]["1"]["mse"] == pytest.approx(
+        float(M.mse(A, M.rescale_to_norm(k1, A)).mean()), rel=1e-5
+    )
     assert report["best_of_k"]["1"]["kl"] is not None and report["selection_control"]["4"].get("kl") is None
     write_report(report, tmp_path / "eval", "tiny")
     md = (tmp_path / "eval" / "eval.md").read_text()

@@ -190,8 +190,19 @@ def evaluate(
         "selection_control": {},
     }
 
+    # A direction-only reconstructor's output norm is arbitrary: unit-dependent figures (MSE, relative RMSE, KL)
+    # use every row's reconstruction at ‖A‖, as analysis does; FVE, nMSE and cosine do not depend on it.
+    at_norm = nla.objective == "nmse"
+    report["unit_metrics_at_norm_of_A"] = at_norm
+
+    def unit(hats: Tensor) -> Tensor:
+        return M.rescale_to_norm(hats, A[: len(hats)]) if at_norm else hats
+
     def kl(model: NLA, hats: Tensor) -> float | None:
         return kl_at(model, data, kl_idx, hats[: len(kl_idx)]) if len(kl_idx) else None
+
+    def row(hats: Tensor) -> dict[str, float]:
+        return metric_row(A, hats, variance)
 
     def with_kl(row: dict[str, float], value: float | None) -> dict[str, float]:
         return {**row, "kl": value} if value is not None else row
@@ -212,21 +223,21 @@ def evaluate(
     best: dict[int, Tensor] = {}
     ctrl_best: dict[int, Tensor] = {}
     for k in ks:
-        best[k], _ = best_of(scored, k)
-        ctrl_best[k], _ = best_of(ctrl, k)
+        best[k] = unit(best_of(scored, k)[0])
+        ctrl_best[k] = unit(best_of(ctrl, k)[0])
         kl_k = kl(nla, best[k]) if k in (1, 8) else None
-        report["best_of_k"][str(k)] = with_kl(metric_row(A, best[k], variance), kl_k)
+        report["best_of_k"][str(k)] = with_kl(row(best[k]), kl_k)
         kl_c = kl(nla, ctrl_best[k]) if k == 8 else None
-        report["selection_control"][str(k)] = with_kl(metric_row(A, ctrl_best[k], variance), kl_c)
+        report["selection_control"][str(k)] = with_kl(row(ctrl_best[k]), kl_c)
     gaps: dict[str, dict[str, Any]] = {
         str(k): {"vs_selection_control": _gap(A, best[k], ctrl_best[k], variance)} for k in ks
     }
     if train is not None:
         means, global_mean = token_means(train)
-        tm_hats = torch.stack([means.get(int(t), global_mean) for t in cur.tolist()])
+        tm_hats = unit(torch.stack([means.get(int(t), global_mean) for t in cur.tolist()]))
         seen = sum(int(t) in means for t in cur.tolist())
         report["token_mean"] = {
-            **with_kl(metric_row(A, tm_hats, variance), kl(nla, tm_hats)),
+            **with_kl(row(tm_hats), kl(nla, tm_hats)),
             "train_samples": len(train),
             "seen_fraction": seen / n,
         }
@@ -236,14 +247,12 @@ def evaluate(
         u_scored = sample_and_score(untrained, A, cur, max(uk), seed, temperature)
         report["untrained"] = {}
         for k in uk:
-            u_hats, _ = best_of(u_scored, k)
-            report["untrained"][str(k)] = with_kl(
-                metric_row(A, u_hats, variance), kl(untrained, u_hats) if k == 8 else None
-            )
+            u_hats = unit(best_of(u_scored, k)[0])
+            report["untrained"][str(k)] = with_kl(row(u_hats), kl(untrained, u_hats) if k == 8 else None)
             gaps[str(k)]["vs_untrained"] = _gap(A, best[k], u_hats, variance)
     report["gaps"] = gaps
     blank = torch.full((n, v.t_text), r.space_id, dtype=torch.long)
-    report["blank_diagnostic"] = metric_row(A, _reconstruct(r, blank, cur), variance)
+    report["blank_diagnostic"] = row(unit(_reconstruct(r, blank, cur)))
     report["samples"] = _examples(nla, data, scored, idx)
     return report
 
@@ -254,6 +263,10 @@ def _examples(
     """A fixed rule picks the examples shown in the docs: every (n // count)-th held-out sample, in order."""
     tok = nla.subject.tokenizer
     hats8, ids8 = best_of(scored, 8)
+    if (
+        nla.objective == "nmse"
+    ):  # a direction-only reconstruction is read at ‖A‖ (relative RMSE depends on it)
+        hats8 = M.rescale_to_norm(hats8, data.acts[idx])
     step = max(1, len(idx) // count)
     out = []
     var = nla.fve_variance or 1.0
