@@ -8,8 +8,14 @@ STAMP := $(VENV)/.installed
 HOST ?=
 PORT ?= 8000
 PYTEST_ARGS ?=
+# `make image`: TORCH=cuda (PyPI's torch, for GPU hosts), cpu (the CPU index, for laptops) or a wheel's path inside
+# the build context; IMAGE_ARGS adds `docker build` options (e.g. --build-arg BASE=...).
+IMAGE ?= talkative:latest
+TORCH ?= cuda
+IMAGE_CONTEXT ?= .
+IMAGE_ARGS ?=
 
-.PHONY: run test venv model chromium lint format typecheck bench clean-venv
+.PHONY: run test venv model chromium docker-engine image lint format typecheck bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,10 +39,22 @@ chromium:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# The container test builds and runs the image: Debian's Docker engine (unless one answers) and debootstrap.
+docker-engine:
+	@{ command -v debootstrap >/dev/null 2>&1 && { docker info >/dev/null 2>&1 || command -v dockerd >/dev/null 2>&1; }; } || { \
+	  echo "installing Debian's docker.io and debootstrap for the container test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker.io debootstrap >/dev/null; }
+
+image:
+	docker build -t $(IMAGE) $(IMAGE_ARGS) \
+	  $(if $(filter cpu,$(TORCH)),--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu,$(if $(filter-out cuda,$(TORCH)),--build-arg TORCH_SPEC=$(TORCH))) \
+	  $(IMAGE_CONTEXT)
+
 run: model
 	$(PY) -m talkative.cli serve $(if $(HOST),--host $(HOST)) --port $(PORT)
 
-test: model chromium
+test: model chromium docker-engine
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
