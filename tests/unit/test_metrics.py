@@ -72,3 +72,17 @@ def test_kl_from_logits():
     assert float(M.kl_from_logits(p, p + 5.0).abs().max()) < 1e-5  # shift-invariant, zero for equal laws
     big = torch.tensor([[1000.0, 0.0, -1000.0]])
     assert math.isfinite(float(M.kl_from_logits(big, big.flip(-1))))
+
+
+def test_rescale_to_norm_keeps_the_direction_and_takes_the_norm():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 32, generator=g) * 40, torch.randn(5, 32, generator=g) * 0.01
+    r = M.rescale_to_norm(b, a)
+    torch.testing.assert_close(r.double().norm(dim=-1), a.double().norm(dim=-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(M.cosine(r, b), torch.ones(5), rtol=1e-6, atol=1e-6)
+    # at ‖A‖, the unit-dependent metrics are functions of the direction alone
+    n = M.nmse(a, b)
+    torch.testing.assert_close(M.relative_rmse(a, r), n.sqrt(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(M.mse(a, r), a.pow(2).sum(-1) / 32 * n, rtol=1e-5, atol=1e-4)
+    for factor in (0.1, 10.0):
+        torch.testing.assert_close(M.rescale_to_norm(b * factor, a), r, rtol=1e-5, atol=1e-5)
