@@ -502,3 +502,53 @@ def test_a_keyless_server_binds_loopback_and_refuses_a_network_address(tmp_path:
     assert message is not None and "HOST=0.0.0.0" in message and "ALLOW_UNAUTHENTICATED" in message
     assert refusal(host="0.0.0.0", allow_unauthenticated=True) is None
     assert refusal(host="0.0.0.0", api_keys=f"alice:{ALICE}") is None
+
+
+# -- strict request bodies --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"text": "x", "options": {"optimize_explanations_config": {"best_of_k": "2"}}},
+        {"text": "x", "options": {"optimize_explanations_config": {"best_of_k": True}}},
+        {"text": "x", "options": {"seed": "7"}},
+        {"text": "x", "options": {"no_kl": 1}},
+        {"text": "x", "options": {"no_kl": "true"}},
+        {"text": "x", "options": {"temperature": "0.5"}},
+    ],
+)
+def test_numbers_and_booleans_must_be_json_numbers_and_booleans(body: dict[str, Any]) -> None:
+    from pydantic import ValidationError
+
+    from talkative.serve.api.errors import describe_validation_error
+    from talkative.serve.api.models import AnalyzeRequest, GenerateRequest
+
+    with pytest.raises(ValidationError) as refused:
+        AnalyzeRequest.model_validate(body)
+    assert "must be" in describe_validation_error(refused.value.errors())
+    with pytest.raises(ValidationError):
+        GenerateRequest.model_validate({"text": "x", "options": {"max_new_tokens": "5"}})
+    ok = AnalyzeRequest.model_validate(
+        {"text": "x", "options": {"seed": 7, "no_kl": True, "temperature": 1, "batch_size": 4.0}}
+    )
+    assert ok.options is not None and ok.options.temperature == 1.0 and ok.options.batch_size == 4
+
+
+def test_the_openapi_description_documents_what_the_server_answers(tmp_path: Path) -> None:
+    from talkative.serve.app import create_app
+    from talkative.serve.settings import default_model_groups_file
+
+    groups = default_model_groups_file()
+    app = create_app(
+        Settings(model_groups_file=groups, data_dir=tmp_path / "data", api_keys=f"alice:{ALICE}")
+    )
+    schema = app.openapi()
+    text = json.dumps(schema)
+    assert '"422"' not in text and "HTTPValidationError" not in text
+    analyze = schema["paths"]["/analyze"]["post"]["responses"]
+    assert {"200", "400", "401", "403", "404", "413", "429", "503"} <= set(analyze)
+    assert "Retry-After" in analyze["429"]["headers"] and "WWW-Authenticate" in analyze["401"]["headers"]
+    assert set(schema["paths"]["/health"]["get"]["responses"]) == {"200", "400", "403"}
+    assert schema["paths"]["/analyze"]["post"]["security"]
+    keyless = create_app(Settings(model_groups_file=groups, data_dir=tmp_path / "data2")).openapi()
+    assert "401" not in keyless["paths"]["/analyze"]["post"]["responses"]  # nothing asks for a key there
+    assert "security" not in keyless["paths"]["/analyze"]["post"]

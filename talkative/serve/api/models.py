@@ -7,9 +7,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...nla.options import AnalyzeOptions, ChatMessage
+from .strict import StrictBody
 
 
-class AnalyzeRequest(BaseModel):
+class AnalyzeRequest(StrictBody):
     """`POST /analyze` and the WebSocket `analyze` message: text or chat messages, a model, the engine's options."""
 
     model_config = ConfigDict(extra="forbid")
@@ -55,7 +56,7 @@ class AnalyzeAccepted(BaseModel):
     queue_size: int
 
 
-class SwitchRequest(BaseModel):
+class SwitchRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     model_id: str = Field(min_length=1)
     client_request_id: str | None = Field(None, max_length=200)
@@ -134,7 +135,7 @@ class GenerateOptions(BaseModel):
         return out
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(StrictBody):
     """`POST /generate` and the WebSocket `generate` message: continue a text, or a chat (a trailing assistant
     message is continued, otherwise a new assistant turn starts)."""
 

@@ -30,6 +30,7 @@ from .deps import ClientIdentity, client_identity, service_of
 from .failures import http_error
 from .generate import generations_of
 from .models import AnalyzeRequest, ErrorBody, GenerateOptions, GenerateRequest
+from .strict import StrictBody
 
 router = APIRouter(
     prefix="/api/slim",
@@ -40,7 +41,7 @@ router = APIRouter(
 SEED = 42
 
 
-class SlimRequest(BaseModel):
+class SlimRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far, oldest first.")
     model_group: str = Field(min_length=1, description="A group id (GET /api/slim/models).")

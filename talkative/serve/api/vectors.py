@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from ...nla import vectors as V
 from ...nla.options import AnalyzeOptions, ChatMessage
@@ -32,6 +32,7 @@ from ..service import Service
 from .deps import ClientIdentity, client_identity, service_of
 from .failures import failure_status, http_error
 from .models import ErrorBody
+from .strict import StrictBody
 
 router = APIRouter(
     prefix="/api/v1",
@@ -80,7 +81,7 @@ def _wire(value: Any, what: str) -> Any:
     return value
 
 
-class Texty(BaseModel):
+class Texty(StrictBody):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -101,7 +102,7 @@ class Texty(BaseModel):
         return len(self.text) if self.text is not None else sum(len(m.content) for m in self.messages or [])
 
 
-class DescribeRequest(BaseModel):
+class DescribeRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     vectors: Any = _vectors_field("One vector or up to 256, each with the model's d values.")
     tokens: list[str | int | None] | None = Field(
@@ -125,7 +126,7 @@ class DescribeRequest(BaseModel):
         return self
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     explanation: str | None = Field(None, max_length=V.MAX_EXPLANATION_CHARS, description="A text to score.")
     explanations: list[str] | None = Field(
