@@ -17,8 +17,17 @@ Both paths use the same NLA weights (the demo checkpoint when the checkout has o
 `--untrained-layer L`, an untrained `NLA.init` with upstream's default prompts), the same k, T, temperature and
 batch size (the engine's automatic 256-row budget: 32 positions).
 
+With `--official DIR` (an official AV/AR pair, e.g. the one `scripts/make_checkpoints.py` builds for the bundled
+model) it measures the official format instead, in fp32:
+
+* one analysis of a short text at k = 1, temperature 0, salience and KL on, as `talkative analyze` runs it: its
+  stage seconds and the process's peak RSS (nothing else is loaded before it);
+* the cost per generated token-row of each verbalizer at equal rows (`--rows`, greedy, after a warm-up): the
+  official AV against the native demo checkpoint's, wall and process-CPU seconds.
+
 Usage: python bench/analyze.py [--dtypes fp32,bf16] [--repeats 2] [--tokens 50] [--untrained-layer 20]
        [--json out.json] [--check]
+       python bench/analyze.py --official DIR [--rows 24] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from talkative.defaults import DEFAULT_LAYER, demo_checkpoint  # noqa: E402
-from talkative.nla.analysis import analyze, batch_positions  # noqa: E402
+from talkative.nla.analysis import analyze, batch_positions, prepare  # noqa: E402
 from talkative.nla.checkpoint import NLA, load_nla  # noqa: E402
 from talkative.nla.lm import LM, LMPool  # noqa: E402
 from talkative.nla.options import resolve  # noqa: E402
@@ -475,6 +484,91 @@ def check(dtype: str, untrained_layer: int | None = None) -> None:
     print(f"{dtype}: {len(same)}/{len(rows)} greedy explanations identical; their MSE, salience and KL agree")
 
 
+# -- the official format ---------------------------------------------------------------------------------------------
+OFFICIAL_TEXT = "The cat sat on the mat."
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def verbalizer_cost(nla: NLA, rows: int, repeats: int) -> dict[str, float]:
+    """Seconds per generated token-row of `nla`'s verbalizer, greedy, on `rows` activations of TEXT at its layer
+    (each row decodes until it stops; the prompt's prefill is part of the cost)."""
+    A = prepare(nla, TEXT).acts.float()
+    A = A[1 : rows + 1] if len(A) > rows else A[1:]  # position 0 is an attention sink, unlike the others
+    nla.verbalizer.generate(A[:2], 1, None, 0.0)  # warm-up: the shared prompt prefix is computed once
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        with Clock() as c:
+            out = nla.verbalizer.generate(A, 1, None, 0.0)
+        n = sum(len(e.ids) for e in out)
+        if not best or c.wall / n < best["wall_per_token_row"]:
+            best = {
+                "rows": len(A),
+                "token_rows": n,
+                "wall_seconds": c.wall,
+                "cpu_seconds": c.cpu,
+                "wall_per_token_row": c.wall / n,
+                "cpu_per_token_row": c.cpu / n,
+            }
+    return best
+
+
+def run_official(official: Path, rows: int, repeats: int) -> dict[str, Any]:
+    from talkative.nla.loading import open_nla
+
+    pool = LMPool(dtype="fp32")
+    nla = open_nla(str(official), pool=pool)
+    opts = {"optimize_explanations_config": {"best_of_k": 1}, "temperature": 0}
+    with Clock() as c:
+        out = analyze(nla, OFFICIAL_TEXT, options=opts)
+    assert all(r["token_salience"] is not None for r in out.rows)
+    res: dict[str, Any] = {
+        "analysis": {
+            "text": OFFICIAL_TEXT,
+            "positions": len(out.rows),
+            "wall_seconds": c.wall,
+            "cpu_seconds": c.cpu,
+            "stage_seconds": out.metadata["stage_seconds"],
+            "batch_positions": out.metadata["batch_size"],
+            "explanation_units": [len(r["token_salience"] or []) for r in out.rows],
+            "peak_rss_mib": _peak_rss_mib(),
+        },
+        "threads": torch.get_num_threads(),
+    }
+    res["official"] = verbalizer_cost(nla, rows, repeats)
+    native, what = open_bench_nla("fp32")
+    res["native"] = verbalizer_cost(native, rows, repeats) | {"nla": what}
+    for clock in ("wall", "cpu"):
+        key = f"{clock}_per_token_row"
+        res[f"official_over_native_{clock}"] = res["official"][key] / res["native"][key]
+    return res
+
+
+def print_official(res: dict[str, Any]) -> None:
+    a = res["analysis"]
+    print(f"\nmachine: {machine()}")
+    print(
+        f"official analysis of {a['text']!r} (k=1, greedy, salience and KL on): {a['positions']} positions, "
+        f"{a['batch_positions']} per batch, explanation lengths {a['explanation_units']}, "
+        f"{a['wall_seconds']:.1f} s wall / {a['cpu_seconds']:.1f} s CPU, peak RSS {a['peak_rss_mib']:.0f} MiB"
+    )
+    print("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in a["stage_seconds"].items()))
+    for name in ("official", "native"):
+        v = res[name]
+        print(
+            f"{name:<8} verbalizer: {v['rows']} rows, {v['token_rows']} token-rows, "
+            f"{1e3 * v['wall_per_token_row']:.2f} ms wall / {1e3 * v['cpu_per_token_row']:.2f} ms CPU per token-row"
+        )
+    print(
+        f"official / native per token-row at equal rows: {res['official_over_native_wall']:.2f}x wall, "
+        f"{res['official_over_native_cpu']:.2f}x CPU"
+    )
+
+
 def machine() -> str:
     flags = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
@@ -540,6 +634,8 @@ def main() -> int:
         help="bench an untrained NLA.init at this layer (upstream's default prompts) instead of the demo",
     )
     ap.add_argument("--check", action="store_true", help="only check that both paths agree at temperature 0")
+    ap.add_argument("--official", type=Path, help="bench this official AV/AR pair instead (see the module)")
+    ap.add_argument("--rows", type=int, default=24, help="with --official: verbalizer rows compared")
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's, one per core)"
     )
@@ -548,6 +644,12 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
+    if args.official is not None:
+        res = run_official(args.official, args.rows, args.repeats)
+        print_official(res)
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine(), "official": res}, indent=2))
+        return 0
     if args.check:
         for dt in args.dtypes.split(","):
             check(dt, args.untrained_layer)

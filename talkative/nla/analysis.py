@@ -27,7 +27,7 @@ from .checkpoint import NLA
 from .kvcache import KVCache, PrefixView
 from .lens import TunedLens, format_top, logit_lens, tuned_lens_logits
 from .options import AnalyzeOptions, ChatMessage, Resolved, resolve
-from .reconstructor import SoftPromptReconstructor
+from .reconstructor import SoftPromptReconstructor, TemplateReconstructor
 from .sampling import row_uniforms
 from .stopping import Cancelled as Cancelled  # re-exported: callers catch it from here
 from .stopping import Check, stop_if
@@ -551,9 +551,10 @@ def _salience(
 ) -> list[list[float] | None]:
     """(score with unit i replaced by a space − score) / score for every unit of every position.
 
-    With the KV cache of the best explanations' own reconstructor pass (soft-prompt ARs), the keys before unit i
-    are reused and one pass per index i recomputes units i.. of the positions of a chunk; otherwise every
-    ablation is a row of its own, reconstructed in chunks. Either way a pass holds at most `budget` rows × tokens,
+    The keys before unit i do not change when unit i is ablated, so they are reused and one pass per index i
+    recomputes units i.. of the positions of a chunk (soft-prompt ARs reuse the keys of the best explanations' own
+    reconstructor pass, template ARs make one unablated pass per chunk); any other reconstructor takes every
+    ablation as a row of its own, reconstructed in chunks. Either way a pass holds at most `budget` rows × tokens,
     whatever the explanations' length.
     """
     budget = budget or Budget()
@@ -571,6 +572,19 @@ def _salience(
             sl = slice(g, g + step)
             chunks.append(rec.ablations(best_units[sl], current[sl], cache, cache_rows[sl]))
         hats = torch.cat(chunks)  # rows g·T + i, as `owner`
+    elif isinstance(rec, TemplateReconstructor):
+        chunks, g = [], 0
+        while g < len(best_units):  # positions in order, as many per chunk as their longest row allows
+            stop = g + 1
+            while stop < len(best_units):
+                width = max(len(u) for u in best_units[g : stop + 1])
+                if (stop + 1 - g) * reconstructor_row_tokens(rec, width) > budget.row_tokens:
+                    break
+                stop += 1
+            budget.check()
+            chunks.append(rec.ablations(best_units[g:stop], spans[g:stop], budget.cancelled))
+            g = stop
+        hats = torch.cat(chunks)  # rows in `owner` order
     else:
         ablated = []
         for u, (start, stop) in zip(best_units, spans, strict=True):
