@@ -67,3 +67,12 @@ def test_history_needs_the_key_and_lists_cancelled_jobs(make_server: Any) -> Non
     assert (
         cancelled["status"] == "cancelled" and cancelled["n_tokens"] is None and cancelled["summary"] is None
     )
+
+
+def test_an_offset_beyond_the_stores_integers_is_a_400(tiny_server: Server) -> None:
+    for offset in ("9223372036854775808", "99999999999999999999999"):
+        r = tiny_server.get("/api/history", params={"offset": offset})
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"]
+    r = tiny_server.get("/api/history", params={"offset": str(2**63 - 1)})
+    assert r.status_code == 200 and r.json()["items"] == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import struct
 
+import httpx
 import pytest
 from e2e_helpers import Server
 
@@ -127,3 +128,27 @@ def test_a_dimension_mismatch_for_a_model_not_loaded_fails_its_job_with_400(make
     assert "have 12 values but this model's activations have 64" in r.json()["detail"]
     bad = server.post("/api/v1/describe", {"vectors": [[float(i) for i in range(63)] + [1e39]]})
     assert bad.status_code == 400
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e999"])
+@pytest.mark.parametrize(
+    ("path", "template"),
+    [
+        ("/api/v1/describe", '{"vectors": [%s]}'),
+        ("/api/v1/describe", '{"vectors": [[%s], [%s]]}'),
+        ("/api/v1/score", '{"explanation": "x", "vector": [%s]}'),
+    ],
+)
+def test_non_finite_json_numbers_are_refused_with_400(
+    tiny_server: Server, path: str, template: str, bad: str
+) -> None:
+    """Python's JSON parser reads NaN and Infinity (and 1e999 as infinity); a list vector holding one is a 400
+    naming the problem, as the base64 form is, never a 500."""
+    row = ", ".join(["0.5"] * (D - 1) + [bad])
+    body = template % ((row,) * template.count("%s"))
+    r = httpx.post(
+        tiny_server.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert r.status_code == 400, r.text
+    assert "NaN or infinite" in r.json()["detail"]
+    assert tiny_server.get("/health").status_code == 200

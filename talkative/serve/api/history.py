@@ -19,6 +19,7 @@ from .deps import ClientIdentity, client_identity, service_of
 router = APIRouter(dependencies=[Depends(client_identity)])
 
 PREVIEW_CHARS = 160
+MAX_OFFSET = 2**63 - 1  # the job store's integers are signed 64-bit: a larger offset cannot even be bound
 KINDS: dict[str, tuple[str, ...]] = {
     "analyze": ("analyze",),
     "generate": ("generate",),
@@ -65,7 +66,12 @@ async def history(
     request: Request,
     who: ClientIdentity = Depends(client_identity),
     limit: int = Query(20, ge=1, le=100, description="Items per page."),
-    offset: int = Query(0, ge=0, description="Items to skip (for the next page: offset + limit)."),
+    offset: int = Query(
+        0,
+        ge=0,
+        le=MAX_OFFSET,
+        description="Items to skip (for the next page: offset + limit).",
+    ),
     kind: Literal["analyze", "generate", "all"] = Query("analyze", description="Which requests to list."),
 ) -> dict[str, Any]:
     """`{items: [{request_id, kind, status, model_id, created_at, completed_at, processing_time, input,

@@ -16,6 +16,7 @@ was not trained on. Reconstructors that do not read the token (official ones) ig
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -78,7 +79,36 @@ def _wire(value: Any, what: str) -> Any:
             400,
             f"{what} must be a list of numbers, a list of such lists, or {{data, shape}} with base64 float32",
         )
+    if isinstance(value, list) and not _all_finite(value):
+        # JSON parsing accepts NaN and Infinity; such a request would never pass the engine's own check, and the
+        # job store refuses to write it
+        raise HTTPException(400, f"{what} contains NaN or infinite values")
     return value
+
+
+def _all_finite(value: list[Any]) -> bool:
+    """False when a number of a JSON-list vector (or list of vectors) is NaN or infinite; other malformed entries
+    are left to the engine, whose message names them."""
+    rows = value if value and isinstance(value[0], list) else [value]
+    for row in rows:
+        if not isinstance(row, list):
+            continue
+        try:
+            if not all(map(math.isfinite, row)):  # C speed for the usual all-number row
+                return False
+        except (TypeError, OverflowError):
+            if not all(map(_finite_number, row)):
+                return False
+    return True
+
+
+def _finite_number(x: Any) -> bool:
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return True  # not a number at all: the engine's message says so
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 class Texty(StrictBody):
