@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from talkative.nla.sampling import sample_next
+
 GEMMA = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 
 
@@ -82,13 +84,12 @@ def activations(model, ids: Sequence[int], layer: int) -> Tensor:
     return out.hidden_states[layer + 1][0].float()
 
 
-def inverse_cdf(logits: Tensor, u: float, temperature: float) -> int:
-    """Categorical sample from softmax(logits / T) by inverse CDF with the uniform u; T = 0 is greedy."""
+def sample_token(logits: Tensor, seed: int, temperature: float) -> int:
+    """The engine's sampling rule (pinned against softmax by tests/unit/test_sampling.py) on reference logits, with
+    one step seed; T = 0 is greedy."""
     if temperature <= 0:
         return int(logits.argmax())
-    p = torch.softmax(logits.double() / temperature, dim=-1)
-    c = torch.cumsum(p, 0)
-    return min(int((c <= u * c[-1]).sum()), len(p) - 1)
+    return int(sample_next(logits.float().unsqueeze(0), temperature, torch.tensor([int(seed)]))[0])
 
 
 # -- upstream ("talkative autoencoder") ---------------------------------------------------------------------------
@@ -115,12 +116,12 @@ def upstream_decoder_logits(
 
 
 def upstream_sample(
-    model, dec, n_patch: int, A: Tensor, T: int, uniforms: Tensor, temperature: float
+    model, dec, n_patch: int, A: Tensor, T: int, seeds: Tensor, temperature: float
 ) -> list[int]:
     tokens: list[int] = []
     for t in range(T):
         logits = upstream_decoder_logits(model, dec, n_patch, A, tokens)[-1]
-        tokens.append(inverse_cdf(logits, float(uniforms[t]), temperature))
+        tokens.append(sample_token(logits, int(seeds[t]), temperature))
     return tokens
 
 
@@ -158,7 +159,7 @@ def official_av_sample(
     marker_id: int,
     v: Tensor,
     injection_scale: float,
-    uniforms: Tensor,
+    seeds: Tensor,
     temperature: float,
     max_new_tokens: int,
     stop: str = "</explanation>",
@@ -177,7 +178,7 @@ def official_av_sample(
         x = torch.cat([E, emb(torch.tensor(out, dtype=torch.long)).float()]) if out else E
         with torch.no_grad():
             logits = av_model(inputs_embeds=x.unsqueeze(0)).logits[0, -1].float()
-        tok = inverse_cdf(logits, float(uniforms[t]), temperature)
+        tok = sample_token(logits, int(seeds[t]), temperature)
         out.append(tok)
         if tok in eos:
             reason = "eos"

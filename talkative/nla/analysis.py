@@ -28,7 +28,7 @@ from .kvcache import KVCache, PrefixView
 from .lens import TunedLens, format_top, logit_lens, tuned_lens_logits
 from .options import AnalyzeOptions, ChatMessage, Resolved, resolve
 from .reconstructor import SoftPromptReconstructor, TemplateReconstructor
-from .sampling import row_uniforms
+from .sampling import step_seeds
 from .stopping import Cancelled as Cancelled  # re-exported: callers catch it from here
 from .stopping import Check, stop_if
 from .verbalizer import Explanation, LayerReplacementVerbalizer, PromptOverrides, encode_piece
@@ -429,12 +429,10 @@ def _run_batch(
     keys = [(q, j) for p, pos in parts for q in pos for j in range(k)]
     seeds = [p.seed for p, pos in parts for q in pos for j in range(k)]
     n_steps = _steps(nla, overrides)
-    uniforms = None
+    noise = None
     if opts.temperature > 0:
-        uniforms = torch.stack(
-            [row_uniforms(s, [key], n_steps)[0] for s, key in zip(seeds, keys, strict=True)]
-        )
-    explanations = _verbalize(nla, A, k, uniforms, opts, overrides, budget)
+        noise = torch.stack([step_seeds(s, [key], n_steps)[0] for s, key in zip(seeds, keys, strict=True)])
+    explanations = _verbalize(nla, A, k, noise, opts, overrides, budget)
     t = _timed(timings, "verbalize", t)
 
     units = [_units(nla, e) for e in explanations]

@@ -15,7 +15,7 @@ import torch
 
 from .kvcache import KVCache
 from .lm import LM
-from .sampling import row_uniforms, sample_next
+from .sampling import sample_next, step_seeds
 from .verbalizer import _end_ids
 
 
@@ -115,8 +115,8 @@ def stream(lm: LM, req: GenerationRequest, result: GenerationResult | None = Non
     res = result if result is not None else GenerationResult(prompt=text, prompt_tokens=len(ids))
     res.prompt, res.prompt_tokens = text, len(ids)
     stops = _end_ids(lm) if req.stop_at_end_of_turn else set()
-    uniforms = (
-        row_uniforms(req.seed, [(c,) for c in range(n)], req.max_new_tokens) if req.temperature > 0 else None
+    noise = (
+        step_seeds(req.seed, [(c,) for c in range(n)], req.max_new_tokens) if req.temperature > 0 else None
     )
     detoks = [_Detok(lm.tokenizer) for _ in range(n)]
     done = [False] * n
@@ -129,8 +129,8 @@ def stream(lm: LM, req: GenerationRequest, result: GenerationResult | None = Non
         logits = lm.logits(lm.final_norm(h[:, -1])).expand(n, -1)
         cache = prefix.broadcast(n, extra_capacity=req.max_new_tokens)
         for t in range(req.max_new_tokens):
-            u = uniforms[:, t] if uniforms is not None else None
-            toks = sample_next(logits, req.temperature, u, top_p=req.top_p).tolist()
+            seeds = noise[:, t] if noise is not None else None
+            toks = sample_next(logits, req.temperature, seeds, top_p=req.top_p).tolist()
             position = len(ids) + t
             for c, tid in enumerate(toks):
                 if done[c]:

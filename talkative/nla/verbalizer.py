@@ -213,14 +213,17 @@ class LayerReplacementVerbalizer(nn.Module):
         self,
         A: Tensor,
         k: int,
-        uniforms: Tensor | None,
+        seeds: Tensor | None,
         temperature: float,
         overrides: PromptOverrides | None = None,
         *,
         cancelled: Check | None = None,
     ) -> list[Explanation]:
-        """k explanations for each row of A [G, d], rows ordered position-major (row g*k + j); `cancelled` is
-        asked before every decode step (see `stopping`)."""
+        """k explanations for each row of A [G, d], rows ordered position-major (row g*k + j).
+
+        `seeds` [G*k, T] holds each row's step seeds (see `sampling.step_seeds`); None at temperature 0.
+        `cancelled` is asked before every decode step (see `stopping`).
+        """
         ov = overrides or PromptOverrides()
         lm = self.lm
         n_forced = len(ov.add_ids)
@@ -245,8 +248,7 @@ class LayerReplacementVerbalizer(nn.Module):
             pos = int(positions[0, -1]) + 1
             for t in range(n_sample):
                 stop_if(cancelled)
-                u = uniforms[:, t] if uniforms is not None else None
-                tok = sample_next(logits, temperature, u)
+                tok = sample_next(logits, temperature, seeds[:, t] if seeds is not None else None)
                 sampled.append(tok)
                 if t == n_sample - 1:
                     break
@@ -381,7 +383,7 @@ class EmbeddingReplacementVerbalizer(nn.Module):
         self,
         A: Tensor,
         k: int,
-        uniforms: Tensor | None,
+        seeds: Tensor | None,
         temperature: float,
         overrides: PromptOverrides | None = None,
         max_new_tokens: int | None = None,
@@ -424,8 +426,7 @@ class EmbeddingReplacementVerbalizer(nn.Module):
         n_live = rows
         for t in range(budget):
             stop_if(cancelled)
-            u = uniforms[alive, t] if uniforms is not None else None
-            tok = sample_next(logits, temperature, u).cpu()
+            tok = sample_next(logits, temperature, seeds[alive, t] if seeds is not None else None).cpu()
             for r, tid in zip(alive.tolist(), tok.tolist(), strict=True):
                 if done[r]:
                     continue  # a finished row still in the cache: its token is never read

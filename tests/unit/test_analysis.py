@@ -22,7 +22,7 @@ from nla_reference import (
 
 from talkative.nla.analysis import Cancelled, analyze, prepare, run_batch
 from talkative.nla.options import resolve
-from talkative.nla.sampling import row_uniforms
+from talkative.nla.sampling import step_seeds
 from talkative.nla.verbalizer import PromptOverrides
 
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -100,11 +100,11 @@ def test_fve_is_null_without_a_baseline(make_tiny):
 
 # -- best-of-k, salience -----------------------------------------------------------------------------------------
 def _samples(nla, text, k, seed, temperature=1.0):
-    """What the engine samples for every position: same uniforms (seed, position, sample), same AV call."""
+    """What the engine samples for every position: same step seeds (seed, position, sample), same AV call."""
     prep = prepare(nla, text, options=_opts(k=k, seed=seed, no_kl=True))
     pos = prep.positions
     steps = nla.verbalizer.t_text
-    u = row_uniforms(seed, [(q, j) for q in pos for j in range(k)], steps)
+    u = step_seeds(seed, [(q, j) for q in pos for j in range(k)], steps)
     expl = nla.verbalizer.generate(prep.acts[pos].float(), k, u, temperature, PromptOverrides())
     return prep, expl
 

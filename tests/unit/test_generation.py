@@ -14,7 +14,7 @@ from talkative.nla.generation import (
     generate,
     stream,
 )
-from talkative.nla.sampling import row_uniforms
+from talkative.nla.sampling import gumbel_max, step_seeds, step_uniforms
 
 PROMPT = "Once upon a time, in a small village,"
 
@@ -24,9 +24,9 @@ def lm(make_tiny):
     return sharpen(make_tiny("qwen2", seed=4), 10.0)
 
 
-def _hand_decode(lm, ids, n, temperature=0.0, top_p=1.0, u=None, stops=()):
-    """Whole-sequence HF forwards. Sampling is the inverse CDF over token ids; with top_p < 1, over the nucleus
-    (the most likely tokens whose mass before them is < top_p) sorted by probability."""
+def _hand_decode(lm, ids, n, temperature=0.0, top_p=1.0, seeds=None, stops=()):
+    """Whole-sequence HF forwards. Sampling is the engine's Gumbel-max with the step seeds over the nucleus (the
+    most likely tokens whose mass before them is < top_p), the nucleus chosen here by hand."""
     ids = list(ids)
     out = []
     for t in range(n):
@@ -36,12 +36,13 @@ def _hand_decode(lm, ids, n, temperature=0.0, top_p=1.0, u=None, stops=()):
             tok = int(logits.argmax())
         else:
             p = torch.softmax(logits / temperature, -1)
-            order = p.argsort(descending=True, stable=True) if top_p < 1 else torch.arange(len(p))
+            order = p.argsort(descending=True, stable=True)
             ps = p[order]
-            keep = (ps.cumsum(0) - ps) < top_p
-            ps = ps * keep
-            cdf = ps.cumsum(0)
-            tok = int(order[int((cdf <= u[t] * cdf[-1]).sum())])
+            nucleus = order[(ps.cumsum(0) - ps) < top_p]
+            scores = torch.full_like(logits, float("-inf"))
+            scores[nucleus] = logits[nucleus] / temperature
+            u = step_uniforms(seeds[t : t + 1], len(logits))
+            tok = int(gumbel_max(scores.float().unsqueeze(0), u)[0])
         out.append(tok)
         if tok in stops:
             break
@@ -79,10 +80,10 @@ def test_sampling_with_top_p_matches_a_hand_decode(lm, temperature, top_p):
         text=PROMPT, max_new_tokens=6, temperature=temperature, top_p=top_p, seed=3, num_completions=3
     )
     res = generate(lm, req)
-    u = row_uniforms(3, [(0,), (1,), (2,)], 6)
+    seeds = step_seeds(3, [(0,), (1,), (2,)], 6)
     ids = lm.encode(PROMPT)
     for c in range(3):
-        assert res.token_ids[c] == _hand_decode(lm, ids, 6, temperature, top_p, u[c].double())
+        assert res.token_ids[c] == _hand_decode(lm, ids, 6, temperature, top_p, seeds[c])
 
 
 def test_top_p_samples_only_from_the_nucleus(lm):

@@ -17,7 +17,7 @@ from talkative.nla import metrics as M
 from talkative.nla.checkpoint import NLA
 from talkative.nla.lm import load_lm
 from talkative.nla.loading import open_nla
-from talkative.nla.sampling import row_uniforms
+from talkative.nla.sampling import step_seeds
 from talkative.nla.train.config import load_config
 from talkative.nla.train.data import ActivationSet, DataConfig, build_dataset
 from talkative.nla.train.evaluate import evaluate, write_report
@@ -234,7 +234,7 @@ def test_eval_metrics_match_hand_computation(tmp_path, dataset, tiny_llama_dir):
     with torch.no_grad():
         hats = []
         for i in range(6):
-            u = row_uniforms(7, [(i, 0)], v.t_text)
+            u = step_seeds(7, [(i, 0)], v.t_text)
             ids = torch.tensor([v.generate(A[i : i + 1], 1, u, 1.0)[0].ids])
             hats.append(r(ids, cur[i : i + 1])[0])
         # a direction-only (nmse) reconstruction is measured at the norm of A

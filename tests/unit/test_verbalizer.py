@@ -17,7 +17,7 @@ from nla_reference import (
     tiny_official_nla,
 )
 
-from talkative.nla.sampling import row_uniforms
+from talkative.nla.sampling import sample_next, step_seeds
 from talkative.nla.verbalizer import (
     EmbeddingReplacementVerbalizer,
     LayerReplacementVerbalizer,
@@ -73,14 +73,14 @@ def test_layer_replacement_is_not_a_no_op(make_tiny):
     assert len({tuple(g) for g in got}) > 1
 
 
-def test_sampling_follows_the_inverse_cdf_of_the_hf_logits(make_tiny):
-    """At temperature τ, token t of row r is the inverse CDF of softmax(logits/τ) at uniform u[r, t], with the
-    logits of a teacher-forced HF forward over the row's own prefix."""
+def test_sampling_follows_the_sampler_on_the_hf_logits(make_tiny):
+    """At temperature τ, token t of row r is the sampler's choice from softmax(logits/τ) with step seed u[r, t],
+    with the logits of a teacher-forced HF forward over the row's own prefix."""
     nla = tiny_nla(make_tiny, "qwen2", patch_layers=2, t_text=4)
     v = nla.verbalizer
     A = _acts(v.lm, n=2)
     k, tau = 3, 1.3
-    u = row_uniforms(7, [(g, j) for g in range(2) for j in range(k)], 4)
+    u = step_seeds(7, [(g, j) for g in range(2) for j in range(k)], 4)
     out = v.generate(A, k, u, tau)
     for r, e in enumerate(out):
         a = A[r // k]
@@ -88,8 +88,7 @@ def test_sampling_follows_the_inverse_cdf_of_the_hf_logits(make_tiny):
         x = torch.cat([x, hf_input_embeddings(v.lm, torch.tensor(e.ids[:-1]))])
         with torch.no_grad(), replace_block_input(v.lm, {i: (n_left, projection(v, a, i)) for i in range(2)}):
             logits = v.lm.model(inputs_embeds=x[None]).logits[0, -4:].double()
-        cdf = torch.softmax(logits / tau, -1).cumsum(-1)
-        want = [int((cdf[t] <= u[r, t] * cdf[t, -1]).sum()) for t in range(4)]
+        want = [int(sample_next(logits[t : t + 1].float(), tau, u[r, t : t + 1])[0]) for t in range(4)]
         assert e.ids == want
     assert len({tuple(e.ids) for e in out}) > 1
 
@@ -104,9 +103,7 @@ def test_add_tokens_force_the_start(make_tiny):
     for g, e in enumerate(out):
         assert e.ids[:2] == add and len(e.ids) == 5
         assert e.ids[2:] == hf_greedy_layer_replacement(v, A[g], 3, add_ids=add)
-    sampled = v.generate(
-        A, 2, row_uniforms(0, [(0,), (1,), (2,), (3,)], 3), 1.0, PromptOverrides(add_ids=add)
-    )
+    sampled = v.generate(A, 2, step_seeds(0, [(0,), (1,), (2,), (3,)], 3), 1.0, PromptOverrides(add_ids=add))
     assert all(e.ids[:2] == add for e in sampled)
     full = v.generate(A, 1, None, 0.0, PromptOverrides(add_ids=encode_piece(v.lm, " a b c d e")))
     assert all(len(e.ids) == 5 for e in full)  # a prefix of exactly T tokens leaves nothing to sample
@@ -251,7 +248,7 @@ def test_embedding_replacement_stops_at_end_of_turn_and_at_the_stop_string(make_
     free = v.generate(A, 2, None, 0.0)
     assert all(len(e.ids) == 6 and e.finish_reason == "length" for e in free)
     _favour(v.lm, eos, after_calls=2)  # prefix pass + one step: the third token is the end of turn
-    out = v.generate(A, 2, row_uniforms(1, [(i,) for i in range(4)], 6), 1.0)
+    out = v.generate(A, 2, step_seeds(1, [(i,) for i in range(4)], 6), 1.0)
     assert all(e.finish_reason == "eos" and len(e.ids) == 3 and e.ids[-1] == eos for e in out)
 
     nla = tiny_official_nla(make_tiny, max_new_tokens=6)

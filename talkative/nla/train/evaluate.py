@@ -31,7 +31,7 @@ from .. import metrics as M
 from ..checkpoint import NLA
 from ..kvcache import KVCache, PrefixView
 from ..reconstructor import SoftPromptReconstructor
-from ..sampling import row_uniforms
+from ..sampling import step_seeds
 from ..verbalizer import LayerReplacementVerbalizer
 from .data import ActivationSet, cross_document_derangement, same_document_fraction
 
@@ -62,7 +62,7 @@ def sample_and_score(
     with torch.no_grad():
         for s in range(0, len(A), batch):
             a = A[s : s + batch]
-            u = row_uniforms(seed, [(s + i, j) for i in range(len(a)) for j in range(k)], v.t_text)
+            u = step_seeds(seed, [(s + i, j) for i in range(len(a)) for j in range(k)], v.t_text)
             ids = torch.tensor([e.ids for e in v.generate(a, k, u, temperature)])
             hats = r(ids, cur[s : s + batch].repeat_interleave(k))
             ids_all.append(ids.view(len(a), k, -1))

@@ -25,6 +25,7 @@ from .. import metrics as M
 from ..checkpoint import NLA
 from ..loading import open_nla
 from ..reconstructor import SoftPromptReconstructor
+from ..sampling import SEED_BOUND
 from ..verbalizer import LayerReplacementVerbalizer
 from .data import ActivationSet, cross_document_derangement
 from .loop import Run
@@ -95,7 +96,7 @@ def heldout_eval(run: Run, *, with_generation: bool) -> dict[str, float]:
         out["fve_blank"] = _fve(run, M.nmse(A, _batched(lambda i: r(blank[i], cur[i]), n)))
         if with_generation:
             g = torch.Generator().manual_seed(1234)
-            u = torch.rand(n, T, generator=g)
+            u = torch.randint(0, SEED_BOUND, (n, T), generator=g)  # step seeds
             expl = v.generate(A, 1, u, 1.0)
             ids = torch.tensor([e.ids for e in expl], device=run.device)
             out["fve_k1"] = _fve(run, M.nmse(A, _batched(lambda i: r(ids[i], cur[i]), n)))
@@ -170,7 +171,7 @@ def grpo(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[st
         A = data.acts[idx].to(run.device)
         cur = data.current[idx].repeat_interleave(G)
         A_rep = A.repeat_interleave(G, 0)
-        u = torch.rand(len(idx) * G, v.t_text, generator=run.generator)
+        u = torch.randint(0, SEED_BOUND, (len(idx) * G, v.t_text), generator=run.generator)  # step seeds
         with torch.no_grad():
             ids = torch.tensor([e.ids for e in v.generate(A, G, u, cfg.temperature)], device=run.device)
             n = M.nmse(A_rep, r(ids, cur))
