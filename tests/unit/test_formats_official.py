@@ -517,14 +517,15 @@ def test_the_vector_endpoints_use_the_same_scale(make_tiny, tmp_path):
 
 
 class _ExactTimes:
-    """A reconstructor double that returns `factor` × the true activation of each analysed position (k = 1, no
-    salience: one call per batch, rows in position order), to pin down what the KL patch uses."""
+    """A reconstructor double that returns `factor` × the true activation of the position each row belongs to
+    (told by the row's current token: the test's positions have distinct tokens), to pin down what the KL patch
+    uses."""
 
     mode = "template"
 
-    def __init__(self, real, acts: torch.Tensor, positions: list[int], factor: float) -> None:
-        self.real, self.acts, self.positions, self.factor = real, acts, positions, factor
-        self.lm, self.space_id = real.lm, real.space_id
+    def __init__(self, real, by_token: dict[int, torch.Tensor], factor: float) -> None:
+        self.real, self.by_token, self.factor = real, by_token, factor
+        self.lm, self.space_id, self.pre_ids = real.lm, real.space_id, real.pre_ids
 
     def units(self, text):
         return self.real.units(text)
@@ -533,8 +534,7 @@ class _ExactTimes:
         return self.real.explanation_span(units)
 
     def reconstruct(self, units, current=None):
-        assert len(units) == len(self.positions)
-        return self.factor * self.acts[self.positions]
+        return self.factor * torch.stack([self.by_token[int(t)] for t in current])
 
 
 def test_an_exact_direction_at_ten_times_the_norm_costs_no_kl(make_tiny, tmp_path):
@@ -545,10 +545,12 @@ def test_an_exact_direction_at_ten_times_the_norm_costs_no_kl(make_tiny, tmp_pat
     ids = subject.encode(TEXT)
     acts = ref.activations(subject.model, ids, 2)
     positions = [3, 6, 9]
+    by_token = {ids[p]: acts[p] for p in positions}
+    assert len(by_token) == len(positions)
     options = {"seed": 0, "calculate_token_salience": False, "optimize_explanations_config": {"best_of_k": 1}}
     for objective, factor in (("nmse", 10.0), ("nmse", 0.1), ("mse", 1.0)):
         double = dataclasses.replace(
-            nla, objective=objective, reconstructor=_ExactTimes(nla.reconstructor, acts, positions, factor)
+            nla, objective=objective, reconstructor=_ExactTimes(nla.reconstructor, by_token, factor)
         )
         rows = analyze(double, TEXT, options=options, positions=positions).rows
         for row in rows:
@@ -557,7 +559,7 @@ def test_an_exact_direction_at_ten_times_the_norm_costs_no_kl(make_tiny, tmp_pat
             assert math.isclose(row["cosine"], 1.0, abs_tol=1e-6)
     # a unit-dependent objective keeps the reconstruction as given: ten times the norm is a real error there
     double = dataclasses.replace(
-        nla, objective="mse", reconstructor=_ExactTimes(nla.reconstructor, acts, positions, 10.0)
+        nla, objective="mse", reconstructor=_ExactTimes(nla.reconstructor, by_token, 10.0)
     )
     rows = analyze(double, TEXT, options=options, positions=positions).rows
     assert all(
@@ -572,9 +574,9 @@ class _ScriptedAV:
     mode = "embedding_replacement"
 
     def __init__(self, real, samples: list[tuple[str, str]]) -> None:
-        self.lm, self.max_new_tokens, self.samples = real.lm, 4, samples
+        self.lm, self.prompt_ids, self.max_new_tokens, self.samples = real.lm, real.prompt_ids, 4, samples
 
-    def generate(self, A, k, seeds, temperature, overrides=None):
+    def generate(self, A, k, seeds, temperature, overrides=None, cancelled=None):
         from talkative.nla.verbalizer import Explanation, read_explanation
 
         assert k == len(self.samples)
@@ -587,15 +589,15 @@ class _ScriptedAV:
 
 
 class _ScoredAR:
-    """A reconstructor double: explanation text → the position's activation plus a text-dependent error."""
+    """A reconstructor double: explanation text → the activation of the row's position (told by its current token)
+    plus a text-dependent error."""
 
     mode = "template"
 
-    def __init__(
-        self, real, acts: torch.Tensor, positions: list[int], k: int, error: dict[str, float]
-    ) -> None:
-        self.lm, self.space_id = real.lm, real.space_id
-        self.acts, self.positions, self.k, self.error = acts, positions, k, error
+    def __init__(self, real, by_token: dict[int, torch.Tensor], error: dict[str, float]) -> None:
+        self.lm, self.space_id, self.pre_ids = real.lm, real.space_id, real.pre_ids
+        self.by_token, self.error = by_token, error
+        acts = next(iter(by_token.values())).unsqueeze(0)
         self.direction = torch.randn(acts.shape[1], generator=torch.Generator().manual_seed(0))
 
     def units(self, text):
@@ -606,8 +608,8 @@ class _ScoredAR:
 
     def reconstruct(self, units, current=None):
         rows = []
-        for r, u in enumerate(units):
-            a = self.acts[self.positions[r // self.k]]
+        for u, t in zip(units, current, strict=True):
+            a = self.by_token[int(t)]
             rows.append(
                 a + self.error["".join(map(chr, u))] * a.norm() * self.direction / self.direction.norm()
             )
@@ -633,8 +635,11 @@ def test_truncated_samples_never_beat_a_complete_one(make_tiny, tmp_path, sample
 
     subject, pool = build(tmp_path, make_tiny, "llama")
     nla = load_nla(tmp_path, pool=pool, max_new_tokens=4)
-    acts = ref.activations(subject.model, subject.encode(TEXT), 2)
+    ids = subject.encode(TEXT)
+    acts = ref.activations(subject.model, ids, 2)
     positions, k = [2, 5], len(samples)
+    by_token = {ids[p]: acts[p] for p in positions}
+    assert len(by_token) == len(positions)
     error = {
         "cut": 0.0,
         "<explanation>cut": 0.0,
@@ -646,7 +651,7 @@ def test_truncated_samples_never_beat_a_complete_one(make_tiny, tmp_path, sample
     double = dataclasses.replace(
         nla,
         verbalizer=_ScriptedAV(nla.verbalizer, samples),
-        reconstructor=_ScoredAR(nla.reconstructor, acts, positions, k, error),
+        reconstructor=_ScoredAR(nla.reconstructor, by_token, error),
     )
     options = {
         "seed": 0,
