@@ -7,12 +7,16 @@ and then ignored (upstream silently dropped several of these).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_BEST_OF_K = 64
 MAX_BATCH_SIZE = 4096
+# Character bounds, checked when a request is parsed: a long piece is refused before anything tokenizes it.
+MAX_PIECE_CHARS = 2000  # one prompt piece (add_tokens item, replace_left, replace_right)
+MAX_MESSAGES = 10_000  # chat messages in one request
+PromptPiece = Annotated[str, Field(max_length=MAX_PIECE_CHARS)]
 
 
 class ChatMessage(BaseModel):
@@ -98,14 +102,16 @@ class AnalyzeOptions(BaseModel):
     calculate_token_salience: bool = Field(
         True, description="Per-explanation-token salience by ablation to a space."
     )
-    add_tokens: list[str] | None = Field(
-        None, max_length=64, description="Forced start of every explanation."
+    add_tokens: list[PromptPiece] | None = Field(
+        None,
+        max_length=64,
+        description=f"Forced start of every explanation (pieces of at most {MAX_PIECE_CHARS} characters).",
     )
     replace_left: str | None = Field(
-        None, max_length=2000, description="Replace the verbalizer prompt before the placeholder."
+        None, max_length=MAX_PIECE_CHARS, description="Replace the verbalizer prompt before the placeholder."
     )
     replace_right: str | None = Field(
-        None, max_length=2000, description="Replace the verbalizer prompt after the placeholder."
+        None, max_length=MAX_PIECE_CHARS, description="Replace the verbalizer prompt after the placeholder."
     )
     optimize_explanations_config: OptimizeExplanationsConfig | None = None
     last_n_messages: int | None = Field(

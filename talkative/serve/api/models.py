@@ -6,8 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ...nla.options import AnalyzeOptions, ChatMessage
+from ...nla.options import MAX_MESSAGES, AnalyzeOptions, ChatMessage
 from .strict import StrictBody
+
+MAX_ID_CHARS = 200  # model and group ids: registry keys, far shorter in practice
 
 
 class AnalyzeRequest(StrictBody):
@@ -16,9 +18,14 @@ class AnalyzeRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, min_length=1, description="Text to analyse (or give `messages`).")
     messages: list[ChatMessage] | None = Field(
-        None, min_length=1, description="Chat messages, oldest first; the model's chat template renders them."
+        None,
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description="Chat messages, oldest first; the model's chat template renders them.",
     )
-    model_id: str | None = Field(None, description="Model to run on; default: the server's current model.")
+    model_id: str | None = Field(
+        None, max_length=MAX_ID_CHARS, description="Model to run on; default: the server's current model."
+    )
     options: AnalyzeOptions | None = Field(None, description="Analysis options; absent = all defaults.")
     client_request_id: str | None = Field(
         None, max_length=200, description="Echoed in every message about this request."
@@ -58,7 +65,7 @@ class AnalyzeAccepted(BaseModel):
 
 class SwitchRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
-    model_id: str = Field(min_length=1)
+    model_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     client_request_id: str | None = Field(None, max_length=200)
 
 
@@ -118,7 +125,9 @@ class GenerateOptions(BaseModel):
     num_completions: int | None = Field(None, ge=1, le=MAX_COMPLETIONS, description="Independent samples.")
     stop_at_end_of_turn: bool = Field(True, description="Stop a completion at the end of turn / EOS token.")
     model_id: str | None = Field(
-        None, description="The seed's place for the model (same as the top-level one)."
+        None,
+        max_length=MAX_ID_CHARS,
+        description="The seed's place for the model (same as the top-level one).",
     )
 
     @model_validator(mode="before")
@@ -141,8 +150,12 @@ class GenerateRequest(StrictBody):
 
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, min_length=1, description="Prompt to continue (or give `messages`).")
-    messages: list[ChatMessage] | None = Field(None, min_length=1, description="Chat messages, oldest first.")
-    model_id: str | None = Field(None, description="Model to run on; default: the server's current model.")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, max_length=MAX_MESSAGES, description="Chat messages, oldest first."
+    )
+    model_id: str | None = Field(
+        None, max_length=MAX_ID_CHARS, description="Model to run on; default: the server's current model."
+    )
     options: GenerateOptions | None = None
     client_request_id: str | None = Field(None, max_length=200)
 

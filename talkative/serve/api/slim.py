@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ...nla.options import ChatMessage
+from ...nla.options import MAX_MESSAGES, ChatMessage
 from .. import access
 from ..jobs import COMPLETED, Job
 from ..registry import GroupEntry, Registry, UnknownGroup, UnknownModel
@@ -29,7 +29,7 @@ from ..service import Service
 from .deps import ClientIdentity, client_identity, service_of
 from .failures import http_error
 from .generate import generations_of
-from .models import AnalyzeRequest, ErrorBody, GenerateOptions, GenerateRequest
+from .models import MAX_ID_CHARS, AnalyzeRequest, ErrorBody, GenerateOptions, GenerateRequest
 from .strict import StrictBody
 
 router = APIRouter(
@@ -43,9 +43,15 @@ SEED = 42
 
 class SlimRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
-    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far, oldest first.")
-    model_group: str = Field(min_length=1, description="A group id (GET /api/slim/models).")
-    model_id: str | None = Field(None, description="A model of that group; default: its first model.")
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=MAX_MESSAGES, description="The conversation so far, oldest first."
+    )
+    model_group: str = Field(
+        min_length=1, max_length=MAX_ID_CHARS, description="A group id (GET /api/slim/models)."
+    )
+    model_id: str | None = Field(
+        None, max_length=MAX_ID_CHARS, description="A model of that group; default: its first model."
+    )
     client_request_id: str | None = Field(None, max_length=200)
 
 

@@ -17,14 +17,14 @@ was not trained on. Reconstructors that do not read the token (official ones) ig
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field, model_validator
 
 from ...nla import vectors as V
-from ...nla.options import AnalyzeOptions, ChatMessage
+from ...nla.options import MAX_MESSAGES, AnalyzeOptions, ChatMessage
 from .. import access
 from ..jobs import CANCELLED, COMPLETED, FAILED
 from ..registry import UnknownModel
@@ -32,7 +32,7 @@ from ..scheduler_types import SchedulerError
 from ..service import Service
 from .deps import ClientIdentity, client_identity, service_of
 from .failures import failure_status, http_error
-from .models import ErrorBody
+from .models import MAX_ID_CHARS, ErrorBody
 from .strict import StrictBody
 
 router = APIRouter(
@@ -47,6 +47,8 @@ router = APIRouter(
     },
 )
 DEFAULT_WAIT = 300.0
+MAX_TOKEN_CHARS = 256  # a token given as a string is one token: longer ones are refused before tokenizing
+TokenRef = Annotated[str, Field(max_length=MAX_TOKEN_CHARS)] | int
 Encoding = Literal["list", "base64"]
 
 
@@ -114,8 +116,8 @@ def _finite_number(x: Any) -> bool:
 class Texty(StrictBody):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, min_length=1)
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
-    model_id: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    model_id: str | None = Field(None, max_length=MAX_ID_CHARS)
 
     @model_validator(mode="after")
     def _one_input(self) -> Texty:
@@ -135,12 +137,12 @@ class Texty(StrictBody):
 class DescribeRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     vectors: Any = _vectors_field("One vector or up to 256, each with the model's d values.")
-    tokens: list[str | int | None] | None = Field(
+    tokens: list[TokenRef | None] | None = Field(
         None,
         max_length=V.MAX_VECTORS,
         description="Per vector: the token (a string that is one token, or its id) the activation was taken at.",
     )
-    model_id: str | None = None
+    model_id: str | None = Field(None, max_length=MAX_ID_CHARS)
     options: AnalyzeOptions | None = Field(
         None, description="Analysis options (best_of_k, temperature, seed, salience, lenses, return_vectors)."
     )
@@ -159,12 +161,12 @@ class DescribeRequest(StrictBody):
 class ScoreRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     explanation: str | None = Field(None, max_length=V.MAX_EXPLANATION_CHARS, description="A text to score.")
-    explanations: list[str] | None = Field(
+    explanations: list[Annotated[str, Field(max_length=V.MAX_EXPLANATION_CHARS)]] | None = Field(
         None, min_length=1, max_length=V.MAX_EXPLANATIONS, description="Several texts for the same vector."
     )
     vector: Any = _vectors_field("The vector (d values).")
-    token: str | int | None = Field(None, description="The token the activation was taken at (or its id).")
-    model_id: str | None = None
+    token: TokenRef | None = Field(None, description="The token the activation was taken at (or its id).")
+    model_id: str | None = Field(None, max_length=MAX_ID_CHARS)
     calculate_token_salience: bool = Field(False, description="Per explanation token: the score's change.")
     return_vectors: bool = Field(False, description="Also return each reconstruction.")
     encoding: Encoding = "list"
