@@ -517,28 +517,14 @@ def verbalizer_cost(nla: NLA, rows: int, repeats: int) -> dict[str, float]:
     return best
 
 
-def run_official(official: Path, rows: int, repeats: int) -> dict[str, Any]:
+def run_official(official: Path, rows: int, repeats: int, with_analysis: bool = True) -> dict[str, Any]:
     from talkative.nla.loading import open_nla
 
     pool = LMPool(dtype="fp32")
     nla = open_nla(str(official), pool=pool)
-    opts = {"optimize_explanations_config": {"best_of_k": 1}, "temperature": 0}
-    with Clock() as c:
-        out = analyze(nla, OFFICIAL_TEXT, options=opts)
-    assert all(r["token_salience"] is not None for r in out.rows)
-    res: dict[str, Any] = {
-        "analysis": {
-            "text": OFFICIAL_TEXT,
-            "positions": len(out.rows),
-            "wall_seconds": c.wall,
-            "cpu_seconds": c.cpu,
-            "stage_seconds": out.metadata["stage_seconds"],
-            "batch_positions": out.metadata["batch_size"],
-            "explanation_units": [len(r["token_salience"] or []) for r in out.rows],
-            "peak_rss_mib": _peak_rss_mib(),
-        },
-        "threads": torch.get_num_threads(),
-    }
+    res: dict[str, Any] = {"threads": torch.get_num_threads()}
+    if with_analysis:
+        res["analysis"] = official_analysis(nla)
     res["official"] = verbalizer_cost(nla, rows, repeats)
     native, what = open_bench_nla("fp32")
     res["native"] = verbalizer_cost(native, rows, repeats) | {"nla": what}
@@ -548,15 +534,34 @@ def run_official(official: Path, rows: int, repeats: int) -> dict[str, Any]:
     return res
 
 
+def official_analysis(nla: NLA) -> dict[str, Any]:
+    """What `talkative analyze --checkpoint DIR -k 1 --temperature 0 TEXT` does, with its peak RSS."""
+    opts = {"optimize_explanations_config": {"best_of_k": 1}, "temperature": 0}
+    with Clock() as c:
+        out = analyze(nla, OFFICIAL_TEXT, options=opts)
+    assert all(r["token_salience"] is not None for r in out.rows)
+    return {
+        "text": OFFICIAL_TEXT,
+        "positions": len(out.rows),
+        "wall_seconds": c.wall,
+        "cpu_seconds": c.cpu,
+        "stage_seconds": out.metadata["stage_seconds"],
+        "batch_positions": out.metadata["batch_size"],
+        "explanation_units": [len(r["token_salience"] or []) for r in out.rows],
+        "peak_rss_mib": _peak_rss_mib(),
+    }
+
+
 def print_official(res: dict[str, Any]) -> None:
-    a = res["analysis"]
     print(f"\nmachine: {machine()}")
-    print(
-        f"official analysis of {a['text']!r} (k=1, greedy, salience and KL on): {a['positions']} positions, "
-        f"{a['batch_positions']} per batch, explanation lengths {a['explanation_units']}, "
-        f"{a['wall_seconds']:.1f} s wall / {a['cpu_seconds']:.1f} s CPU, peak RSS {a['peak_rss_mib']:.0f} MiB"
-    )
-    print("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in a["stage_seconds"].items()))
+    a = res.get("analysis")
+    if a is not None:
+        print(
+            f"official analysis of {a['text']!r} (k=1, greedy, salience and KL on): {a['positions']} positions, "
+            f"{a['batch_positions']} per batch, explanation lengths {a['explanation_units']}, "
+            f"{a['wall_seconds']:.1f} s wall / {a['cpu_seconds']:.1f} s CPU, peak RSS {a['peak_rss_mib']:.0f} MiB"
+        )
+        print("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in a["stage_seconds"].items()))
     for name in ("official", "native"):
         v = res[name]
         print(
@@ -637,6 +642,9 @@ def main() -> int:
     ap.add_argument("--official", type=Path, help="bench this official AV/AR pair instead (see the module)")
     ap.add_argument("--rows", type=int, default=24, help="with --official: verbalizer rows compared")
     ap.add_argument(
+        "--no-analysis", action="store_true", help="with --official: only the verbalizer comparison"
+    )
+    ap.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's, one per core)"
     )
     args = ap.parse_args()
@@ -645,7 +653,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     if args.official is not None:
-        res = run_official(args.official, args.rows, args.repeats)
+        res = run_official(args.official, args.rows, args.repeats, not args.no_analysis)
         print_official(res)
         if args.json:
             args.json.write_text(json.dumps({"machine": machine(), "official": res}, indent=2))
