@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 
@@ -31,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-n", "--samples", type=int, default=512)
     p.add_argument("--kl-samples", type=int, default=128)
+    p.add_argument(
+        "--max-k",
+        type=int,
+        default=16,
+        choices=[1, 2, 4, 8, 16],
+        help="largest best-of-k (k = 1, 2, ... max-k)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -75,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             objective=nla.objective,
             fve_variance=nla.fve_variance,
         )
+    started = time.monotonic()
     try:
         report = evaluate(
             nla,
@@ -85,9 +94,11 @@ def run(args: argparse.Namespace) -> int:
             kl_samples=args.kl_samples,
             seed=args.seed,
             temperature=args.temperature,
+            ks=tuple(k for k in (1, 2, 4, 8, 16) if k <= args.max_k),
         )
     except ValueError as exc:  # wrong subject or layer, a context too short for KL, too few documents
         raise SystemExit(f"talkative eval: {exc}") from None
+    report["seconds"] = round(time.monotonic() - started, 1)
     out = args.out or Path(args.checkpoint) / "eval"
     write_report(report, out, f"{nla.name}: layer {nla.layer} of {nla.subject_source}")
     print((out / "eval.md").read_text())
