@@ -118,6 +118,7 @@ def measure(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         runs[name] = run_arrangement(nla, arrange(name, main, other, positions, fill), main, opts)
         seconds[name] = round(time.perf_counter() - t0, 1)
+        print(f"{dtype} {name}: {seconds[name]} s", file=sys.stderr, flush=True)
     ref = runs["bs1"]
     vs_bs1 = {name: sum(runs[name][q] != ref[q] for q in positions) for name in ARRANGEMENTS[1:]}
     unstable = sum(len({runs[n][q] for n in ARRANGEMENTS}) > 1 for q in positions)

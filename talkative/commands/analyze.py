@@ -161,7 +161,8 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     summary = meta.get("summary") or {}
     if summary:
         console.print(
-            f"means over {summary.get('positions_in_summary')} positions (norm outliers left out): "
+            f"means over {summary.get('positions_in_summary')} positions "
+            f"({summary.get('positions_excluded')} flagged positions left out): "
             f"rel rmse {_fmt(summary.get('mean_relative_rmse'))}, cos {_fmt(summary.get('mean_cosine'))}, "
             f"fve {_fmt(summary.get('mean_fve'))}, KL {_fmt(summary.get('mean_kl_divergence'))}"
         )

@@ -26,6 +26,7 @@ from . import metrics as M
 from .checkpoint import NLA
 from .kvcache import KVCache, PrefixView
 from .lens import TunedLens, format_top, logit_lens, tuned_lens_logits
+from .lm import sequence_bos_id
 from .options import AnalyzeOptions, ChatMessage, Resolved, resolve
 from .reconstructor import SoftPromptReconstructor, TemplateReconstructor
 from .sampling import step_seeds
@@ -43,7 +44,14 @@ DEFAULT_ROW_TOKEN_BUDGET = 8192
 # prepended to every row of a batch, so it multiplies the batch's cost; refused beyond this, before any engine work.
 MAX_PROMPT_PIECE_TOKENS = 256
 KL_ROW_TOKENS = 1 << 17  # rows x cached tokens per KL sub-batch, bounds the transient key/value copies
-OUTLIER_FACTOR = 5.0
+# Known-noisy positions (the reference's exclusions): flagged in their rows and left out of the summary means.
+EARLY_POSITIONS = (
+    10  # positions 0..9: too little context, and the first token often acts as an attention sink
+)
+OUTLIER_FACTOR = (
+    3.0  # a norm above this many times the input's median norm is an attention-sink style outlier
+)
+FLAGS = ("early_position", "bos", "system_prompt", "outlier")
 
 
 class AnalysisError(ValueError):
@@ -69,6 +77,9 @@ class Prepared:
     text: str = ""
     seed: int = 42
     outliers: set[int] = field(default_factory=set)
+    flags: dict[int, list[str]] = field(
+        default_factory=dict
+    )  # position -> its FLAGS, for flagged positions only
     extract_seconds: float = 0.0
 
 
@@ -117,6 +128,66 @@ def _message_start(nla: NLA, messages: Sequence[Any], n: int, full_ids: list[int
     return k
 
 
+def _system_end(nla: NLA, messages: Sequence[Any], full_ids: list[int]) -> int:
+    """Tokens from the start that belong to the system prompt, 0 when there is none.
+
+    The system prompt is the leading system messages, or the default one a chat template adds when there are none
+    (SmolLM2, Qwen). It ends where the first other message's content begins, so the scaffolding that opens that
+    turn counts with it. A template adds a default system prompt when the text before the first message's content
+    names the system role.
+    """
+    msgs = [m.model_dump() if isinstance(m, ChatMessage) else dict(m) for m in messages]
+    n_sys = 0
+    while n_sys < len(msgs) and msgs[n_sys]["role"] == "system":
+        n_sys += 1
+    if n_sys == len(msgs):
+        return len(full_ids)
+    tok = nla.subject.tokenizer
+    first = msgs[n_sys]
+    a, b = (
+        str(
+            tok.apply_chat_template(
+                [*msgs[:n_sys], {**first, "content": content}], tokenize=False, add_generation_prompt=False
+            )
+        )
+        for content in ("A", "B")
+    )
+    head = a[: next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))]
+    if n_sys == 0 and "system" not in head.lower():
+        return 0
+    k = 0
+    for x, y in zip(nla.subject.encode(head), full_ids, strict=False):
+        if x != y:
+            break
+        k += 1
+    return k
+
+
+def position_flags(
+    ids: Sequence[int], norms: Tensor, *, bos_id: int | None, system_end: int
+) -> dict[int, list[str]]:
+    """The known-noisy positions of an input and why (`FLAGS` order): the first `EARLY_POSITIONS`, BOS tokens,
+    system-prompt positions (before `system_end`) and norms above `OUTLIER_FACTOR` × the median norm."""
+    outliers: set[int] = set()
+    if len(ids) >= 4:  # a median of fewer norms says nothing
+        med = float(norms.median())
+        outliers = {i for i, n in enumerate(norms.tolist()) if n > OUTLIER_FACTOR * med}
+    out: dict[int, list[str]] = {}
+    for i, t in enumerate(ids):
+        flags = [
+            name
+            for name, on in zip(
+                FLAGS,
+                (i < EARLY_POSITIONS, bos_id is not None and t == bos_id, i < system_end, i in outliers),
+                strict=True,
+            )
+            if on
+        ]
+        if flags:
+            out[i] = flags
+    return out
+
+
 def prepare(
     nla: NLA,
     text: str | None = None,
@@ -155,11 +226,12 @@ def prepare(
     t0 = time.perf_counter()
     with torch.no_grad():
         acts, clean = _extract(nla, ids, want_clean=opts.kl)
-    norms = acts.float().norm(dim=-1)
-    outliers: set[int] = set()
-    if len(ids) >= 4:
-        med = float(norms.median())
-        outliers = {i for i, n in enumerate(norms.tolist()) if n > OUTLIER_FACTOR * med}
+    flags = position_flags(
+        ids,
+        acts.float().norm(dim=-1),
+        bos_id=sequence_bos_id(lm.tokenizer),
+        system_end=_system_end(nla, messages, ids) if messages is not None else 0,
+    )
     tokens = [lm.tokenizer.decode([t]) for t in ids]
     return Prepared(
         ids=ids,
@@ -170,7 +242,8 @@ def prepare(
         clean=clean,
         text=rendered,
         seed=opts.seed,
-        outliers=outliers,
+        outliers={i for i, f in flags.items() if "outlier" in f},
+        flags=flags,
         extract_seconds=time.perf_counter() - t0,
     )
 
@@ -508,6 +581,7 @@ def _run_batch(
                 "tuned_lens_top": tuned_top[g],
                 "norm": float(A[g].norm()),
                 "outlier": q in p.outliers,
+                "flags": p.flags.get(q, []),
                 "layer": nla.layer,
             }
             if e.finish_reason != "length" or not isinstance(nla.verbalizer, LayerReplacementVerbalizer):
@@ -679,9 +753,15 @@ def batch_positions(
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means over the rows that are not norm outliers (attention sinks distort every average)."""
-    kept = [r for r in rows if not r.get("outlier")]
-    out: dict[str, Any] = {"positions": len(rows), "positions_in_summary": len(kept)}
+    """Means over the rows without a flag: known-noisy positions (early, BOS, system prompt, norm outliers) are
+    not what the NLA was trained on and distort every average. Says how many rows each flag left out."""
+    kept = [r for r in rows if not r.get("flags") and not r.get("outlier")]
+    out: dict[str, Any] = {
+        "positions": len(rows),
+        "positions_in_summary": len(kept),
+        "positions_excluded": len(rows) - len(kept),
+        "excluded_by_flag": {name: sum(name in (r.get("flags") or ()) for r in rows) for name in FLAGS},
+    }
     for name in ("mse", "relative_rmse", "cosine", "nmse", "fve", "kl_divergence"):
         vals = [r[name] for r in kept if r.get(name) is not None]
         out[f"mean_{name}"] = sum(vals) / len(vals) if vals else None

@@ -260,7 +260,7 @@ def describe(
         rows.extend(run_batch(nla, [(prep, chunk)], options, tuned=tuned, timings=timings)[0])
     out: list[dict[str, Any]] = []
     hats: list[Any] = []
-    drop = ("position", "outlier", "kl_divergence", "activation", "reconstruction")
+    drop = ("position", "outlier", "flags", "kl_divergence", "activation", "reconstruction")
     for row, c in zip(rows, cur, strict=True):
         if options.return_vectors:
             hats.append(row.get("reconstruction"))

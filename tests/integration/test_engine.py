@@ -40,9 +40,12 @@ def test_rows_match_plain_hf_references(nla):
         want = kl_nats(clean[p], hf_patched_logits(lm, ids, 20, p, a_hat))
         assert r["kl_divergence"] == pytest.approx(want, rel=5e-3, abs=1e-3), p
         assert len(r["token_salience"]) == 8 and len(r["explanation_structured"]) == 8
-    # the attention sink at position 0 is marked and left out of the summary
+    # the attention sink at position 0 is marked; all 7 positions are early ones, left out of the summary
     assert res.rows[0]["outlier"] and not any(r["outlier"] for r in res.rows[1:])
-    assert res.metadata["summary"]["positions_in_summary"] == 6
+    assert res.rows[0]["flags"] == ["early_position", "outlier"]
+    summary = res.metadata["summary"]
+    assert summary["positions_in_summary"] == 0 and summary["mean_mse"] is None
+    assert summary["excluded_by_flag"] == {"early_position": 7, "bos": 0, "system_prompt": 0, "outlier": 1}
 
 
 def test_same_seed_same_explanations_in_any_batch(nla):
