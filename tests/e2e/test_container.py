@@ -1,9 +1,10 @@
 """The container image, built and run for real: `make image` on a local base, then serve, drain and restart.
 
 The engine is Debian's docker.io (started here when none runs, stopped at the end), the base image a debootstrapped
-bookworm (no registry is reachable), torch the CPU wheel pip resolves on this host. Cold (nothing cached) the
-module takes about 10 minutes on the 2-core development machine, most of it debootstrap and pip inside the build;
-warm (layers cached in ~/.cache/talkative-test) about 2 minutes. `tests/e2e/container_support.py` has the machinery.
+bookworm (no registry is reachable), torch the CPU wheel pip resolves on this host. With nothing cached the module
+took 11.6 minutes on the shared 2-core development machine (debootstrap 3.3, the image build 7.2); with the
+layers cached in ~/.cache/talkative-test and a code change, 6 to 7. `tests/e2e/container_support.py` has the
+machinery.
 """
 
 from __future__ import annotations
