@@ -15,7 +15,7 @@ TORCH ?= cuda
 IMAGE_CONTEXT ?= .
 IMAGE_ARGS ?=
 
-.PHONY: run test venv model chromium docker-engine image lint format typecheck bench clean-venv
+.PHONY: run test venv model chromium corpora docker-engine image lint format typecheck bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ chromium:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# The demo's training corpora from Debian (docs/training.md); a test checks their held-out split shares no text with train.
+corpora:
+	@{ test -d /usr/share/doc/python3.11/html/_sources && test -f /usr/share/dictd/gcide.dict.dz && \
+	   test -d /usr/share/games/fortunes; } || { \
+	  echo "installing Debian's python3.11-doc, dict-gcide and fortunes (the demo's training corpora)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3.11-doc dict-gcide fortunes >/dev/null; }
+
 # The container test builds and runs the image: Debian's Docker engine (unless one answers) and debootstrap.
 docker-engine:
 	@{ command -v debootstrap >/dev/null 2>&1 && { docker info >/dev/null 2>&1 || command -v dockerd >/dev/null 2>&1; }; } || { \
@@ -54,7 +62,7 @@ image:
 run: model
 	$(PY) -m talkative.cli serve $(if $(HOST),--host $(HOST)) --port $(PORT)
 
-test: model chromium docker-engine
+test: model chromium corpora docker-engine
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
