@@ -67,7 +67,9 @@ K, T_TEXT, TEMPERATURE, SEED = 8, 8, 1.0, 42
 
 
 # -- the NLA -------------------------------------------------------------------------------------------------------
-def open_bench_nla(dtype: str, untrained_layer: int | None = None) -> tuple[NLA, str]:
+def open_bench_nla(
+    dtype: str, untrained_layer: int | None = None, t_text: int | None = None
+) -> tuple[NLA, str]:
     """The demo checkpoint, or (when asked, or when the checkout has none) an untrained NLA.init, whose prompts
     are upstream's defaults: longer than the demo's, so the shared prefixes save more."""
     pool = LMPool(dtype=dtype)
@@ -76,7 +78,10 @@ def open_bench_nla(dtype: str, untrained_layer: int | None = None) -> tuple[NLA,
         return load_nla(demo, pool=pool), f"demo checkpoint {demo.name}"
     layer = DEFAULT_LAYER if untrained_layer is None else untrained_layer
     lm = pool.get(DEFAULT_SOURCE)
-    return NLA.init(lm, layer, subject_source=DEFAULT_SOURCE), f"untrained NLA.init at layer {layer}"
+    if t_text is None:
+        return NLA.init(lm, layer, subject_source=DEFAULT_SOURCE), f"untrained NLA.init at layer {layer}"
+    nla = NLA.init(lm, layer, subject_source=DEFAULT_SOURCE, t_text=t_text)
+    return nla, f"untrained NLA.init at layer {layer}, T = {t_text}"
 
 
 # -- the naive path: upstream's algorithm with plain HF calls -------------------------------------------------------

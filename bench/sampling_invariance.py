@@ -36,17 +36,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from talkative.defaults import DEFAULT_LAYER, demo_checkpoint  # noqa: E402
-from talkative.nla.analysis import Prepared, prepare, run_batch  # noqa: E402
-from talkative.nla.checkpoint import NLA, load_nla  # noqa: E402
-from talkative.nla.lm import LMPool  # noqa: E402
-from talkative.nla.options import resolve  # noqa: E402
-from talkative.nla.sources import DEFAULT_SOURCE  # noqa: E402
+from analyze import TEXT as BENCH_TEXT  # noqa: E402  (bench/analyze.py: the engine benchmark's text and NLA)
+from analyze import open_bench_nla  # noqa: E402
 
+from talkative.nla.analysis import Prepared, prepare, run_batch  # noqa: E402
+from talkative.nla.checkpoint import NLA  # noqa: E402
+from talkative.nla.options import resolve  # noqa: E402
+
+# The engine benchmark's text, made longer so 50 positions fit.
 TEXT = (
-    "The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small brass lamp and "
-    "a notebook in which he recorded the ships that passed, the colour of the sea, and the names of the birds "
-    "that nested on the rocks below the tower. In winter the storms came early, and he would sit by the window "
+    BENCH_TEXT + " In winter the storms came early, and he would sit by the window "
     "until the light had turned twice around the bay, listening to the wind and writing down what he heard."
 )
 OTHER = (
@@ -55,17 +54,6 @@ OTHER = (
     "dividend for the third consecutive year, citing confidence in the long-term outlook."
 )
 SEED = 1234
-
-
-def open_nla(dtype: str, untrained_layer: int | None, t_text: int) -> tuple[NLA, str]:
-    pool = LMPool(dtype=dtype)
-    demo = demo_checkpoint()
-    if demo is not None and untrained_layer is None:
-        return load_nla(demo, pool=pool), f"demo checkpoint {demo.name}"
-    layer = DEFAULT_LAYER if untrained_layer is None else untrained_layer
-    lm = pool.get(DEFAULT_SOURCE)
-    nla = NLA.init(lm, layer, subject_source=DEFAULT_SOURCE, t_text=t_text)
-    return nla, f"untrained NLA.init at layer {layer}, T = {t_text}"
 
 
 def arrange(
@@ -98,7 +86,7 @@ def run_arrangement(
 
 
 def measure(dtype: str, args: argparse.Namespace) -> dict[str, Any]:
-    nla, label = open_nla(dtype, args.untrained_layer, args.t_text)
+    nla, label = open_bench_nla(dtype, args.untrained_layer, args.t_text)
     opts = resolve(
         {
             "seed": SEED,
