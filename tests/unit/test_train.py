@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from train_corpus import write_corpus
 
 from talkative.nla import metrics as M
 from talkative.nla.checkpoint import NLA
@@ -24,44 +25,11 @@ from talkative.nla.train.evaluate import evaluate, write_report
 from talkative.nla.train.loop import Run
 from talkative.nla.train.stages import train, warm_start_ids
 
-WORDS = [
-    *[
-        "the",
-        "a",
-        "river",
-        "stone",
-        "light",
-        "city",
-        "old",
-        "young",
-        "ran",
-        "saw",
-        "quiet",
-        "loud",
-        "green",
-        "blue",
-        "song",
-        "road",
-        "winter",
-        "summer",
-        "king",
-    ]
-]
-
-
-def _corpus(directory: Path, docs: int = 8, words: int = 400) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for d in range(docs):
-        g = torch.Generator().manual_seed(d)
-        idx = torch.randint(0, len(WORDS), (words,), generator=g).tolist()
-        sentences = " ".join(WORDS[i] for i in idx).replace(" the ", ". The ")
-        (directory / f"doc{d}.txt").write_text(sentences)
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("train-data")
-    _corpus(root / "corpus")
+    write_corpus(root / "corpus", words=400, sentences=True)
     cfg = DataConfig(
         corpora=[f"files:{root / 'corpus'}"],
         source=str(tiny_llama_dir),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from train_corpus import random_text, write_corpus
 
 from talkative.nla import metrics as M
 from talkative.nla.analysis import prepare
@@ -34,40 +35,6 @@ from talkative.nla.train.data import (
 from talkative.nla.train.evaluate import best_of, evaluate, sample_and_score, token_means, write_report
 from talkative.nla.train.loop import Run
 from talkative.nla.train.stages import train
-
-WORDS = [
-    "the",
-    "a",
-    "river",
-    "stone",
-    "light",
-    "city",
-    "old",
-    "young",
-    "ran",
-    "saw",
-    "quiet",
-    "loud",
-    "green",
-    "blue",
-    "song",
-    "road",
-    "winter",
-    "summer",
-    "king",
-]
-
-
-def _text(seed: int, words: int = 300) -> str:
-    g = torch.Generator().manual_seed(seed)
-    return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist())
-
-
-def _corpus(directory: Path, docs: int = 8, words: int = 300) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for d in range(docs):
-        (directory / f"doc{d}.txt").write_text(_text(d, words))
-    return directory
 
 
 def _data_cfg(corpus: Path, source: str, **kw) -> DataConfig:
@@ -97,7 +64,7 @@ def tiny_ds(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("train-data-honesty")
     lm = load_lm(str(tiny_llama_dir), progress=False)
     cfg = _data_cfg(
-        _corpus(root / "corpus", docs=12), str(tiny_llama_dir), heldout_fraction=0.4, max_windows=48
+        write_corpus(root / "corpus", docs=12), str(tiny_llama_dir), heldout_fraction=0.4, max_windows=48
     )
     build_dataset(cfg, lm, root / "ds", progress=False)
     return root / "ds", lm, cfg
@@ -116,13 +83,13 @@ def test_identical_texts_are_kept_once(tiny_llama):
 
 def test_replies_to_one_prompt_and_documents_sharing_a_shingle_split_together(tiny_llama):
     tok = tiny_llama.tokenizer
-    shared = _text(99, 120)
+    shared = random_text(99, 120)
     docs = [
         Document("c/0001-0", "c", "reply one", group="prompt-1"),
         Document("c/0001-1", "c", "reply two", group="prompt-1"),
-        Document("w/x", "w", _text(1) + " " + shared),
-        Document("w/y", "w", shared + " " + _text(2)),
-        Document("w/z", "w", _text(3)),
+        Document("w/x", "w", random_text(1) + " " + shared),
+        Document("w/y", "w", shared + " " + random_text(2)),
+        Document("w/z", "w", random_text(3)),
     ]
     windows = []
     for i, d in enumerate(docs):
@@ -144,11 +111,11 @@ def test_replies_to_one_prompt_and_documents_sharing_a_shingle_split_together(ti
 
 def test_heldout_windows_share_no_shingle_with_training_windows(tmp_path, tiny_llama):
     """A corpus with a duplicated file and a passage quoted across files: nothing held out appears in train."""
-    corpus = _corpus(tmp_path / "c", docs=10)
-    (corpus / "doc0_copy.txt").write_text((corpus / "doc0.txt").read_text())
-    quote = _text(77, 100)
+    corpus = write_corpus(tmp_path / "c", docs=10)
+    (corpus / "doc0_copy.txt").writerandom_text((corpus / "doc0.txt").readrandom_text())
+    quote = random_text(77, 100)
     for d in (3, 6):
-        (corpus / f"doc{d}.txt").write_text((corpus / f"doc{d}.txt").read_text() + " " + quote)
+        (corpus / f"doc{d}.txt").writerandom_text((corpus / f"doc{d}.txt").readrandom_text() + " " + quote)
     docs = list(
         __import__("talkative.nla.train.corpora", fromlist=["documents"]).documents(f"files:{corpus}")
     )
@@ -184,7 +151,7 @@ def test_default_corpora_heldout_shares_no_text_with_train():
     from talkative.nla.lm import load_lm
     from talkative.nla.train.corpora import documents
 
-    cfg = DataConfig(**yaml.safe_load(Path("configs/data-smollm2-l12.yaml").read_text()))
+    cfg = DataConfig(**yaml.safe_load(Path("configs/data-smollm2-l12.yaml").readrandom_text()))
     lm = load_lm(cfg.source, progress=False)
     docs = [d for spec in cfg.corpora for d in documents(spec)]
     plan = plan_dataset(cfg, docs, lm)
@@ -236,7 +203,7 @@ def test_training_windows_start_with_the_bos_analysis_adds(tmp_path, bos_llama):
     lm = load_lm(str(bos_llama), progress=False)
     bos = lm.tokenizer.bos_token_id
     assert lm.encode("x")[0] == bos
-    corpus = _corpus(tmp_path / "c", docs=3, words=120)
+    corpus = write_corpus(tmp_path / "c", docs=3, words=120)
     cfg = _data_cfg(
         corpus, str(bos_llama), heldout_fraction=0.0, max_windows_per_doc=1, positions_per_window=6
     )
@@ -245,7 +212,7 @@ def test_training_windows_start_with_the_bos_analysis_adds(tmp_path, bos_llama):
     nla = NLA.init(lm, cfg.layer, t_text=4, patch_layers=1)
     compared = 0
     for d in range(3):
-        text = (corpus / f"doc{d}.txt").read_text()
+        text = (corpus / f"doc{d}.txt").readrandom_text()
         prepared = prepare(nla, text=text, options={"no_kl": True})
         ids = prepared.ids
         for i in (data.doc == d).nonzero().flatten().tolist():
@@ -314,12 +281,12 @@ def test_training_curves_without_heldout_are_labelled_train(tmp_path, tiny_llama
     from talkative.nla.lm import load_lm
 
     lm = load_lm(str(tiny_llama_dir), progress=False)
-    cfg = _data_cfg(_corpus(tmp_path / "c", docs=4), str(tiny_llama_dir), heldout_fraction=0.0)
+    cfg = _data_cfg(write_corpus(tmp_path / "c", docs=4), str(tiny_llama_dir), heldout_fraction=0.0)
     build_dataset(cfg, lm, tmp_path / "ds", progress=False)
     assert not (tmp_path / "ds" / "heldout").exists()
     run = Run(load_config(None, **_stage(tmp_path, tmp_path / "ds", tiny_llama_dir)))
     train(run, progress=False)
-    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").readrandom_text().splitlines()]
     evals = [r for r in evals if "eval" in r]
     assert evals and {r["eval_split"] for r in evals} == {"train"}
 
@@ -334,8 +301,8 @@ def test_talkative_eval_refuses_a_training_split_unless_asked(tmp_path, tiny_ds)
     assert refused.returncode != 0 and "not a held-out split" in refused.stderr
     done = subprocess.run([*base, "--allow-train"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "out" / "eval.json").read_text())
-    assert report["split"] == "train" and "TRAINING-SET" in (tmp_path / "out" / "eval.md").read_text()
+    report = json.loads((tmp_path / "out" / "eval.json").readrandom_text())
+    assert report["split"] == "train" and "TRAINING-SET" in (tmp_path / "out" / "eval.md").readrandom_text()
 
 
 # -- controls and baselines -----------------------------------------------------------------------------------
@@ -415,7 +382,7 @@ def test_eval_baselines_at_equal_k(tmp_path, tiny_ds):
     )
     assert report["best_of_k"]["1"]["kl"] is not None and report["selection_control"]["4"].get("kl") is None
     write_report(report, tmp_path / "eval", "tiny")
-    md = (tmp_path / "eval" / "eval.md").read_text()
+    md = (tmp_path / "eval" / "eval.md").readrandom_text()
     assert "selection control" in md and "token mean" in md and "held-out" in md
 
 
@@ -433,7 +400,7 @@ def test_eval_kl_refuses_a_context_shorter_than_the_window(tmp_path, tiny_ds):
 
 def test_dataset_records_its_subject_split_rule_and_hashes(tiny_ds):
     ds, _lm, cfg = tiny_ds
-    meta = json.loads((ds / "dataset.json").read_text())
+    meta = json.loads((ds / "dataset.json").readrandom_text())
     assert meta["subject"]["fingerprint"] and meta["layer"] == cfg.layer
     assert meta["shared_shingles"] == 0 and all(len(d["sha256"]) == 64 for d in meta["documents"])
 

@@ -1,0 +1,46 @@
+"""Small random-word corpora for the training tests: deterministic per document index, so splits and windows are
+the same on every run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = [
+    "the",
+    "a",
+    "river",
+    "stone",
+    "light",
+    "city",
+    "old",
+    "young",
+    "ran",
+    "saw",
+    "quiet",
+    "loud",
+    "green",
+    "blue",
+    "song",
+    "road",
+    "winter",
+    "summer",
+    "king",
+]
+
+
+def random_text(seed: int, words: int = 300, sentences: bool = False) -> str:
+    """`words` words drawn with `seed`; with `sentences`, "the" opens a new sentence (some punctuation for the
+    tokenizer to see)."""
+    g = torch.Generator().manual_seed(seed)
+    text = " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (words,), generator=g).tolist())
+    return text.replace(" the ", ". The ") if sentences else text
+
+
+def write_corpus(directory: Path, docs: int = 8, words: int = 300, sentences: bool = False) -> Path:
+    """A `files:` corpus of `docs` documents doc0.txt.. of `random_text(d, words, sentences)`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in range(docs):
+        (directory / f"doc{d}.txt").write_text(random_text(d, words, sentences))
+    return directory
