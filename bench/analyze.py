@@ -231,6 +231,9 @@ def naive_analyze(
             m = scores[torch.arange(G), best]
             best_tokens = tokens.view(G, k, T_TEXT)[torch.arange(G), best]
             hat = hats.view(G, k, -1)[torch.arange(G), best]
+            if nla.objective == "nmse":
+                # a direction-only reconstructor's norm is arbitrary: MSE and the KL patch use Â at ‖A‖
+                hat = hat / hat.norm(dim=-1, keepdim=True) * acts[pos].norm(dim=-1, keepdim=True)
             mse = (acts[pos] - hat).pow(2).mean(-1)
             # 4. salience: one encoder pass per ablated index, each over the batch's positions
             sal = torch.empty(G, T_TEXT)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from talkative.nla.lm import load_lm  # noqa: E402
-from talkative.nla.train.corpora import Document, documents, provenance  # noqa: E402
+from talkative.nla.train.corpora import Document, documents  # noqa: E402
 from talkative.nla.train.data import (  # noqa: E402
-    SCHEMA_VERSION,
     SHINGLE,
     DataConfig,
     Window,
@@ -40,10 +38,10 @@ from talkative.nla.train.data import (  # noqa: E402
     _write_shard,
     analysis_prefix,
     content_hash,
+    dataset_header,
     extract_batch,
     plan_dataset,
     shingle_hashes,
-    subject_identity,
 )
 
 
@@ -133,15 +131,7 @@ def main() -> int:
     # held-out samples' `doc` indexes today's de-duplicated documents, the trained ones the old list
     counts = {"heldout": extract(chosen, "heldout"), "train": extract(trained[: args.train_windows], "train")}
     meta = {
-        "kind": "talkative_activations",
-        "schema_version": SCHEMA_VERSION,
-        "model": cfg.source,
-        "layer": cfg.layer,
-        "d_model": lm.d_model,
-        "subject": subject_identity(lm, cfg.source, cfg.layer),
-        "prefix": [],
-        "config": asdict(cfg),
-        "corpora": [provenance(s) for s in cfg.corpora],
+        **dataset_header(cfg, lm, []),
         "counts": counts,
         "windows": {"heldout": len(chosen), "train": min(args.train_windows, len(trained))},
         "purpose": "a clean held-out set for the committed demo checkpoint (scripts/demo_heldout.py)",

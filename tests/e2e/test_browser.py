@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import io
 import json
 import re
 from collections.abc import Iterator
@@ -356,7 +355,9 @@ def test_export_jsonl_and_csv_then_import_them_offline(
     assert download.value.suggested_filename.endswith(".csv")
     csv_path = tmp_path / "export.csv"
     download.value.save_as(csv_path)
-    table = list(csv.DictReader(io.StringIO(csv_path.read_text(), newline="")))
+    # newline="" keeps a carriage return inside an explanation as written (read_text would make it a newline)
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
     assert [r["token"] for r in table] == [r["token"] for r in rows]
     assert [r["explanation"] for r in table] == [r["explanation"] for r in rows]
     for got, want in zip(table, rows, strict=True):

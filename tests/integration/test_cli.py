@@ -84,7 +84,9 @@ def test_analyze_table():
         assert col in out
     for tok in TOKENS:
         assert repr(tok) in out
-    assert "means over 6 positions" in out  # the attention sink at position 0 is left out
+    # every position of a 7-token text is flagged (positions < 10 are early), so no mean is taken, and the
+    # line says why rather than averaging known-noisy rows
+    assert "means over 0 positions (7 flagged positions left out)" in out
 
 
 def test_analyze_options_and_messages(tmp_path):

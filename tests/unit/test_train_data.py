@@ -112,10 +112,10 @@ def test_replies_to_one_prompt_and_documents_sharing_a_shingle_split_together(ti
 def test_heldout_windows_share_no_shingle_with_training_windows(tmp_path, tiny_llama):
     """A corpus with a duplicated file and a passage quoted across files: nothing held out appears in train."""
     corpus = write_corpus(tmp_path / "c", docs=10)
-    (corpus / "doc0_copy.txt").writerandom_text((corpus / "doc0.txt").readrandom_text())
+    (corpus / "doc0_copy.txt").write_text((corpus / "doc0.txt").read_text())
     quote = random_text(77, 100)
     for d in (3, 6):
-        (corpus / f"doc{d}.txt").writerandom_text((corpus / f"doc{d}.txt").readrandom_text() + " " + quote)
+        (corpus / f"doc{d}.txt").write_text((corpus / f"doc{d}.txt").read_text() + " " + quote)
     docs = list(
         __import__("talkative.nla.train.corpora", fromlist=["documents"]).documents(f"files:{corpus}")
     )
@@ -151,7 +151,7 @@ def test_default_corpora_heldout_shares_no_text_with_train():
     from talkative.nla.lm import load_lm
     from talkative.nla.train.corpora import documents
 
-    cfg = DataConfig(**yaml.safe_load(Path("configs/data-smollm2-l12.yaml").readrandom_text()))
+    cfg = DataConfig(**yaml.safe_load(Path("configs/data-smollm2-l12.yaml").read_text()))
     lm = load_lm(cfg.source, progress=False)
     docs = [d for spec in cfg.corpora for d in documents(spec)]
     plan = plan_dataset(cfg, docs, lm)
@@ -212,7 +212,7 @@ def test_training_windows_start_with_the_bos_analysis_adds(tmp_path, bos_llama):
     nla = NLA.init(lm, cfg.layer, t_text=4, patch_layers=1)
     compared = 0
     for d in range(3):
-        text = (corpus / f"doc{d}.txt").readrandom_text()
+        text = (corpus / f"doc{d}.txt").read_text()
         prepared = prepare(nla, text=text, options={"no_kl": True})
         ids = prepared.ids
         for i in (data.doc == d).nonzero().flatten().tolist():
@@ -286,7 +286,7 @@ def test_training_curves_without_heldout_are_labelled_train(tmp_path, tiny_llama
     assert not (tmp_path / "ds" / "heldout").exists()
     run = Run(load_config(None, **_stage(tmp_path, tmp_path / "ds", tiny_llama_dir)))
     train(run, progress=False)
-    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").readrandom_text().splitlines()]
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if "eval" in r]
     assert evals and {r["eval_split"] for r in evals} == {"train"}
 
@@ -301,8 +301,8 @@ def test_talkative_eval_refuses_a_training_split_unless_asked(tmp_path, tiny_ds)
     assert refused.returncode != 0 and "not a held-out split" in refused.stderr
     done = subprocess.run([*base, "--allow-train"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "out" / "eval.json").readrandom_text())
-    assert report["split"] == "train" and "TRAINING-SET" in (tmp_path / "out" / "eval.md").readrandom_text()
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["split"] == "train" and "TRAINING-SET" in (tmp_path / "out" / "eval.md").read_text()
 
 
 # -- controls and baselines -----------------------------------------------------------------------------------
@@ -382,7 +382,7 @@ def test_eval_baselines_at_equal_k(tmp_path, tiny_ds):
     )
     assert report["best_of_k"]["1"]["kl"] is not None and report["selection_control"]["4"].get("kl") is None
     write_report(report, tmp_path / "eval", "tiny")
-    md = (tmp_path / "eval" / "eval.md").readrandom_text()
+    md = (tmp_path / "eval" / "eval.md").read_text()
     assert "selection control" in md and "token mean" in md and "held-out" in md
 
 
@@ -400,7 +400,7 @@ def test_eval_kl_refuses_a_context_shorter_than_the_window(tmp_path, tiny_ds):
 
 def test_dataset_records_its_subject_split_rule_and_hashes(tiny_ds):
     ds, _lm, cfg = tiny_ds
-    meta = json.loads((ds / "dataset.json").readrandom_text())
+    meta = json.loads((ds / "dataset.json").read_text())
     assert meta["subject"]["fingerprint"] and meta["layer"] == cfg.layer
     assert meta["shared_shingles"] == 0 and all(len(d["sha256"]) == 64 for d in meta["documents"])
 

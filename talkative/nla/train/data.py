@@ -332,6 +332,22 @@ def subject_identity(lm: LM, source: str, layer: int) -> dict[str, Any]:
     }
 
 
+def dataset_header(cfg: DataConfig, lm: LM, prefix: list[int]) -> dict[str, Any]:
+    """The part of a dataset's `dataset.json` that ties it to its subject and layer: every reader checks these
+    keys (a dataset of another subject or layer is refused), so every writer builds them here."""
+    return {
+        "kind": "talkative_activations",
+        "schema_version": SCHEMA_VERSION,
+        "model": cfg.source,
+        "layer": cfg.layer,
+        "d_model": lm.d_model,
+        "subject": subject_identity(lm, cfg.source, cfg.layer),
+        "prefix": prefix,
+        "config": asdict(cfg),
+        "corpora": [provenance(s) for s in cfg.corpora],
+    }
+
+
 def build_dataset(cfg: DataConfig, lm: LM, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Extract a train / held-out activation dataset into `out`.
 
@@ -383,15 +399,7 @@ def build_dataset(cfg: DataConfig, lm: LM, out: Path, *, progress: bool = True) 
     held = [w for w in windows if w.split == "heldout"]
     train = [w for w in windows if w.split == "train"]
     sidecar: dict[str, Any] = {
-        "kind": "talkative_activations",
-        "schema_version": SCHEMA_VERSION,
-        "model": cfg.source,
-        "layer": cfg.layer,
-        "d_model": lm.d_model,
-        "subject": subject_identity(lm, cfg.source, cfg.layer),
-        "prefix": plan.prefix,
-        "config": asdict(cfg),
-        "corpora": [provenance(s) for s in cfg.corpora],
+        **dataset_header(cfg, lm, plan.prefix),
         "positions": f"{cfg.positions_per_window} per {cfg.window}-token window at positions >= {cfg.min_position}, "
         f"norm outliers (> {OUTLIER_FACTOR}x the window median) skipped",
         "windows": len(windows),
