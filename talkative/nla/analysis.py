@@ -45,12 +45,10 @@ DEFAULT_ROW_TOKEN_BUDGET = 8192
 MAX_PROMPT_PIECE_TOKENS = 256
 KL_ROW_TOKENS = 1 << 17  # rows x cached tokens per KL sub-batch, bounds the transient key/value copies
 # Known-noisy positions (the reference's exclusions): flagged in their rows and left out of the summary means.
-EARLY_POSITIONS = (
-    10  # positions 0..9: too little context, and the first token often acts as an attention sink
-)
-OUTLIER_FACTOR = (
-    3.0  # a norm above this many times the input's median norm is an attention-sink style outlier
-)
+# positions 0..9: too little context, and the first token often acts as an attention sink
+EARLY_POSITIONS = 10
+# a norm above this many times the input's median norm is an attention-sink style outlier
+OUTLIER_FACTOR = 3.0
 FLAGS = ("early_position", "bos", "system_prompt", "outlier")
 
 
@@ -76,11 +74,13 @@ class Prepared:
     clean: CleanRun | None = None
     text: str = ""
     seed: int = 42
-    outliers: set[int] = field(default_factory=set)
-    flags: dict[int, list[str]] = field(
-        default_factory=dict
-    )  # position -> its FLAGS, for flagged positions only
+    flags: dict[int, list[str]] = field(default_factory=dict)  # position -> its FLAGS, flagged positions only
     extract_seconds: float = 0.0
+
+    @property
+    def outliers(self) -> set[int]:
+        """Positions flagged as norm outliers (rows keep an `outlier` field of their own for older readers)."""
+        return {i for i, f in self.flags.items() if "outlier" in f}
 
 
 @dataclass
@@ -242,7 +242,6 @@ def prepare(
         clean=clean,
         text=rendered,
         seed=opts.seed,
-        outliers={i for i, f in flags.items() if "outlier" in f},
         flags=flags,
         extract_seconds=time.perf_counter() - t0,
     )
@@ -450,6 +449,22 @@ class Budget:
     def check(self) -> None:
         stop_if(self.cancelled)
 
+    def runs(self, row_tokens: Sequence[int]) -> list[slice]:
+        """Consecutive rows in passes: each pass as many rows as fit when every row is padded to the pass's
+        widest (`row_tokens[i]` tokens for row i), at least one."""
+        out: list[slice] = []
+        start = 0
+        while start < len(row_tokens):
+            stop, widest = start + 1, row_tokens[start]
+            while stop < len(row_tokens):
+                wider = max(widest, row_tokens[stop])
+                if (stop + 1 - start) * wider > self.row_tokens:
+                    break
+                stop, widest = stop + 1, wider
+            out.append(slice(start, stop))
+            start = stop
+        return out
+
 
 def _verbalize(
     nla: NLA,
@@ -646,17 +661,10 @@ def _salience(
             chunks.append(rec.ablations(best_units[sl], current[sl], cache, cache_rows[sl]))
         hats = torch.cat(chunks)  # rows g·T + i, as `owner`
     elif isinstance(rec, TemplateReconstructor):
-        chunks, g = [], 0
-        while g < len(best_units):  # positions in order, as many per chunk as their longest row allows
-            stop = g + 1
-            while stop < len(best_units):
-                width = max(len(u) for u in best_units[g : stop + 1])
-                if (stop + 1 - g) * reconstructor_row_tokens(rec, width) > budget.row_tokens:
-                    break
-                stop += 1
+        chunks = []
+        for sl in budget.runs([reconstructor_row_tokens(rec, len(u)) for u in best_units]):
             budget.check()
-            chunks.append(rec.ablations(best_units[g:stop], spans[g:stop], budget.cancelled))
-            g = stop
+            chunks.append(rec.ablations(best_units[sl], spans[sl], budget.cancelled))
         hats = torch.cat(chunks)  # rows in `owner` order
     else:
         ablated = []
@@ -694,16 +702,8 @@ def _reconstruct_grouped(
             passes.extend(idx[s : s + step] for s in range(0, len(idx), step))
     else:
         order = sorted(range(len(units)), key=lambda i: len(units[i]))
-        passes, start = [], 0
-        while start < len(order):
-            stop = start + 1  # rows are sorted by length: the last one taken sets the pass's width
-            while stop < len(order):
-                width = reconstructor_row_tokens(rec, len(units[order[stop]]))
-                if (stop + 1 - start) * width > budget.row_tokens:
-                    break
-                stop += 1
-            passes.append(order[start:stop])
-            start = stop
+        widths = [reconstructor_row_tokens(rec, len(units[i])) for i in order]
+        passes = [order[sl] for sl in budget.runs(widths)]
     if len(passes) == 1 and passes[0] == list(range(len(units))):
         budget.check()
         return rec.reconstruct(units, current)

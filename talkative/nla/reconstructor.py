@@ -311,14 +311,20 @@ class TemplateReconstructor(nn.Module):
         self._memo.put(key, cache)
         return cache
 
+    def _padded(self, units: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor, Tensor]:
+        """(ids [B, W] right-padded, lengths [B], positions [B, W] after the template's prefix), on the device."""
+        lm = self.lm
+        ids, lengths = _pad(units, lm.tokenizer.pad_token_id or 0)
+        n = len(self.pre_ids)
+        positions = torch.arange(n, n + ids.shape[1], device=lm.device).unsqueeze(0).expand(len(units), -1)
+        return ids.to(lm.device), lengths.to(lm.device), positions
+
     def reconstruct(self, units: Sequence[Sequence[int]], current: object = None) -> Tensor:
         """Â [B, d] for explanation units (right-padded, last real token read, prefix computed once)."""
         lm = self.lm
-        ids, lengths = _pad(units, lm.tokenizer.pad_token_id or 0)
-        ids, lengths = ids.to(lm.device), lengths.to(lm.device)
+        ids, lengths, positions = self._padded(units)
         B, W = ids.shape
         n = len(self.pre_ids)
-        positions = torch.arange(n, n + W, device=lm.device).unsqueeze(0).expand(B, -1)
         x = lm.add_positions(lm.embed(ids), positions)
         if torch.is_grad_enabled():
             pre = torch.tensor(self.pre_ids, device=lm.device).unsqueeze(0).expand(B, -1)
@@ -343,11 +349,9 @@ class TemplateReconstructor(nn.Module):
         row's keys and one forward per index i recomputes units i.. of the explanations that have a unit i: about
         half the work of reconstructing every ablation from its start. `cancelled` is asked before each forward."""
         lm = self.lm
-        ids, lengths = _pad(units, lm.tokenizer.pad_token_id or 0)
-        ids, lengths = ids.to(lm.device), lengths.to(lm.device)
+        ids, lengths, positions = self._padded(units)
         G, W = ids.shape
         n = len(self.pre_ids)
-        positions = torch.arange(n, n + W, device=lm.device).unsqueeze(0).expand(G, -1)
         cache = self._prefix().broadcast(G, extra_capacity=W)
         lm.forward(
             lm.add_positions(lm.embed(ids), positions), positions, stop=self.output_layer + 1, cache=cache

@@ -477,11 +477,6 @@ def read_explanation(raw: str) -> tuple[str, str]:
     return raw, "unclosed" if "<explanation>" in raw else "untagged"
 
 
-def parse_explanation(raw: str) -> str:
-    """The explanation in a free-length verbalizer's output (see `read_explanation`)."""
-    return read_explanation(raw)[0]
-
-
 def _end_ids(lm: LM) -> set[int]:
     tok = lm.tokenizer
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()

@@ -21,6 +21,9 @@ class Identity(Protocol):
     @property
     def is_admin(self) -> bool: ...
 
+    @property
+    def key(self) -> str | None: ...  # the owner name whose current model a request without model_id runs on
+
 
 def backend_only(registry: Registry, model_id: str) -> bool:
     model = registry.model(model_id)
@@ -46,7 +49,7 @@ def check_group(registry: Registry, group_id: str, who: Identity) -> GroupEntry:
 
 def resolve(scheduler: Scheduler, model_id: str | None, who: Identity) -> str:
     """The model a request runs on (the one it names, else the current one), checked for this client."""
-    resolved = scheduler.resolve_model(model_id, getattr(who, "key", None))
+    resolved = scheduler.resolve_model(model_id, who.key)
     if model_id is None and not may_use(scheduler.registry, resolved, who):
         raise SchedulerError(
             403, f"the current model {resolved} is reserved for the administrator: name a model_id"
@@ -72,6 +75,7 @@ class _Anonymous:
     """Whoever reads a public route (`/health`) or a label every key sees (`/metrics`): not the administrator."""
 
     is_admin = False
+    key = None
 
 
 ANYONE: Identity = _Anonymous()
@@ -119,9 +123,8 @@ def filter_listing(listing: dict[str, Any], registry: Registry, who: Identity) -
             groups.append({**g, "backend_only": entry.backend_only, "models": models})
     out = {**listing, "groups": groups}
     status = listing.get("model_status")
-    if isinstance(
-        status, dict
-    ):  # what is loaded and cached, without the groups and models this client never sees
+    if isinstance(status, dict):
+        # what is loaded and cached, without the groups and models this client never sees
         cache = status.get("cache_info") or {}
         out["model_status"] = {
             **status,

@@ -23,7 +23,6 @@ from talkative.nla.verbalizer import (
     LayerReplacementVerbalizer,
     PromptOverrides,
     encode_piece,
-    parse_explanation,
     read_explanation,
 )
 
@@ -295,7 +294,6 @@ def _reference_client_text(server_text: str) -> str:
 )
 def test_explanations_are_read_as_the_reference_client_reads_them(raw, how):
     assert read_explanation(raw) == (_reference_client_text(raw), how)
-    assert parse_explanation(raw) == _reference_client_text(raw)
 
 
 def test_an_unclosed_sample_ended_by_end_of_turn_is_read_without_that_token(make_tiny):
