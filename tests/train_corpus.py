@@ -4,8 +4,11 @@ the same on every run."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from talkative.nla.train.data import DataConfig
 
 WORDS = [
     "the",
@@ -44,3 +47,25 @@ def write_corpus(directory: Path, docs: int = 8, words: int = 300, sentences: bo
     for d in range(docs):
         (directory / f"doc{d}.txt").write_text(random_text(d, words, sentences))
     return directory
+
+
+def tiny_data_config(corpus: Path, source: str, **kw: Any) -> DataConfig:
+    """A dataset of a `files:` corpus small enough for a tiny model in a unit test (layer 1, 32-token windows,
+    4 positions each, a quarter held out); `kw` overrides any field."""
+    base: dict[str, Any] = dict(
+        corpora=[f"files:{corpus}"],
+        source=source,
+        layer=1,
+        window=32,
+        context=32,
+        positions_per_window=4,
+        min_position=10,
+        max_windows=40,
+        max_windows_per_doc=5,
+        heldout_fraction=0.25,
+        batch_windows=4,
+        shard_size=8,
+        predictions=False,
+    )
+    base.update(kw)
+    return DataConfig(**base)

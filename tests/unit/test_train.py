@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_corpus import write_corpus
+from train_corpus import tiny_data_config, write_corpus
 
 from talkative.nla import metrics as M
 from talkative.nla.checkpoint import NLA
@@ -20,7 +20,7 @@ from talkative.nla.lm import load_lm
 from talkative.nla.loading import open_nla
 from talkative.nla.sampling import step_seeds
 from talkative.nla.train.config import load_config
-from talkative.nla.train.data import ActivationSet, DataConfig, build_dataset
+from talkative.nla.train.data import ActivationSet, build_dataset
 from talkative.nla.train.evaluate import evaluate, write_report
 from talkative.nla.train.loop import Run
 from talkative.nla.train.stages import train, warm_start_ids
@@ -30,20 +30,7 @@ from talkative.nla.train.stages import train, warm_start_ids
 def dataset(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("train-data")
     write_corpus(root / "corpus", words=400, sentences=True)
-    cfg = DataConfig(
-        corpora=[f"files:{root / 'corpus'}"],
-        source=str(tiny_llama_dir),
-        layer=1,
-        window=32,
-        context=32,
-        positions_per_window=4,
-        min_position=10,
-        max_windows=40,
-        max_windows_per_doc=10,
-        heldout_fraction=0.25,
-        batch_windows=4,
-        shard_size=8,
-    )
+    cfg = tiny_data_config(root / "corpus", str(tiny_llama_dir), max_windows_per_doc=10, predictions=True)
     lm = load_lm(str(tiny_llama_dir), progress=False)
     meta = build_dataset(cfg, lm, root / "ds", progress=False)
     return root / "ds", meta, lm, cfg

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_corpus import random_text, write_corpus
+from train_corpus import random_text, tiny_data_config, write_corpus
 
 from talkative.nla import metrics as M
 from talkative.nla.analysis import prepare
@@ -37,33 +37,13 @@ from talkative.nla.train.loop import Run
 from talkative.nla.train.stages import train
 
 
-def _data_cfg(corpus: Path, source: str, **kw) -> DataConfig:
-    base = dict(
-        corpora=[f"files:{corpus}"],
-        source=source,
-        layer=1,
-        window=32,
-        context=32,
-        positions_per_window=4,
-        min_position=10,
-        max_windows=40,
-        max_windows_per_doc=5,
-        heldout_fraction=0.25,
-        batch_windows=4,
-        shard_size=8,
-        predictions=False,
-    )
-    base.update(kw)
-    return DataConfig(**base)
-
-
 @pytest.fixture(scope="module")
 def tiny_ds(tmp_path_factory, tiny_llama_dir):
     from talkative.nla.lm import load_lm
 
     root = tmp_path_factory.mktemp("train-data-honesty")
     lm = load_lm(str(tiny_llama_dir), progress=False)
-    cfg = _data_cfg(
+    cfg = tiny_data_config(
         write_corpus(root / "corpus", docs=12), str(tiny_llama_dir), heldout_fraction=0.4, max_windows=48
     )
     build_dataset(cfg, lm, root / "ds", progress=False)
@@ -119,7 +99,9 @@ def test_heldout_windows_share_no_shingle_with_training_windows(tmp_path, tiny_l
     docs = list(
         __import__("talkative.nla.train.corpora", fromlist=["documents"]).documents(f"files:{corpus}")
     )
-    cfg = _data_cfg(corpus, "tiny", heldout_fraction=0.3, max_windows=400, max_windows_per_doc=20, window=64)
+    cfg = tiny_data_config(
+        corpus, "tiny", heldout_fraction=0.3, max_windows=400, max_windows_per_doc=20, window=64
+    )
     plan = plan_dataset(cfg, docs, tiny_llama)
     assert "files/doc0_copy.txt" in plan.duplicates
     held = [w for w in plan.windows if w.split == "heldout"]
@@ -204,7 +186,7 @@ def test_training_windows_start_with_the_bos_analysis_adds(tmp_path, bos_llama):
     bos = lm.tokenizer.bos_token_id
     assert lm.encode("x")[0] == bos
     corpus = write_corpus(tmp_path / "c", docs=3, words=120)
-    cfg = _data_cfg(
+    cfg = tiny_data_config(
         corpus, str(bos_llama), heldout_fraction=0.0, max_windows_per_doc=1, positions_per_window=6
     )
     build_dataset(cfg, lm, tmp_path / "ds", progress=False)
@@ -262,7 +244,7 @@ def test_training_refuses_data_of_another_layer_or_subject(
 def test_datasets_of_different_layers_cannot_be_mixed(tmp_path, tiny_ds):
     ds, lm, cfg = tiny_ds
     other = tmp_path / "l0"
-    cfg0 = _data_cfg(Path(cfg.corpora[0].split(":", 1)[1]), cfg.source, layer=0)
+    cfg0 = tiny_data_config(Path(cfg.corpora[0].split(":", 1)[1]), cfg.source, layer=0)
     build_dataset(cfg0, lm, other, progress=False)
     with pytest.raises(DatasetMismatch, match="different layers cannot be mixed"):
         ActivationSet([ds / "train", other / "train"])
@@ -281,7 +263,7 @@ def test_training_curves_without_heldout_are_labelled_train(tmp_path, tiny_llama
     from talkative.nla.lm import load_lm
 
     lm = load_lm(str(tiny_llama_dir), progress=False)
-    cfg = _data_cfg(write_corpus(tmp_path / "c", docs=4), str(tiny_llama_dir), heldout_fraction=0.0)
+    cfg = tiny_data_config(write_corpus(tmp_path / "c", docs=4), str(tiny_llama_dir), heldout_fraction=0.0)
     build_dataset(cfg, lm, tmp_path / "ds", progress=False)
     assert not (tmp_path / "ds" / "heldout").exists()
     run = Run(load_config(None, **_stage(tmp_path, tmp_path / "ds", tiny_llama_dir)))
@@ -388,7 +370,7 @@ def test_eval_baselines_at_equal_k(tmp_path, tiny_ds):
 
 def test_eval_kl_refuses_a_context_shorter_than_the_window(tmp_path, tiny_ds):
     _ds, lm, cfg = tiny_ds
-    short = _data_cfg(Path(cfg.corpora[0].split(":", 1)[1]), cfg.source, context=12)
+    short = tiny_data_config(Path(cfg.corpora[0].split(":", 1)[1]), cfg.source, context=12)
     build_dataset(short, lm, tmp_path / "short", progress=False)
     held = ActivationSet(tmp_path / "short" / "heldout")
     nla = NLA.init(lm, cfg.layer, t_text=4, patch_layers=1)
@@ -409,6 +391,6 @@ def test_a_directory_of_another_plan_is_not_resumed_into(tmp_path, tiny_ds):
     _ds, lm, cfg = tiny_ds
     out = tmp_path / "ds"
     build_dataset(cfg, lm, out, progress=False)
-    changed = _data_cfg(Path(cfg.corpora[0].split(":", 1)[1]), cfg.source, seed=9)
+    changed = tiny_data_config(Path(cfg.corpora[0].split(":", 1)[1]), cfg.source, seed=9)
     with pytest.raises(DatasetMismatch, match="another dataset plan"):
         build_dataset(changed, lm, out, progress=False)
