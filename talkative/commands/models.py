@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         for name, spec in BUNDLED.items():
             print(f"bundled:{name}\t{spec.licence}\t{spec.description}")
         return 0
-    from ..serve.registry import load_registry
+    from ..serve.catalog.registry import load_registry
 
     registry = load_registry(args.file)
     print(json.dumps(registry.describe(), indent=2))

@@ -30,12 +30,12 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from ..serve.app import create_app
+    from ..serve.auth.policy import KeyRing, SecurityConfigError, startup_refusal
+    from ..serve.catalog.registry import RegistryError
     from ..serve.lifecycle import DrainingServer
+    from ..serve.observability.metrics import configure_logging
     from ..serve.protocols import Utf8CheckedWebSocketProtocol, header_timeout_protocol
-    from ..serve.registry import RegistryError
-    from ..serve.security import KeyRing, SecurityConfigError, startup_refusal
     from ..serve.settings import Settings
-    from ..serve.telemetry import configure_logging
 
     overrides = {
         name: value

@@ -15,18 +15,22 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from . import protection
-from .api import errors, history, observability, rest, ws
-from .api import generate as generate_api
-from .api import slim as slim_api
-from .api import v2 as v2_api
-from .api import vectors as vectors_api
-from .generation import Generations
-from .registry import load_registry
+from .api import errors
+from .api.routes import analyses as rest
+from .api.routes import generation as generate_api
+from .api.routes import history
+from .api.routes import metrics as observability
+from .api.routes import models as v2_api
+from .api.routes import slim as slim_api
+from .api.routes import vectors as vectors_api
+from .api.ws import protocol as ws
+from .auth import install as protection
+from .catalog.registry import load_registry
+from .jobs.generation import Generations
+from .jobs.vectors import VectorJobs
+from .observability.system import SystemStats
 from .service import Service
 from .settings import Settings
-from .system_stats import SystemStats
-from .vector_jobs import VectorJobs
 
 log = logging.getLogger("talkative.serve")
 

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from .jobs import PROCESSING, QUEUED
-from .scheduler_types import SchedulerError
+from .jobs.record import PROCESSING, QUEUED
+from .scheduling.types import SchedulerError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from .hub import Connection
+    from .api.ws.hub import Connection
     from .service import Service
 
 log = logging.getLogger("talkative.serve.lifecycle")

@@ -13,15 +13,15 @@ from typing import Any
 import torch
 
 from ..nla.analysis import AnalysisError
-from .api.models import AnalyzeRequest
-from .hub import Hub
-from .jobs import QUEUED, Job
-from .registry import Registry
-from .residency import Residency
-from .scheduler import Scheduler
-from .scheduler_types import SchedulerError
+from .api.schemas import AnalyzeRequest
+from .api.ws.hub import Hub
+from .catalog.registry import Registry
+from .catalog.residency import Residency
+from .jobs.record import QUEUED, Job
+from .jobs.store import JobStore
+from .scheduling.scheduler import Scheduler
+from .scheduling.types import SchedulerError
 from .settings import Settings
-from .store import JobStore
 
 log = logging.getLogger("talkative.serve")
 

@@ -129,7 +129,7 @@ def app_routes(groups: Path, workdir: Path) -> tuple[list[HttpRoute], list[str]]
 
 def message_types() -> list[str]:
     """Every WebSocket message type the protocol handles (new ones included as they are registered)."""
-    from talkative.serve.api import ws
+    from talkative.serve.api.ws import protocol as ws
 
     return sorted(ws.HANDLERS)
 

@@ -16,8 +16,8 @@ from e2e_helpers import FAST, Server
 from security_support import base_env, next_of, recv_json, refusal_of, wait_job, ws_connect
 from starlette.testclient import TestClient
 
-from talkative.serve import analysis_jobs
 from talkative.serve.app import create_app
+from talkative.serve.jobs import analysis as analysis_jobs
 from talkative.serve.settings import Settings
 
 pytestmark = pytest.mark.e2e

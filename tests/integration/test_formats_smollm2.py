@@ -161,7 +161,7 @@ def test_convert_round_trips_and_inspect(checkpoints, tmp_path, capsys):
 
 
 def test_a_model_groups_file_serves_the_three(checkpoints, tmp_path):
-    registry = pytest.importorskip("talkative.serve.registry")
+    registry = pytest.importorskip("talkative.serve.catalog.registry")
     layers = _layers(checkpoints)
     groups = {
         "model_groups": [

@@ -23,9 +23,9 @@ from typing import Any
 from fastapi import HTTPException, Request, Security, WebSocket, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..hub import Connection
-from ..security import IDENTITY_SCOPE_KEY, AccessPolicy, ClientIdentity, bearer, client_address, owns
+from ..auth.policy import IDENTITY_SCOPE_KEY, AccessPolicy, ClientIdentity, bearer, client_address, owns
 from ..service import Service
+from .ws.hub import Connection
 
 __all__ = [
     "ClientIdentity",

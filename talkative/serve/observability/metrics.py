@@ -1,0 +1,463 @@
+"""What the server tells its operators: Prometheus metrics, the seed's JSON figures, structured logs.
+
+* **Metrics** live in a registry of their own per app (never prometheus_client's global default one, so two apps
+  in one process, as in tests, never share or clash). Event metrics (HTTP requests, per-stage engine seconds, job
+  durations, group switches, rejected requests by reason) are observed as they happen; state (queue depth per
+  group, jobs by status, busy workers per device, positions analysed, tokens generated, model loads, WebSocket
+  connections) is read from the scheduler when scraped, so it can never drift from the truth.
+* **Logs** carry the request id of the request they were written for (`X-Request-ID`, taken from the client when
+  it is a sane token, else made up, and returned on every response); `LOG_FORMAT=json` writes one JSON object per
+  line. Every line goes through `security.scrub`, so an API key never reaches a log, whatever wrote the line
+  (uvicorn logs WebSocket paths with their `api_key` query parameter, for one).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..auth.policy import KeyRing, SecurityConfigError, scope_header, scrub
+from ..catalog import visibility
+from ..jobs.record import PROCESSING, Job
+
+if TYPE_CHECKING:
+    from ..scheduling.scheduler import Scheduler
+    from ..scheduling.types import EventSink
+    from ..service import Service
+    from ..settings import Settings
+
+#: the id of the request being handled (None outside requests); read by the log filter
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("talkative_request_id", default=None)
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+#: probes and scrapes, logged at debug level when they succeed (they come every few seconds)
+QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+#: the label value of every model and group that listings do not show (visible: false, backend_only)
+HIDDEN_LABEL = "hidden"
+access_log = logging.getLogger("talkative.access")
+
+
+class Metrics:
+    """The per-app registry and the event metrics; `bind(service)` adds the state read at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "talkative_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
+        )
+        self.http_seconds = Histogram(
+            "talkative_http_request_duration_seconds",
+            "Time to answer an HTTP request (route template)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "talkative_rejected_requests",
+            "Requests and WebSocket messages refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "talkative_stage_duration_seconds",
+            "Engine seconds per stage: extract (per input), verbalize, reconstruct, salience, kl, lens (per batch)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "talkative_job_duration_seconds",
+            "Processing time of finished jobs (admission to end)",
+            ["kind", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "talkative_job_queue_seconds",
+            "Time finished jobs waited in the queue before a device took them",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.switch_seconds = Histogram(
+            "talkative_group_switch_duration_seconds",
+            "Time to bring a model group onto a device (load, or move from the CPU cache)",
+            ["group"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.switches = Counter(
+            "talkative_group_switches", "Group switches by outcome", ["group", "outcome"], registry=r
+        )
+        self.tokens_generated = Counter(
+            "talkative_tokens_generated",
+            "Tokens of the completions that generation jobs delivered",
+            ["model"],
+            registry=r,
+        )
+        self.completed_count = 0
+        self.completed_seconds = 0.0
+        self.service: Service | None = None
+        r.register(_StateCollector(self))
+
+    def bind(self, service: Service) -> None:
+        self.service = service
+        for model_id in service.registry.models:  # every series exists from the first scrape, at 0
+            self.tokens_generated.labels(self.model_label(model_id))
+
+    # -- labels: every key may scrape /metrics, so hidden and backend_only ids are one "hidden" series ----------
+    def group_label(self, group_id: str | None) -> str:
+        svc = self.service
+        if svc is None or group_id is None:
+            return str(group_id)
+        return group_id if visibility.sees_group(svc.registry, group_id, visibility.ANYONE) else HIDDEN_LABEL
+
+    def model_label(self, model_id: str | None) -> str:
+        svc = self.service
+        if svc is None or model_id is None:
+            return str(model_id)
+        return model_id if visibility.sees_model(svc.registry, model_id, visibility.ANYONE) else HIDDEN_LABEL
+
+    # -- the scheduler's monitor ----------------------------------------------------------------------------------
+    def stage(self, name: str, seconds: float) -> None:
+        self.stage_seconds.labels(name).observe(seconds)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    # -- job and switch events (through TelemetrySink) ------------------------------------------------------------
+    def job_finished(self, job: Job) -> None:
+        counts = (job.result or {}).get("completion_tokens") if job.status == "completed" else None
+        if isinstance(counts, list) and all(isinstance(n, int) for n in counts):
+            self.tokens_generated.labels(self.model_label(job.model_id)).inc(sum(counts))
+        if job.started_at is not None:
+            self.queue_seconds.labels(job.kind).observe(max(0.0, job.started_at - job.created_at))
+            if job.completed_at is not None:
+                seconds = max(0.0, job.completed_at - job.started_at)
+                self.job_seconds.labels(job.kind, job.status).observe(seconds)
+                if job.status == "completed" and job.kind != "switch":
+                    self.completed_count += 1
+                    self.completed_seconds += seconds
+
+    def switch_event(self, message: dict[str, Any]) -> None:
+        status, group = message.get("status"), self.group_label(message.get("group_id"))
+        if status == "completed":
+            self.switches.labels(group, "completed").inc()
+            if isinstance(message.get("seconds"), int | float):
+                self.switch_seconds.labels(group).observe(float(message["seconds"]))
+        elif status == "failed":
+            self.switches.labels(group, "failed").inc()
+
+    # -- the seed's JSON figures ----------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """`GET /metrics` as JSON: the seed's six figures, then rejections by reason."""
+        svc = self.service
+        stats = svc.scheduler.stats if svc is not None else {}
+        rejected = {
+            s.labels["reason"]: int(s.value)
+            for m in self.rejected.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        }
+        return {
+            "total_requests": int(stats.get("submitted", 0)),
+            "completed_requests": int(stats.get("completed", 0)),
+            "failed_requests": int(stats.get("failed", 0)),
+            "queue_size": svc.scheduler.queue_summary()["queue_size"] if svc is not None else 0,
+            "average_processing_time": round(self.completed_seconds / self.completed_count, 3)
+            if self.completed_count
+            else 0.0,
+            "active_websocket_connections": len(svc.hub.connections) if svc is not None else 0,
+            "cancelled_requests": int(stats.get("cancelled", 0)),
+            "rejected_requests": rejected,
+        }
+
+
+class _StateCollector(Collector):
+    """Scheduler state as metrics, read at scrape time on the event loop (the scheduler's only thread)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.metrics.service
+        if svc is None:
+            return
+        sched: Scheduler = svc.scheduler
+        depth = GaugeMetricFamily(
+            "talkative_queue_depth", "Jobs waiting in the queue, by model group", labels=["group"]
+        )
+        label = self.metrics.group_label
+        waiting: dict[str, int] = dict.fromkeys((label(g) for g in svc.registry.groups), 0)
+        for job in sched.queue:
+            waiting[label(job.group_id)] = waiting.get(label(job.group_id), 0) + 1
+        for gid, n in waiting.items():
+            depth.add_metric([gid], n)
+        yield depth
+        active = GaugeMetricFamily("talkative_jobs", "Jobs not yet finished, by status", labels=["status"])
+        active.add_metric(["queued"], len(sched.queue))
+        active.add_metric(["processing"], sum(1 for j in sched.jobs.values() if j.status == PROCESSING))
+        yield active
+        stats = sched.stats
+        finished = CounterMetricFamily(
+            "talkative_jobs_finished", "Jobs finished, by status", labels=["status"]
+        )
+        for status in ("completed", "failed", "cancelled"):
+            finished.add_metric([status], stats.get(status, 0))
+        yield finished
+        for name, key, doc in (
+            ("talkative_jobs_submitted", "submitted", "Jobs accepted"),
+            ("talkative_positions_analysed", "positions", "Token positions explained"),
+            ("talkative_model_loads", "group_loads", "Model groups brought onto a device"),
+            ("talkative_engine_batches", "engine_batches", "Engine batches run"),
+            ("talkative_engine_merged_batches", "merged_batches", "Engine batches shared by several jobs"),
+            ("talkative_engine_rows", "engine_rows", "Rows (positions x best_of_k) explained"),
+            ("talkative_engine_seconds", "engine_seconds", "Seconds spent in engine batches"),
+        ):
+            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
+        busy = GaugeMetricFamily(
+            "talkative_workers_busy", "Engine batches running, per device", labels=["device"]
+        )
+        slots = GaugeMetricFamily(
+            "talkative_workers", "Engine batches a device runs at once", labels=["device"]
+        )
+        jobs = GaugeMetricFamily("talkative_device_jobs", "Jobs admitted to a device", labels=["device"])
+        loaded = GaugeMetricFamily(
+            "talkative_device_group", "1 for the model group a device holds", labels=["device", "group"]
+        )
+        for dev in sched.devices:
+            busy.add_metric([dev.name], dev.inflight)
+            slots.add_metric([dev.name], dev.slots)
+            jobs.add_metric([dev.name], len(dev.works) + len(dev.whole))
+            if dev.group_id is not None:
+                loaded.add_metric([dev.name, label(dev.group_id)], 1)
+        yield from (busy, slots, jobs, loaded)
+        yield GaugeMetricFamily(
+            "talkative_websocket_connections", "Open WebSocket connections", value=len(svc.hub.connections)
+        )
+        yield GaugeMetricFamily(
+            "talkative_ready", "1 once the startup model group is loaded", value=sched.ready
+        )
+        yield GaugeMetricFamily(
+            "talkative_draining",
+            "1 while shutting down (no new work)",
+            value=getattr(sched, "draining", False),
+        )
+
+
+class TelemetrySink:
+    """Wraps the scheduler's event sink (the WebSocket hub) to observe job endings and group switches."""
+
+    def __init__(self, inner: EventSink, metrics: Metrics, scheduler: Scheduler) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self.scheduler = scheduler
+
+    def subscribe(self, job: Job, subscriber: Any) -> None:
+        self.inner.subscribe(job, subscriber)
+
+    def job_event(self, job: Job, message: dict[str, Any]) -> None:
+        self.inner.job_event(job, message)
+        if job.terminal and message.get("type") == self.scheduler.final_message(job).get("type"):
+            self.metrics.job_finished(job)
+
+    def queue_changed(self) -> None:
+        self.inner.queue_changed()
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        self.inner.broadcast(message)
+        if message.get("type") == "group_switch_status":
+            self.metrics.switch_event(message)
+
+
+# -- request ids and the access log ----------------------------------------------------------------------------------
+class RequestContext:
+    """Outermost middleware: a request id for every request (and its logs), HTTP metrics, one access log line."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        incoming = scope_header(scope, REQUEST_ID_HEADER)
+        rid = incoming if incoming and _SANE_ID.match(incoming) else uuid.uuid4().hex
+        token = REQUEST_ID.set(rid)
+        status: int | None = None
+        t0 = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
+                }
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            seconds = time.perf_counter() - t0
+            client = scope.get("client")
+            address = client[0] if client else None
+            if scope["type"] == "http":
+                self._observe(scope, status or 500, seconds)
+                access_log.log(
+                    logging.DEBUG if scope["path"] in QUIET_PATHS and (status or 500) < 400 else logging.INFO,
+                    '%s "%s %s" %s %.1f ms',
+                    address,
+                    scope["method"],
+                    scope["path"],
+                    status or 500,
+                    seconds * 1000,
+                    extra={
+                        "client": address,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status or 500,
+                        "duration_ms": round(seconds * 1000, 1),
+                    },
+                )
+            else:
+                access_log.info(
+                    '%s "WebSocket %s" closed after %.1f s',
+                    address,
+                    scope["path"],
+                    seconds,
+                    extra={"client": address, "path": scope["path"], "duration_s": round(seconds, 1)},
+                )
+            REQUEST_ID.reset(token)
+
+    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        label = getattr(route, "path", None)
+        if label == "" or (route is not None and type(route).__name__ == "Mount"):
+            label = "static"
+        label = label or "-"
+        method = scope["method"] if scope["method"] in METHODS else "OTHER"
+        self.metrics.http_requests.labels(method, label, str(status)).inc()
+        self.metrics.http_seconds.labels(label).observe(seconds)
+        if status == 400 and label != "-":
+            self.metrics.reject("invalid")
+
+
+# -- logging ----------------------------------------------------------------------------------------------------------
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "color_message"}
+#: what could end a log line early or drive a terminal: C0 and C1 controls, DEL, line and paragraph separators,
+#: and the bidirectional overrides that make text read differently from how it is stored
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as `\\xNN` / `\\uNNNN`.
+
+    Log lines carry strings that clients chose (paths, headers, ids, messages quoting their input); a newline in
+    one would let a client forge a whole log line (`/x%0a2026-12-02 10:37:30,000 CRITICAL ...`) and an escape
+    sequence would drive the operator's terminal. Escaping in the formatters covers every line, whoever wrote it.
+    """
+    return _CONTROLS.sub(_escape_char, text)
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get() or "-"
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+        self.secrets = secrets
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # one record, one line: the message (with whatever a client put in it) is escaped; a traceback that
+        # format() appends after it keeps its own lines
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        # a traceback keeps its line breaks, indented, so that an exception message quoting client input can
+        # neither start a line that looks like a log record nor carry terminal escapes
+        return "\n".join("  " + escape_controls(line) for line in super().formatException(ei).split("\n"))
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not hasattr(record, "request_id"):
+            record.request_id = REQUEST_ID.get() or "-"
+        return scrub(super().format(record), self.secrets)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, the record's extra fields, exception."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        rid = getattr(record, "request_id", None) or REQUEST_ID.get()
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": scrub(escape_controls(record.getMessage()), self.secrets),
+            "request_id": rid if rid and rid != "-" else None,
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = scrub(escape_controls(value), self.secrets) if isinstance(value, str) else value
+        if record.exc_info:
+            out["exception"] = scrub(self.formatException(record.exc_info), self.secrets)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def log_secrets(settings: Settings) -> tuple[str, ...]:
+    try:
+        return KeyRing.from_settings(settings).secrets
+    except SecurityConfigError:
+        return ()  # create_app reports the bad configuration; the patterns still scrub what looks like a key
+
+
+def configure_logging(settings: Settings) -> None:
+    """Root logging for `talkative serve` (uvicorn's loggers included): one stderr handler, request ids, keys
+    scrubbed, `LOG_FORMAT` text or json, `LOG_LEVEL`."""
+    secrets = log_secrets(settings)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter(secrets) if settings.log_format == "json" else TextFormatter(secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True

@@ -1,0 +1,84 @@
+"""The SQLite job store: round trips, unfinished jobs in order, retention, WAL, reopening."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+from talkative.serve.jobs.record import Job, iso
+from talkative.serve.jobs.store import JobStore
+
+
+def job(i: int, status: str = "queued", completed_at: float | None = None) -> Job:
+    return Job(
+        id=f"j{i}",
+        kind="analyze",
+        request={"text": f"text {i}", "options": {"seed": i}},
+        model_id="m",
+        group_id="g",
+        client_request_id=f"c{i}",
+        status=status,
+        created_at=1000.0 + i,
+        completed_at=completed_at,
+    )
+
+
+def test_round_trip_order_and_retention(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = JobStore(tmp_path / "data" / "jobs.sqlite3")
+        done = job(0, "completed", completed_at=time.time() - 10 * 86400)
+        done.result = {
+            "tokens": [{"position": 0, "token": "a", "mse": 0.5, "explanation": "é ✓"}],
+            "metadata": {},
+        }
+        await store.put(done)
+        await store.put(job(2, "processing"))
+        await store.put(job(1))
+        await store.put(job(3, "failed", completed_at=time.time()))
+        got = await store.get("j0")
+        assert got is not None and got.result == done.result and got.request == done.request
+        assert got.client_request_id == "c0" and got.status == "completed"
+        assert [j.id for j in await store.unfinished()] == ["j1", "j2"]
+        assert await store.get("nope") is None
+        assert await store.purge(7 * 86400) == 1  # only the old finished job
+        assert await store.get("j0") is None and await store.count() == 3
+        store.close()
+        reopened = JobStore(tmp_path / "data" / "jobs.sqlite3")
+        assert [j.id for j in await reopened.unfinished()] == ["j1", "j2"]
+        reopened.close()
+
+    asyncio.run(go())
+    mode = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_status_body_times_are_iso_utc() -> None:
+    j = job(1)
+    j.started_at = 1700000000.25
+    body = j.status_body(queue_position=3)
+    assert body["created_at"] == "1970-01-01T00:16:41.000Z"
+    assert body["started_at"] == iso(1700000000.25) == "2023-11-14T22:13:20.250Z"
+    assert body["completed_at"] is None and body["queue_position"] == 3 and body["result"] is None
+
+
+def test_the_store_is_private_to_its_account(tmp_path: Path) -> None:
+    """Every user's texts and results live here: the directory is created 0700 and the database files 0600."""
+    import stat
+
+    path = tmp_path / "fresh" / "data" / "jobs.sqlite3"
+
+    async def go() -> None:
+        store = JobStore(path)
+        await store.put(job(1))
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists() and stat.S_IMODE(wal.stat().st_mode) == 0o600
+        store.close()
+
+    asyncio.run(go())
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)  # loosened by hand: reopening tightens it again
+    JobStore(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
