@@ -29,7 +29,7 @@ from ...nla.analysis import AnalysisError
 from ...nla.generation import GenerationError, GenerationRequest, GenerationResult, stream
 from ..api.schemas import AnalyzeRequest, GenerateOptions, GenerateRequest
 from ..scheduling.types import JobContext, SchedulerError
-from .record import CANCELLED, COMPLETED, QUEUED, Job
+from .record import CANCELLED, COMPLETED, QUEUED, Job, UnknownRequest
 
 if TYPE_CHECKING:
     from ..api.ws.hub import Connection
@@ -312,7 +312,7 @@ class Generations:
         for `keepalive` seconds)."""
         job = await self.scheduler.get(job_id)
         if job is None:
-            raise KeyError(job_id)
+            raise UnknownRequest(job_id)
         if job.kind != KIND:
             raise SchedulerError(400, f"request {job_id} is a {job.kind} request, not a generation")
         ids = {"request_id": job.id, "client_request_id": job.client_request_id}

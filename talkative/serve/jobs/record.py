@@ -18,6 +18,11 @@ QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "queued", "processing", "comp
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 
 
+class UnknownRequest(KeyError):
+    """No job has this id (or the caller may not know of it). A KeyError, so that callers that only need to know
+    the job is gone keep catching KeyError; the API answers it with 404."""
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 

@@ -22,7 +22,7 @@ from typing import Any
 from ...nla.checkpoint import NLA
 from ..catalog.registry import Registry
 from ..catalog.residency import GroupRuntime, Residency
-from ..jobs.record import CANCELLED, FAILED, QUEUED, Job
+from ..jobs.record import CANCELLED, FAILED, QUEUED, Job, UnknownRequest
 from ..jobs.store import JobStore
 from ..settings import Settings
 from .types import (
@@ -188,7 +188,7 @@ class SchedulerBase(ABC):
         if job is None:
             stored = await self.store.get(job_id)
             if stored is None:
-                raise KeyError(job_id)
+                raise UnknownRequest(job_id)
             raise SchedulerError(409, f"request {job_id} is already {stored.status}")
         if job.terminal:
             raise SchedulerError(409, f"request {job_id} is already {job.status}")

@@ -38,7 +38,7 @@ from typing import Any
 from ...nla.analysis import AnalysisError
 from ..catalog.residency import GroupRuntime
 from ..jobs.analysis import AnalysisJobs, engine_failure
-from ..jobs.record import COMPLETED, FAILED, PROCESSING, QUEUED, Job, new_id
+from ..jobs.record import COMPLETED, FAILED, PROCESSING, QUEUED, Job, UnknownRequest, new_id
 from .switching import GroupSwitching
 from .types import MAX_ATTEMPTS, DeviceState, JobContext, JobHandler, SchedulerError
 
@@ -236,7 +236,7 @@ class Scheduler(GroupSwitching, AnalysisJobs):
         """Wait until the job is terminal (or the timeout passes) and return it."""
         job = await self.get(job_id)
         if job is None:
-            raise KeyError(job_id)
+            raise UnknownRequest(job_id)
         if job.terminal:
             return job
         fut: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
