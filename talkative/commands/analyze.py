@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..nla.metrics import MetricTable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,43 +129,38 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def print_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], table: MetricTable | None = None) -> None:
+    """The rows as a terminal table: every metric but those derived from another (`nmse` repeats the cosine),
+    then the summary line of the headline metrics. `table` defaults to the engine's metric table."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(
+    from ..nla.metrics import METRICS
+
+    table = METRICS if table is None else table
+    shown = table.shown("headline", "detail")
+    out = Table(
         title=f"{meta.get('model', '')} · layer {meta.get('layer')} · k={meta.get('best_of_k')}",
         show_lines=False,
     )
-    for col, justify in (
-        ("pos", "right"),
-        ("token", "left"),
-        ("explanation", "left"),
-        ("mse", "right"),
-        ("rel rmse", "right"),
-        ("cos", "right"),
-        ("fve", "right"),
-        ("KL", "right"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    out.add_column("pos", justify="right")
+    out.add_column("token", justify="left")
+    out.add_column("explanation", justify="left")
+    for m in shown:
+        out.add_column(m.cli, justify="right")
     for r in rows:
-        table.add_row(
+        out.add_row(
             str(r["position"]),
             repr(r["token"]),
             (r["explanation"] or "").replace("\n", "⏎"),
-            _fmt(r.get("mse"), 2),
-            _fmt(r.get("relative_rmse")),
-            _fmt(r.get("cosine")),
-            _fmt(r.get("fve")),
-            _fmt(r.get("kl_divergence")),
+            *(_fmt(r.get(m.name), m.digits) for m in shown),
         )
     console = Console()
-    console.print(table)
+    console.print(out)
     summary = meta.get("summary") or {}
     if summary:
+        means = ", ".join(f"{m.cli} {_fmt(summary.get(m.summary_key))}" for m in table.shown("headline"))
         console.print(
             f"means over {summary.get('positions_in_summary')} positions "
-            f"({summary.get('positions_excluded')} flagged positions left out): "
-            f"rel rmse {_fmt(summary.get('mean_relative_rmse'))}, cos {_fmt(summary.get('mean_cosine'))}, "
-            f"fve {_fmt(summary.get('mean_fve'))}, KL {_fmt(summary.get('mean_kl_divergence'))}"
+            f"({summary.get('positions_excluded')} flagged positions left out): {means}"
         )

@@ -27,6 +27,7 @@ from .checkpoint import NLA
 from .kvcache import KVCache, PrefixView
 from .lens import TunedLens, format_top, logit_lens, tuned_lens_logits
 from .lm import sequence_bos_id
+from .metrics import METRICS, MetricTable
 from .options import AnalyzeOptions, ChatMessage, Resolved, resolve
 from .reconstructor import SoftPromptReconstructor, TemplateReconstructor
 from .sampling import step_seeds
@@ -570,7 +571,9 @@ def _run_batch(
         t = _timed(timings, "lens", t)
 
     metrics = (
-        M.all_metrics(A, best_hat, nla.fve_variance) if (opts.evaluate and best_hat is not None) else None
+        nla.metrics.measure(A, best_hat, nla.fve_variance)
+        if (opts.evaluate and best_hat is not None)
+        else None
     )
     out: list[list[dict[str, Any]]] = []
     g = 0
@@ -586,12 +589,7 @@ def _run_batch(
                 "explanation": e.text,
                 "explanation_structured": _structured(nla, units[i]) if p.options.structured else None,
                 "token_salience": salience[g],
-                "mse": None,
-                "relative_rmse": None,
-                "cosine": None,
-                "nmse": None,
-                "fve": None,
-                "kl_divergence": kl[g],
+                **nla.metrics.empty(),
                 "logit_lens_top": lens_top[g],
                 "tuned_lens_top": tuned_top[g],
                 "norm": float(A[g].norm()),
@@ -604,9 +602,10 @@ def _run_batch(
             if not isinstance(nla.verbalizer, LayerReplacementVerbalizer):
                 row["all_samples_truncated"] = bool(truncated[g].all())
                 row["explanation_parse"] = e.parse
+            if M.KL in row:
+                row[M.KL] = kl[g]
             if metrics is not None:
-                for name in ("mse", "relative_rmse", "cosine", "nmse", "fve"):
-                    value = metrics[name]
+                for name, value in metrics.items():
                     row[name] = None if value is None else _finite(float(value[g]))
             if p.options.return_vectors:
                 row["activation"] = A[g].tolist()
@@ -752,20 +751,17 @@ def batch_positions(
     return cap if opts.batch_size is None else max(1, min(opts.batch_size, cap))
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: Sequence[dict[str, Any]], table: MetricTable = METRICS) -> dict[str, Any]:
     """Means over the rows without a flag: known-noisy positions (early, BOS, system prompt, norm outliers) are
     not what the NLA was trained on and distort every average. Says how many rows each flag left out."""
     kept = [r for r in rows if not r.get("flags") and not r.get("outlier")]
-    out: dict[str, Any] = {
+    return {
         "positions": len(rows),
         "positions_in_summary": len(kept),
         "positions_excluded": len(rows) - len(kept),
         "excluded_by_flag": {name: sum(name in (r.get("flags") or ()) for r in rows) for name in FLAGS},
+        **table.summarize(kept),
     }
-    for name in ("mse", "relative_rmse", "cosine", "nmse", "fve", "kl_divergence"):
-        vals = [r[name] for r in kept if r.get(name) is not None]
-        out[f"mean_{name}"] = sum(vals) / len(vals) if vals else None
-    return out
 
 
 def analyze(
@@ -841,5 +837,5 @@ def metadata(
         "n_positions": len(prep.positions),
         "processing_time": seconds,
         "stage_seconds": timings,
-        "summary": summarize(rows),
+        "summary": summarize(rows, nla.metrics),
     }

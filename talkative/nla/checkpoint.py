@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .lm import LM, LMPool
+from .metrics import METRICS, MetricTable
 from .reconstructor import DEFAULT_AR_PROMPT, Reconstructor, SoftPromptReconstructor, TemplateReconstructor
 from .verbalizer import (
     DEFAULT_AV_PROMPT,
@@ -47,6 +48,7 @@ class NLA:
     bases: dict[str, Any] = field(
         default_factory=lambda: {"verbalizer": "subject", "reconstructor": "subject"}
     )
+    metrics: MetricTable = METRICS  # what its rows and summaries report
 
     @property
     def d_model(self) -> int:

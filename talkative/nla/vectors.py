@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import metrics as M
 from .analysis import (
     AnalysisError,
     Cancelled,
     Prepared,
     _reconstruct_grouped,
     _salience,
+    _score,
     batch_positions,
     check_options,
     prepare,
@@ -260,7 +260,9 @@ def describe(
         rows.extend(run_batch(nla, [(prep, chunk)], options, tuned=tuned, timings=timings)[0])
     out: list[dict[str, Any]] = []
     hats: list[Any] = []
-    drop = ("position", "outlier", "flags", "kl_divergence", "activation", "reconstruction")
+    # a vector has no context, so the metrics that need one (KL) are not reported
+    context_metrics = {m.name for m in nla.metrics if m.compute is None}
+    drop = {"position", "outlier", "flags", "activation", "reconstruction", *context_metrics}
     for row, c in zip(rows, cur, strict=True):
         if options.return_vectors:
             hats.append(row.get("reconstruction"))
@@ -337,15 +339,13 @@ def score(
         current = torch.full((k,), cur.token_id, dtype=torch.long)
         raw = _reconstruct_grouped(nla.reconstructor, units, current).float().to(A.device)
         hats = reported_reconstruction(nla, A, raw)  # on A's scale for direction-only reconstructors
-        metrics = M.all_metrics(A, hats, nla.fve_variance)
-        base = M.nmse(A, hats) if nla.objective == "nmse" else metrics["mse"]
-        assert base is not None
+        metrics = nla.metrics.measure(A, hats, nla.fve_variance)
+        base = _score(nla, A, hats)
         sal = _salience(nla, A, units, current, base) if salience else [None] * k
     results = []
     for i, text in enumerate(explanations):
         row: dict[str, Any] = {"index": i, "explanation": text}
-        for name in ("mse", "relative_rmse", "cosine", "nmse", "fve"):
-            value = metrics[name]
+        for name, value in metrics.items():
             row[name] = None if value is None else _finite(float(value[i]))
         row["token_salience"] = sal[i]
         if salience:
