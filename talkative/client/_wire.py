@@ -12,7 +12,9 @@ import os
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+import httpx
 
 from .types import (
     Analysis,
@@ -29,6 +31,7 @@ from .types import (
 ENV_KEY = "TALKATIVE_API_KEY"
 RETRY_STATUSES = frozenset({429, 503})
 DONE = "[DONE]"
+C = TypeVar("C")
 
 
 def api_key_of(api_key: str | None) -> str | None:
@@ -203,12 +206,32 @@ class AnalysisFrames:
 
 
 class GenerationFrames:
-    """Reads a generation's Server-Sent Events: tokens, then its final message."""
+    """Reads a generation's Server-Sent Events: tokens, then its final message. `pending` holds the tokens
+    `cancel()` read ahead (to learn the request's id) and the reader has not had yet."""
 
     def __init__(self) -> None:
         self.request_id: str | None = None
         self.result: Generation | None = None
         self.done = False
+        self.closed = False
+        self.pending: list[TokenEvent] = []
+
+    @property
+    def ended(self) -> bool:
+        """No line is left to read: the final message came, or the stream was closed."""
+        return self.done or self.closed
+
+    def read_ahead(self, line: str) -> None:
+        """Read a line before the reader does (to learn the request's id), keeping its token for the reader."""
+        event = self.read(line)
+        if event is not None:
+            self.pending.append(event)
+
+    def generation(self) -> Generation:
+        """The finished generation, once the stream has been read to its end."""
+        if self.result is None:
+            raise APIError(502, "the stream ended without its generation_complete message")
+        return self.result
 
     def read(self, line: str) -> TokenEvent | None:
         if not line.startswith("data:"):
@@ -235,3 +258,18 @@ class GenerationFrames:
         elif kind == "error":
             raise JobFailed(self.request_id or "", "failed", msg.get("error"))
         return None
+
+
+class StreamedGeneration(Generic[C]):
+    """What a generation stream holds, blocking or awaited: its client (to cancel it), the streamed response,
+    and the frames read so far."""
+
+    def __init__(self, client: C, response: httpx.Response) -> None:
+        self._client = client
+        self._response = response
+        self._frames = GenerationFrames()
+
+    @property
+    def request_id(self) -> str | None:
+        """The generation's id, known from its first event (queued) on."""
+        return self._frames.request_id
