@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "src", type=Path, help="checkpoint: native dir, upstream .pt / run dir, official AV/AR pair"
     )
-    p.add_argument("--to", required=True, choices=["native", "upstream"], help="target format")
+    from ..nla.formats import writable
+
+    p.add_argument("--to", required=True, choices=writable(), help="target format")
     p.add_argument("out", type=Path, help="output directory (native) or .pt file / run directory (upstream)")
     p.add_argument("--subject", help="model whose activations are explained, replacing the one SRC names")
     p.add_argument("--base", help="upstream SRC: local path (or source) of the base model it names")
@@ -49,21 +51,20 @@ def convert(
     trust_checkpoint: bool = False,
     dtype: str = "float32",
 ) -> Path:
-    from ..nla.checkpoint import CheckpointError, detect_format, load_nla
-    from ..nla.formats.native import save_native
-    from ..nla.formats.official import link_tree
-    from ..nla.formats.upstream import save_upstream
+    from ..nla.checkpoint import CheckpointError, load_nla
+    from ..nla.formats import FORMATS, format_of, named
     from ..nla.lm import LMPool
 
-    fmt = detect_format(src)
+    source, target = format_of(src), named(to)
+    if target.save is None:
+        raise CheckpointError(f"Talkative does not write {to} checkpoints")
     kwargs: dict[str, Any] = {}
     if fve_variance is not None:
         kwargs["fve_variance"] = fve_variance
     if base is not None:
-        if fmt != "upstream":
-            raise CheckpointError(
-                "--base applies to upstream checkpoints (official/native name their own bases)"
-            )
+        if not source.base_by_id:
+            takers = ", ".join(f.name for f in FORMATS if f.base_by_id)
+            raise CheckpointError(f"--base applies to {takers} checkpoints (the others name their own bases)")
         kwargs["base_override"] = base
     nla = load_nla(
         src,
@@ -72,19 +73,13 @@ def convert(
         trust_checkpoint=trust_checkpoint,
         **kwargs,
     )
-    if fve_variance is not None and fmt == "native":
-        nla.fve_variance, nla.fve_baseline = fve_variance, {"variance": fve_variance, "kind": "given"}
-    nla.provenance = {**nla.provenance, "converted_from": {"format": fmt, "path": str(src.resolve())}}
-    if to == "upstream":
-        return save_upstream(nla, out)
-    if out.exists() and out.resolve() == Path(src).resolve():
-        raise CheckpointError("OUT must differ from SRC")
-    if fmt == "official":
-        for role, sub in (("verbalizer", "av"), ("reconstructor", "ar")):
-            ref = nla.bases[role]
-            link_tree(Path(ref["path"]), out / sub, link)  # type: ignore[index]
-            nla.bases[role] = {"path": sub}
-    return save_native(nla, out)
+    nla.provenance = {**nla.provenance, "converted_from": {"format": source.name, "path": str(src.resolve())}}
+    if target.holds_bases:
+        if out.exists() and out.resolve() == Path(src).resolve():
+            raise CheckpointError("OUT must differ from SRC")
+        if source.carry_bases is not None:
+            source.carry_bases(nla, out, link)
+    return target.save(nla, out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,62 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def describe_native(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    from ..nla.formats.native import WEIGHTS, read_config
-
-    directory = path.parent if path.is_file() else path
-    cfg = read_config(directory)
-    subj = cfg["subject"]
-    tensors: dict[str, list[int]] = {}
-    n = 0
-    weights = directory / WEIGHTS
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                shape = list(f.get_slice(key).get_shape())
-                tensors[key] = shape
-                count = 1
-                for s in shape:
-                    count *= s
-                n += count
-    v, r = cfg["verbalizer"], cfg["reconstructor"]
-    return {
-        "format": "native",
-        "dir": str(directory),
-        "name": cfg.get("name"),
-        "subject": subj.get("source") if isinstance(subj, dict) else subj,
-        "subject_model_type": subj.get("model_type") if isinstance(subj, dict) else None,
-        "layer": cfg["layer"],
-        "d_model": cfg["d_model"],
-        "objective": cfg.get("objective", "mse"),
-        "verbalizer": {
-            k: v.get(k) for k in ("mode", "base", "patch_layers", "t_text", "injection_scale") if k in v
-        },
-        "reconstructor": {
-            k: r.get(k) for k in ("mode", "base", "output_layer", "head", "head_bias") if k in r
-        },
-        "fve_variance": (cfg.get("fve_baseline") or {}).get("variance"),
-        "trained_parameters": n,
-        "weights_bytes": weights.stat().st_size if weights.is_file() else 0,
-        "tensors": tensors,
-    }
-
-
 def describe(path: Path, *, trust: bool = False) -> dict[str, Any]:
-    from ..nla.checkpoint import detect_format
+    """What the checkpoint's own format module says about it."""
+    from ..nla.formats import format_of
 
-    fmt = detect_format(path)
-    if fmt == "native":
-        return describe_native(path)
-    if fmt == "upstream":
-        from ..nla.formats.upstream import describe_upstream
-
-        return describe_upstream(path, trust=trust)
-    from ..nla.formats.official import describe_official
-
-    return describe_official(path)
+    return format_of(path).describe(path, trust=trust)
 
 
 def _slug(text: str) -> str:
@@ -87,8 +36,10 @@ def _slug(text: str) -> str:
 def model_group_entry(info: dict[str, Any], path: Path) -> dict[str, Any]:
     """A `model_groups.json` group with one model serving this checkpoint (the seed's schema)."""
     subject = str(info.get("subject") or "")
-    base = info.get("base") or subject
-    donor = subject if info["format"] == "upstream" and subject and subject != base else None
+    base = (
+        info.get("base") or subject
+    )  # a format whose checkpoint names a base apart from its subject says so
+    donor = subject if subject and subject != base else None
     name = Path(subject).name if subject else "nla"
     gid = _slug(name)
     return {

@@ -1,8 +1,9 @@
 """The NLA: a subject model, a layer, a verbalizer and a reconstructor, plus what scoring needs (FVE baseline).
 
 `NLA.init` builds an untrained one over a subject (identity projections, prompts from text: already a
-training-free Patchscope). `load_nla` reads any of the three checkpoint formats (native, upstream `.pt`, official
-AV/AR directories) after detecting which one a path holds; `NLA.save` writes the native format.
+training-free Patchscope). `load_nla` reads a checkpoint of any format of the registry in `formats/` (native,
+upstream `.pt`, official AV/AR directories) after detecting which one a path holds; `NLA.save` writes the native
+format.
 """
 
 from __future__ import annotations
@@ -256,25 +257,9 @@ def build_reconstructor(cfg: dict[str, Any], lm: LM) -> Reconstructor:
 
 def detect_format(path: str | Path) -> str:
     """'native', 'upstream' or 'official' for a checkpoint path, or CheckpointError saying why not."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    if p.is_file():
-        if p.suffix == ".pt":
-            return "upstream"
-        if p.name == "nla.json":
-            return "native"
-        raise CheckpointError(f"{p} is a file but not an upstream .pt checkpoint or a native nla.json")
-    if (p / "nla.json").is_file():
-        return "native"
-    if (p / "nla_meta.yaml").is_file() or ((p / "av").is_dir() and (p / "ar").is_dir()):
-        return "official"
-    if any(p.glob("*.pt")):
-        return "upstream"
-    raise CheckpointError(
-        f"{p} holds no checkpoint: expected nla.json (native), *.pt (upstream run directory) "
-        f"or an AV/AR pair with nla_meta.yaml (official)"
-    )
+    from .formats import format_of  # the format modules build on this module
+
+    return format_of(path).name
 
 
 def load_nla(
@@ -286,23 +271,14 @@ def load_nla(
     trust_checkpoint: bool = False,
     **kwargs: Any,
 ) -> NLA:
-    """Load a checkpoint of any supported format; models come from (and are shared through) `pool`."""
-    pool = pool or LMPool(dtype=dtype)
-    fmt = detect_format(path)
-    if fmt == "native":
-        from .formats.native import load_native
+    """Load a checkpoint of any supported format; models come from (and are shared through) `pool`. `kwargs` are
+    format options (`fve_variance`, `base_override`, `max_new_tokens`); a format ignores those it has no use for."""
+    from .formats import format_of  # the format modules build on this module
 
-        return load_native(Path(path), pool=pool, subject_override=subject_override)
-    if fmt == "upstream":
-        from .formats.upstream import load_upstream
-
-        return load_upstream(
-            Path(path),
-            pool=pool,
-            trust_checkpoint=trust_checkpoint,
-            subject_override=subject_override,
-            **kwargs,
-        )
-    from .formats.official import load_official
-
-    return load_official(Path(path), pool=pool, subject_override=subject_override, **kwargs)
+    return format_of(path).load(
+        Path(path),
+        pool=pool or LMPool(dtype=dtype),
+        subject_override=subject_override,
+        trust_checkpoint=trust_checkpoint,
+        **kwargs,
+    )

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import FORMAT, FORMAT_VERSION, NLA, CheckpointError, build_reconstructor, build_verbalizer
 from ..lm import LM, LMPool
+from .spec import CheckpointFormat
 
 CONFIG = "nla.json"
 WEIGHTS = "weights.safetensors"
@@ -89,7 +91,19 @@ def _base(
     )
 
 
-def load_native(path: Path, *, pool: LMPool, subject_override: str | None = None) -> NLA:
+def detect(path: Path) -> bool:
+    return path.name == CONFIG if path.is_file() else (path / CONFIG).is_file()
+
+
+def load_native(
+    path: Path,
+    *,
+    pool: LMPool,
+    subject_override: str | None = None,
+    fve_variance: float | None = None,
+    **_: Any,
+) -> NLA:
+    """An NLA from a native directory (or its `nla.json`); `fve_variance` replaces the recorded FVE baseline."""
     if path.is_file():
         path = path.parent
     cfg = read_config(path)
@@ -113,6 +127,8 @@ def load_native(path: Path, *, pool: LMPool, subject_override: str | None = None
     verbalizer = build_verbalizer(vcfg, av_lm)
     reconstructor = build_reconstructor(rcfg, ar_lm)
     baseline = cfg.get("fve_baseline")
+    if fve_variance is not None:
+        baseline = {"variance": fve_variance, "kind": "given"}
     nla = NLA(
         subject=subject,
         layer=layer,
@@ -162,3 +178,56 @@ def load_trained_state(nla: NLA, state: dict[str, torch.Tensor], where: str) -> 
             current = module.state_dict()
             for k, v in own.items():
                 current[k].copy_(v.to(current[k].dtype))
+
+
+def describe_native(path: Path, *, trust: bool = False) -> dict[str, Any]:
+    """What `talkative inspect` prints: the config and the tensors' shapes (`trust` is unused: nothing here
+    unpickles)."""
+    directory = path.parent if path.is_file() else path
+    cfg = read_config(directory)
+    subj = cfg["subject"]
+    tensors: dict[str, list[int]] = {}
+    n = 0
+    weights = directory / WEIGHTS
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = list(f.get_slice(key).get_shape())
+                tensors[key] = shape
+                count = 1
+                for s in shape:
+                    count *= s
+                n += count
+    v, r = cfg["verbalizer"], cfg["reconstructor"]
+    return {
+        "format": "native",
+        "dir": str(directory),
+        "name": cfg.get("name"),
+        "subject": subj.get("source") if isinstance(subj, dict) else subj,
+        "subject_model_type": subj.get("model_type") if isinstance(subj, dict) else None,
+        "layer": cfg["layer"],
+        "d_model": cfg["d_model"],
+        "objective": cfg.get("objective", "mse"),
+        "verbalizer": {
+            k: v.get(k) for k in ("mode", "base", "patch_layers", "t_text", "injection_scale") if k in v
+        },
+        "reconstructor": {
+            k: r.get(k) for k in ("mode", "base", "output_layer", "head", "head_bias") if k in r
+        },
+        "fve_variance": (cfg.get("fve_baseline") or {}).get("variance"),
+        "trained_parameters": n,
+        "weights_bytes": weights.stat().st_size if weights.is_file() else 0,
+        "tensors": tensors,
+    }
+
+
+SPEC = CheckpointFormat(
+    name="native",
+    expects="nla.json (native)",
+    detect=detect,
+    load=load_native,
+    describe=describe_native,
+    save=save_native,
+    file_hint="a native nla.json",
+    holds_bases=True,
+)

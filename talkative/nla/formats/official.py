@@ -33,6 +33,7 @@ from ..checkpoint import NLA, CheckpointError, _now
 from ..lm import LM, LMPool
 from ..reconstructor import OFFICIAL_AR_TEMPLATE, TemplateReconstructor
 from ..verbalizer import EmbeddingReplacementVerbalizer, encode_piece
+from .spec import CheckpointFormat
 
 SIDECAR = "nla_meta.yaml"
 VALUE_HEAD = "value_head.safetensors"
@@ -95,6 +96,12 @@ def _partner(directory: Path, role: str) -> Path | None:
             if (cand / SIDECAR).is_file():
                 return cand
     return None
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / SIDECAR).is_file() or ((path / "av").is_dir() and (path / "ar").is_dir())
+    )
 
 
 def locate_pair(path: Path) -> tuple[Path, Path]:
@@ -456,8 +463,8 @@ def link_tree(src: Path, dst: Path, how: str = "hard") -> None:
         shutil.copy2(real, target)
 
 
-def describe_official(path: Path) -> dict[str, Any]:
-    """What `talkative inspect` prints, without loading any model."""
+def describe_official(path: Path, *, trust: bool = False) -> dict[str, Any]:
+    """What `talkative inspect` prints, without loading any model (`trust` is unused: nothing here unpickles)."""
     av_dir, ar_dir = locate_pair(Path(path))
     av_meta, ar_meta = read_sidecar(av_dir), read_sidecar(ar_dir)
     ar_cfg = _config_json(ar_dir)
@@ -491,3 +498,21 @@ def describe_official(path: Path) -> dict[str, Any]:
         "ar_bytes": size(ar_dir),
         "stage": {"av": av_meta.get("stage"), "ar": ar_meta.get("stage")},
     }
+
+
+def carry_bases(nla: NLA, out: Path, link: str) -> None:
+    """The AV and AR model directories (the NLA's bases, named by path) go into OUT as `av/` and `ar/`, so the
+    converted checkpoint is whole on its own."""
+    for role, sub in (("verbalizer", "av"), ("reconstructor", "ar")):
+        link_tree(Path(nla.bases[role]["path"]), out / sub, link)
+        nla.bases[role] = {"path": sub}
+
+
+SPEC = CheckpointFormat(
+    name="official",
+    expects="an AV/AR pair with nla_meta.yaml (official)",
+    detect=detect,
+    load=load_official,
+    describe=describe_official,
+    carry_bases=carry_bases,
+)

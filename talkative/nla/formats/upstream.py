@@ -28,6 +28,7 @@ from ..reconstructor import SoftPromptReconstructor
 from ..sources import adapter_base
 from ..verbalizer import EMBED_PLACEHOLDER, LayerReplacementVerbalizer
 from .native import _atomic_write, load_trained_state
+from .spec import CheckpointFormat
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +458,10 @@ def build_nla(
     return nla
 
 
+def detect(path: Path) -> bool:
+    return path.suffix == ".pt" if path.is_file() else any(path.glob("*.pt"))
+
+
 def load_upstream(
     path: Path,
     *,
@@ -619,3 +624,15 @@ def describe_upstream(path: Path, *, trust: bool = False) -> dict[str, Any]:
             **{f"encoder.{k}": list(v.shape) for k, v in ck.encoder.items()},
         },
     }
+
+
+SPEC = CheckpointFormat(
+    name="upstream",
+    expects="*.pt (upstream run directory)",
+    detect=detect,
+    load=load_upstream,
+    describe=describe_upstream,
+    save=save_upstream,
+    file_hint="an upstream .pt checkpoint",
+    base_by_id=True,
+)
