@@ -13,6 +13,10 @@
 
 Requests refused for room or rate (429, 503) are retried after the server's `Retry-After`; a refusal that does not
 pass raises `APIError`, a request that ends failed or cancelled raises `JobFailed`.
+
+The package, as a map: `types` (the results and errors), `_wire` (request bodies and reading answers, no I/O),
+`_operations` (every operation, written once as a plan of I/O steps), `_plan` (what a plan is and how a method
+runs one), `sync` and `aio` (the two drivers that carry a plan out: blocking, or awaited).
 """
 
 from .aio import AsyncClient, AsyncGenerationStream

@@ -127,6 +127,8 @@ class Steps(Generic[T]):
 
 # -- plans as public methods ----------------------------------------------------------------------------------------
 def _bind(plan: Callable[..., Any], client: Any, drive: Callable[[Any], Any]) -> Callable[..., Any]:
+    """The public method: builds the plan for the caller's arguments and hands it to the client's driver."""
+
     def call(*args: Any, **kwargs: Any) -> Any:
         return drive(plan(client, *args, **kwargs))
 
