@@ -53,6 +53,11 @@ export class Api {
     return this.request('api/v2/models');
   }
 
+  /** What each metric is (names, labels, direction, meaning): the server's metric table. */
+  metricLegend() {
+    return this.request('api/v1/metrics/legend');
+  }
+
   health() {
     return this.request('health');
   }

@@ -3,17 +3,8 @@
 
 export const FORMAT = 'talkative.analysis/1';
 
-export const CSV_COLUMNS = [
-  'position',
-  'token',
-  'token_id',
-  'explanation',
-  'fve',
-  'relative_rmse',
-  'cosine',
-  'nmse',
-  'mse',
-  'kl_divergence',
+const LEADING_COLUMNS = ['position', 'token', 'token_id', 'explanation'];
+const TRAILING_COLUMNS = [
   'norm',
   'outlier',
   'layer',
@@ -26,7 +17,17 @@ export const CSV_COLUMNS = [
   'token_salience',
 ];
 const JSON_CELLS = new Set(['explanation_structured', 'token_salience']);
-const NUMERIC = new Set(['position', 'token_id', 'fve', 'relative_rmse', 'cosine', 'nmse', 'mse', 'kl_divergence', 'norm', 'layer']);
+const NUMERIC_FIELDS = ['position', 'token_id', 'norm', 'layer'];
+
+/** The CSV columns: the row's own fields around one column per metric of the server's legend. */
+export function csvColumns(legend) {
+  return [...LEADING_COLUMNS, ...legend.names, ...TRAILING_COLUMNS];
+}
+
+/** Columns read and written as numbers (never quoted as formulas): the numeric fields and every metric. */
+function numericColumns(legend) {
+  return new Set([...NUMERIC_FIELDS, ...legend.names]);
+}
 const FORMULA_START = /^[=+\-@\t\r]/;
 
 export function analysisRecord(run) {
@@ -47,17 +48,20 @@ export function toJsonl(runs) {
   return runs.map((run) => JSON.stringify(analysisRecord(run))).join('\n') + '\n';
 }
 
-function csvCell(value, column) {
+function csvCell(value, column, numeric) {
   if (value === null || value === undefined) return '';
   let text = JSON_CELLS.has(column) || typeof value === 'object' ? JSON.stringify(value) : String(value);
   // a spreadsheet runs a cell starting with = + - @ as a formula; the quote marks it as text (OWASP)
-  if (!NUMERIC.has(column) && FORMULA_START.test(text)) text = `'${text}`;
+  if (!numeric.has(column) && FORMULA_START.test(text)) text = `'${text}`;
   return /[",\n\r]/.test(text) || text !== text.trim() ? `"${text.replace(/"/g, '""')}"` : text;
 }
 
-export function toCsv(rows) {
-  const lines = [CSV_COLUMNS.join(',')];
-  for (const row of rows) lines.push(CSV_COLUMNS.map((c) => csvCell(row[c], c)).join(','));
+/** One token a line; `legend` (metrics.js `Legend`) names the metric columns. */
+export function toCsv(rows, legend) {
+  const columns = csvColumns(legend);
+  const numeric = numericColumns(legend);
+  const lines = [columns.join(',')];
+  for (const row of rows) lines.push(columns.map((c) => csvCell(row[c], c, numeric)).join(','));
   return lines.join('\r\n') + '\r\n';
 }
 
@@ -102,9 +106,9 @@ function parseCsv(text) {
   return rows;
 }
 
-function csvValue(column, raw) {
+function csvValue(column, raw, numeric) {
   if (raw === '') return column === 'token' || column === 'explanation' ? '' : null;
-  if (NUMERIC.has(column)) {
+  if (numeric.has(column)) {
     const n = Number(raw);
     return Number.isFinite(n) ? n : null;
   }
@@ -119,13 +123,13 @@ function csvValue(column, raw) {
   return raw.startsWith("'") && FORMULA_START.test(raw.slice(1)) ? raw.slice(1) : raw;
 }
 
-function fromCsv(text) {
+function fromCsv(text, numeric) {
   const table = parseCsv(text).filter((r) => r.length > 1 || r[0] !== '');
   const header = table.shift() || [];
   if (!header.includes('token')) throw new ImportError('This CSV has no “token” column.');
   const rows = table.map((cells, i) => {
     const row = {};
-    header.forEach((column, j) => (row[column] = csvValue(column, cells[j] ?? '')));
+    header.forEach((column, j) => (row[column] = csvValue(column, cells[j] ?? '', numeric)));
     if (row.position === null || row.position === undefined) row.position = i;
     return row;
   });
@@ -167,12 +171,12 @@ function normalise(analysis) {
 }
 
 /** Every analysis in a file's text; throws ImportError with a reason when there is none. */
-export function parseAnalyses(text, filename = '') {
+export function parseAnalyses(text, filename, legend) {
   const trimmed = text.replace(/^\uFEFF/, '').trim();
   if (!trimmed) throw new ImportError('The file is empty.');
   let found = [];
   if (/\.csv$/i.test(filename) || /^"?position"?,/.test(trimmed) || /^"?token"?,/.test(trimmed)) {
-    found = fromCsv(trimmed);
+    found = fromCsv(trimmed, numericColumns(legend));
   } else {
     let whole;
     try {

@@ -5,6 +5,7 @@ import { getKey } from './auth.js';
 import { $, download } from './dom.js';
 import { fileStem, toCsv, toJsonl } from './files.js';
 import { Generations } from './generation.js';
+import { Legend } from './metrics.js';
 import { findModel } from './models.js';
 import { load } from './prefs.js';
 import { Store } from './state.js';
@@ -24,6 +25,7 @@ import { createTooltip } from './views/tooltip.js';
 
 const store = new Store({
   metric: load('metric', 'relative_rmse'),
+  legend: new Legend(),
   apiKey: getKey(),
   modelId: null,
   models: null,
@@ -38,6 +40,7 @@ const keyDialog = createKeyDialog({
   onChange: () => {
     socket.reconnectNow();
     refreshModels();
+    refreshLegend();
   },
 });
 const api = new Api({ onAuthRequired: (detail) => keyDialog.open(`The server refused the request: ${detail}`) });
@@ -74,6 +77,16 @@ function refreshModels() {
       if (!(err instanceof ApiError && err.status === 401)) notify.error(`The model list could not be loaded: ${err.message}`);
     });
   }
+}
+
+// The metrics' legend: asked once (and again with a new key); results are drawn again when it arrives.
+function refreshLegend() {
+  api.metricLegend().then(
+    (body) => store.set('legend', new Legend(body.metrics)),
+    (err) => {
+      if (!(err instanceof ApiError && err.status === 401)) notify.error(`The metric legend could not be loaded: ${err.message}`);
+    },
+  );
 }
 
 // -- the connection -------------------------------------------------------------------------------------------------
@@ -124,7 +137,7 @@ createResult({
   tooltip,
   actions: {
     exportJsonl: (run) => download(`${fileStem(run)}.jsonl`, toJsonl([run]), 'application/x-ndjson'),
-    exportCsv: (run) => download(`${fileStem(run)}.csv`, toCsv(run.result.tokens), 'text/csv'),
+    exportCsv: (run) => download(`${fileStem(run)}.csv`, toCsv(run.result.tokens, store.get('legend')), 'text/csv'),
     async copyLink(run) {
       const link = permalink(run.requestId);
       try {
@@ -149,7 +162,7 @@ createGenerate({
     form.submit();
   },
 });
-const historyView = createHistory({ api, analyses, notify, onOpen: openJob, permalink });
+const historyView = createHistory({ api, analyses, notify, onOpen: openJob, permalink, legend: () => store.get('legend') });
 
 async function openJob(requestId) {
   tabs.select('analyse');
@@ -182,6 +195,7 @@ store.on('runs', (_, run) => {
 });
 
 // -- start ----------------------------------------------------------------------------------------------------------
+refreshLegend();
 refreshModels();
 socket.start();
 const job = new URLSearchParams(window.location.search).get('job');

@@ -1,54 +1,36 @@
-// What each metric means, which direction is good, and the colours the UI draws them with.
+// What each metric means (from the server's legend), which direction is good, and the colours the UI draws them with.
 // Colour scales leave out rows flagged `outlier` (attention-sink norms): one such row would flatten the rest.
 
-export const METRICS = [
-  {
-    key: 'fve',
-    label: 'FVE',
-    name: 'Fraction of variance explained',
-    better: 'higher',
-    text: '1 − NMSE ÷ the variance of the activations: 1 is a perfect reconstruction, 0 is no better than the average activation. Needs the checkpoint’s activation variance.',
-  },
-  {
-    key: 'relative_rmse',
-    label: 'Relative RMSE',
-    name: 'Relative reconstruction error',
-    better: 'lower',
-    text: '‖A − Â‖ ÷ ‖A‖: the error of the vector rebuilt from the explanation, relative to the activation’s size. 0 is perfect; 1 is an error as large as the activation.',
-  },
-  {
-    key: 'cosine',
-    label: 'Cosine',
-    name: 'Cosine similarity',
-    better: 'higher',
-    text: 'How well the rebuilt vector points the same way as the activation: 1 is the same direction, 0 unrelated.',
-  },
-  {
-    key: 'kl_divergence',
-    label: 'KL',
-    unit: 'nats',
-    name: 'KL divergence of the prediction',
-    better: 'lower',
-    text: 'How much the model’s next-token prediction changes when the rebuilt vector replaces the activation. 0 is unchanged.',
-  },
-  {
-    key: 'mse',
-    label: 'MSE',
-    name: 'Mean squared error',
-    better: 'lower',
-    text: 'Mean squared difference between the activation and its reconstruction; it grows with the activation’s scale, so compare it within one text.',
-  },
-  {
-    key: 'nmse',
-    label: 'NMSE',
-    name: 'Normalised MSE',
-    better: 'lower',
-    text: 'The MSE after both vectors are scaled to the same length: 2 × (1 − cosine). 0 is perfect.',
-  },
-];
+/**
+ * The metrics the server reports, as `GET /api/v1/metrics/legend` describes them (the engine's one metric table):
+ * `name` (the row key), `label`, `short` (a column header), `title`, `better`, `unit`, `meaning`, `role`. Every
+ * view reads its metric names from here, so a metric added on the server shows up without an edit in this code.
+ * Before the legend has arrived the UI knows no metric (and shows none).
+ */
+export class Legend {
+  constructor(entries = []) {
+    this.metrics = entries;
+    this.byName = Object.fromEntries(entries.map((m) => [m.name, m]));
+  }
 
-export const METRIC = Object.fromEntries(METRICS.map((m) => [m.key, m]));
-export const COLOUR_METRICS = ['fve', 'relative_rmse', 'cosine', 'kl_divergence', 'mse'];
+  get(name) {
+    return this.byName[name];
+  }
+
+  get names() {
+    return this.metrics.map((m) => m.name);
+  }
+
+  /** What the summary shows and the table shows by default. */
+  get headline() {
+    return this.metrics.filter((m) => m.role === 'headline');
+  }
+
+  /** What one may colour by: all but the metrics derived from another (NMSE repeats the cosine). */
+  get colourable() {
+    return this.metrics.filter((m) => m.role !== 'derived').map((m) => m.name);
+  }
+}
 
 const finite = (v) => typeof v === 'number' && Number.isFinite(v);
 
@@ -56,13 +38,13 @@ export function hasValues(rows, key) {
   return rows.some((r) => finite(r[key]));
 }
 
-export function available(rows, keys = COLOUR_METRICS) {
+export function available(rows, keys) {
   return keys.filter((k) => hasValues(rows, k));
 }
 
 /** The scale of one metric over the rows that are not outliers: `badness(v)` is 0 for the best, 1 for the worst. */
-export function scaleFor(rows, key) {
-  const metric = METRIC[key];
+export function scaleFor(rows, metric) {
+  const key = metric?.name;
   const values = rows.filter((r) => !r.outlier && finite(r[key])).map((r) => r[key]);
   if (!metric || !values.length) return null;
   const lo = Math.min(...values);

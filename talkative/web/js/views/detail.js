@@ -2,7 +2,7 @@
 // every metric with what it means, the lens tops, and the flags.
 import { h, fill } from '../dom.js';
 import { num, shownToken, spokenToken } from '../format.js';
-import { METRICS, salienceColour } from '../metrics.js';
+import { salienceColour } from '../metrics.js';
 import { explanationNode, lensChips, metricValue, outlierNote } from './explanation.js';
 
 function salienceBars(row, salienceMax) {
@@ -40,7 +40,7 @@ function salienceBars(row, salienceMax) {
   );
 }
 
-export function createDetail({ onMove }) {
+export function createDetail({ legend, onMove }) {
   const panel = h('aside', { class: 'detail', 'aria-labelledby': 'detail-title' });
 
   function show(rows, i, salienceMax) {
@@ -49,7 +49,7 @@ export function createDetail({ onMove }) {
       fill(panel, h('h3', { id: 'detail-title' }, 'Token details'), h('p', { class: 'hint' }, 'Select a token to see everything about it.'));
       return;
     }
-    const metrics = METRICS.filter((m) => row[m.key] !== null && row[m.key] !== undefined);
+    const metrics = legend.metrics.filter((m) => row[m.name] !== null && row[m.name] !== undefined);
     fill(panel, 
       h(
         'div',
@@ -77,7 +77,7 @@ export function createDetail({ onMove }) {
                 'div',
                 {},
                 h('dt', {}, m.label, h('span', { class: 'direction' }, ` ${m.better} is better`)),
-                h('dd', {}, metricValue(m.key, row[m.key])),
+                h('dd', {}, metricValue(m, row[m.name])),
               ),
             ),
             row.norm !== null && row.norm !== undefined ? h('div', {}, h('dt', {}, 'Norm', h('span', { class: 'direction' }, ' of the activation')), h('dd', {}, num(row.norm))) : null,

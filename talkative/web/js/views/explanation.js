@@ -2,7 +2,7 @@
 // by salience, a metric's value with its meaning, lens tokens as chips.
 import { h } from '../dom.js';
 import { lensTokens, num, shownToken } from '../format.js';
-import { METRIC, salienceColour } from '../metrics.js';
+import { salienceColour } from '../metrics.js';
 
 export function explanationNode(row, salienceMax, { tag = 'span', className = 'explanation' } = {}) {
   const pieces = row.explanation_structured;
@@ -30,8 +30,8 @@ export function explanationNode(row, salienceMax, { tag = 'span', className = 'e
   );
 }
 
-export function metricValue(key, value) {
-  const m = METRIC[key];
+/** A metric's value with its unit; `m` is the metric's legend entry. */
+export function metricValue(m, value) {
   if (value === null || value === undefined) return '—';
   return `${num(value)}${m?.unit ? ` ${m.unit}` : ''}`;
 }

@@ -7,7 +7,7 @@ import { exactTime, num, plural, when } from '../format.js';
 const PAGE = 20;
 const STATUS_WORDS = { queued: 'queued', processing: 'running', completed: 'done', failed: 'failed', cancelled: 'cancelled' };
 
-export function createHistory({ api, analyses, notify, onOpen, permalink }) {
+export function createHistory({ api, analyses, notify, onOpen, permalink, legend }) {
   const list = document.getElementById('history-list');
   const more = document.getElementById('history-more');
   const refresh = document.getElementById('history-refresh');
@@ -83,7 +83,7 @@ export function createHistory({ api, analyses, notify, onOpen, permalink }) {
       return;
     }
     try {
-      const found = parseAnalyses(await file.text(), file.name);
+      const found = parseAnalyses(await file.text(), file.name, legend());
       analyses.openImported(found, file.name);
       notify.info(`Opened ${plural(found.length, 'analysis', 'analyses')} from ${file.name}.`);
       onOpen(null);

@@ -2,13 +2,14 @@
 // colours, what an outlier is, and what every metric means and which direction is good.
 import { h, fill } from '../dom.js';
 import { num } from '../format.js';
-import { METRIC, METRICS, gradientCss, salienceColour } from '../metrics.js';
+import { gradientCss, salienceColour } from '../metrics.js';
 
-export function createLegend() {
+/** `legend`: the server's metric legend (metrics.js `Legend`). */
+export function createLegend(legend) {
   const section = h('section', { class: 'legend', 'aria-labelledby': 'legend-title' });
 
   function render({ metric, scale, salienceMax, present }) {
-    const m = METRIC[metric];
+    const m = legend.get(metric);
     fill(section, 
       h('h3', { id: 'legend-title' }, 'How to read the colours'),
       m && scale
@@ -35,9 +36,9 @@ export function createLegend() {
         h(
           'dl',
           {},
-          METRICS.filter((x) => present.includes(x.key)).map((x) => [
-            h('dt', {}, `${x.label} (${x.name}${x.unit ? `, ${x.unit}` : ''}): ${x.better} is better`),
-            h('dd', {}, x.text),
+          legend.metrics.filter((x) => present.includes(x.name)).map((x) => [
+            h('dt', {}, `${x.label} (${x.title}${x.unit ? `, ${x.unit}` : ''}): ${x.better} is better`),
+            h('dd', {}, x.meaning),
           ]),
         ),
       ),

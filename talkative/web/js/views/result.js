@@ -2,19 +2,12 @@
 // tooltip, the detail panel, the legend and the table. One selection and one metric drive all of them.
 import { h, clear, fill } from '../dom.js';
 import { duration, exactTime, num, plural } from '../format.js';
-import { METRIC, available, salienceScale, scaleFor } from '../metrics.js';
+import { available, salienceScale, scaleFor } from '../metrics.js';
 import { save } from '../prefs.js';
 import { createDetail } from './detail.js';
 import { createLegend } from './legend.js';
 import { createStrip } from './strip.js';
 import { createTable } from './table.js';
-
-const SUMMARY = [
-  ['fve', 'mean_fve'],
-  ['relative_rmse', 'mean_relative_rmse'],
-  ['cosine', 'mean_cosine'],
-  ['kl_divergence', 'mean_kl_divergence'],
-];
 
 function mean(rows, key) {
   const values = rows.filter((r) => !r.outlier && Number.isFinite(r[key])).map((r) => r[key]);
@@ -46,12 +39,11 @@ export function createResult({ store, analyses, tooltip, actions }) {
     return '';
   }
 
-  function summaryItems(rows, meta) {
+  function summaryItems(rows, meta, legend) {
     const s = meta.summary || {};
-    return SUMMARY.map(([key, field]) => {
-      const value = s[field] ?? mean(rows, key);
+    return legend.headline.map((m) => {
+      const value = s[m.summary_key] ?? mean(rows, m.name);
       if (value === null || value === undefined) return null;
-      const m = METRIC[key];
       return h('div', {}, h('dt', {}, `mean ${m.label}`), h('dd', {}, num(value), h('span', { class: 'direction' }, m.better === 'higher' ? ' ↑' : ' ↓')));
     });
   }
@@ -59,7 +51,8 @@ export function createResult({ store, analyses, tooltip, actions }) {
   function build(run) {
     const rows = run.result.tokens || [];
     const meta = run.result.metadata || {};
-    const metrics = available(rows);
+    const legend = store.get('legend');
+    const metrics = available(rows, legend.colourable);
     const preferred = store.get('metric');
     const metric = metrics.includes(preferred) ? preferred : metrics[0] || null;
     const salienceMax = salienceScale(rows);
@@ -67,12 +60,12 @@ export function createResult({ store, analyses, tooltip, actions }) {
     const metricSelect = h(
       'select',
       { id: 'metric-select', disabled: !metrics.length },
-      metrics.length ? metrics.map((k) => h('option', { value: k, selected: k === metric }, `${METRIC[k].label} (${METRIC[k].better} is better)`)) : h('option', {}, 'no metrics'),
+      metrics.length ? metrics.map((k) => h('option', { value: k, selected: k === metric }, `${legend.get(k).label} (${legend.get(k).better} is better)`)) : h('option', {}, 'no metrics'),
     );
-    const detail = createDetail({ onMove: (i) => selectRow(i, { focus: false }) });
-    const legend = createLegend();
-    const strip = createStrip({ rows, tooltip, onSelect: (i, opts) => selectRow(i, opts) });
-    const table = createTable({ rows, onSelect: (i, opts) => selectRow(i, opts) });
+    const detail = createDetail({ legend, onMove: (i) => selectRow(i, { focus: false }) });
+    const legendView = createLegend(legend);
+    const strip = createStrip({ rows, legend, tooltip, onSelect: (i, opts) => selectRow(i, opts) });
+    const table = createTable({ rows, legend, onSelect: (i, opts) => selectRow(i, opts) });
 
     const facts = [
       meta.model_id || run.modelId,
@@ -98,11 +91,11 @@ export function createResult({ store, analyses, tooltip, actions }) {
       'section',
       { class: 'card result-card', 'aria-labelledby': 'result-title' },
       h('div', { class: 'result-head' }, h('h2', { id: 'result-title' }, 'Result'), h('p', { class: 'facts' }, facts.join(' · '))),
-      h('dl', { class: 'summary' }, summaryItems(rows, meta)),
+      h('dl', { class: 'summary' }, summaryItems(rows, meta, legend)),
       h('div', { class: 'toolbar' }, h('label', { class: 'inline', for: 'metric-select' }, 'Colour by ', metricSelect), buttons),
       rows.length ? strip.element : h('p', { class: 'hint' }, 'No tokens in this result.'),
       h('p', { class: 'hint strip-hint' }, 'Point at a token or move with the arrow keys to read its explanation.'),
-      h('div', { class: 'result-panels' }, detail.element, legend.element),
+      h('div', { class: 'result-panels' }, detail.element, legendView.element),
     );
     const metaBox = h(
       'details',
@@ -116,11 +109,11 @@ export function createResult({ store, analyses, tooltip, actions }) {
     );
     fill(root, card, table.element, metaBox);
 
-    function recolour(key) {
-      const scale = key ? scaleFor(rows, key) : null;
-      strip.recolour(key, scale, salienceMax);
-      table.recolour(key, scale, salienceMax);
-      legend.render({ metric: key, scale, salienceMax, present: available(rows, ['fve', 'relative_rmse', 'cosine', 'kl_divergence', 'mse', 'nmse']) });
+    function recolour(name) {
+      const scale = name ? scaleFor(rows, legend.get(name)) : null;
+      strip.recolour(name, scale, salienceMax);
+      table.recolour(name, scale, salienceMax);
+      legendView.render({ metric: name, scale, salienceMax, present: available(rows, legend.names) });
       table.select(view?.selected ?? 0);
     }
 
@@ -166,6 +159,10 @@ export function createResult({ store, analyses, tooltip, actions }) {
   }
 
   store.on('activeRun', render);
+  store.on('legend', () => {
+    shown = null; // the legend arrived (or changed): build the result again with its metrics
+    render();
+  });
   store.on('runs', (_, run) => (!run || run.id === store.get('activeRun') ? render() : null));
   render();
 }

@@ -2,9 +2,9 @@
 // tokens (the selection follows, and the detail panel with it), hovering or focusing shows the tooltip.
 import { h } from '../dom.js';
 import { num, shownToken, spokenToken } from '../format.js';
-import { METRIC, badnessColour } from '../metrics.js';
+import { badnessColour } from '../metrics.js';
 
-export function createStrip({ rows, tooltip, onSelect }) {
+export function createStrip({ rows, legend, tooltip, onSelect }) {
   let scale = null;
   let metric = null;
   let salienceMax = 1;
@@ -20,7 +20,7 @@ export function createStrip({ rows, tooltip, onSelect }) {
   function label(i) {
     const row = rows[i];
     const parts = [`Token ${i + 1} of ${rows.length}: ${spokenToken(row.token)}.`];
-    if (metric) parts.push(`${METRIC[metric].label} ${num(row[metric])}.`);
+    if (metric) parts.push(`${legend.get(metric).label} ${num(row[metric])}.`);
     if (row.outlier) parts.push('Norm outlier.');
     parts.push(`Explanation: ${row.explanation ?? 'none'}`);
     return parts.join(' ');
@@ -30,7 +30,7 @@ export function createStrip({ rows, tooltip, onSelect }) {
     metric = nextMetric;
     scale = nextScale;
     salienceMax = nextSalienceMax;
-    strip.setAttribute('aria-label', `Tokens of the text${metric ? `, coloured by ${METRIC[metric].label}` : ''}`);
+    strip.setAttribute('aria-label', `Tokens of the text${metric ? `, coloured by ${legend.get(metric).label}` : ''}`);
     tokens.forEach((el, i) => {
       const row = rows[i];
       const colour = !row.outlier && scale ? badnessColour(scale.badness(row[metric])) : null;
@@ -54,7 +54,7 @@ export function createStrip({ rows, tooltip, onSelect }) {
     }
   }
 
-  const tipFor = (el) => tooltip.show(el, rows[Number(el.dataset.i)], { metric, salienceMax });
+  const tipFor = (el) => tooltip.show(el, rows[Number(el.dataset.i)], { metric, salienceMax, legend });
 
   strip.addEventListener('mouseover', (event) => {
     const el = event.target.closest('.tok');

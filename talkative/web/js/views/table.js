@@ -2,30 +2,32 @@
 // (remembered), the chosen metric's column coloured, a row click (or its position button) selects the token.
 import { h, fill } from '../dom.js';
 import { num, shownToken } from '../format.js';
-import { METRIC, badnessColour } from '../metrics.js';
+import { badnessColour } from '../metrics.js';
 import { load, save } from '../prefs.js';
 import { explanationNode, lensChips } from './explanation.js';
 
-const COLUMNS = [
+const LEADING = [
   { key: 'position', label: '#', numeric: true, always: true },
   { key: 'token', label: 'Token', always: true },
   { key: 'explanation', label: 'Explanation', on: true },
-  { key: 'fve', label: 'FVE', numeric: true, on: true },
-  { key: 'relative_rmse', label: 'Rel. RMSE', numeric: true, on: true },
-  { key: 'cosine', label: 'Cosine', numeric: true, on: true },
-  { key: 'kl_divergence', label: 'KL', numeric: true, on: true },
-  { key: 'mse', label: 'MSE', numeric: true },
-  { key: 'nmse', label: 'NMSE', numeric: true },
+];
+const TRAILING = [
   { key: 'norm', label: 'Norm', numeric: true },
   { key: 'logit_lens_top', label: 'Logit lens', on: true },
   { key: 'tuned_lens_top', label: 'Tuned lens', on: true },
   { key: 'outlier', label: 'Outlier', on: true },
 ];
 
+/** The columns: the row's own fields around one column per metric of the legend (headline metrics shown first). */
+function columnsOf(legend) {
+  const metrics = legend.metrics.map((m) => ({ key: m.name, label: m.short, numeric: true, on: m.role === 'headline' }));
+  return [...LEADING, ...metrics, ...TRAILING];
+}
+
 const present = (rows, key) => rows.some((r) => r[key] !== null && r[key] !== undefined && r[key] !== false);
 
-export function createTable({ rows, onSelect }) {
-  const columns = COLUMNS.filter((c) => c.always || present(rows, c.key));
+export function createTable({ rows, legend, onSelect }) {
+  const columns = columnsOf(legend).filter((c) => c.always || present(rows, c.key));
   const shown = load('table.columns', null);
   let visible = new Set(columns.filter((c) => c.always || (shown ? shown.includes(c.key) : c.on)).map((c) => c.key));
   let sort = { key: 'position', dir: 1 };
@@ -99,7 +101,8 @@ export function createTable({ rows, onSelect }) {
   function header(c) {
     const active = sort.key === c.key;
     const direction = active ? (sort.dir > 0 ? 'ascending' : 'descending') : 'none';
-    const title = METRIC[c.key] ? `${METRIC[c.key].name}: ${METRIC[c.key].better} is better` : undefined;
+    const m = legend.get(c.key);
+    const title = m ? `${m.title}: ${m.better} is better` : undefined;
     return h(
       'th',
       { scope: 'col', 'aria-sort': direction, class: c.numeric ? 'num' : '' },
@@ -110,7 +113,7 @@ export function createTable({ rows, onSelect }) {
           class: 'sort',
           title,
           onclick: () => {
-            sort = { key: c.key, dir: active ? -sort.dir : c.numeric && METRIC[c.key]?.better === 'higher' ? -1 : 1 };
+            sort = { key: c.key, dir: active ? -sort.dir : c.numeric && m?.better === 'higher' ? -1 : 1 };
             render();
             table.querySelector(`th[aria-sort="${sort.dir > 0 ? 'ascending' : 'descending'}"] button`)?.focus();
           },

@@ -2,7 +2,6 @@
 // It follows WCAG 1.4.13: it can be hovered itself, Escape dismisses it, and it stays while pointed at.
 import { h, fill } from '../dom.js';
 import { shownToken } from '../format.js';
-import { METRICS } from '../metrics.js';
 import { explanationNode, lensChips, metricValue, outlierNote } from './explanation.js';
 
 export function createTooltip() {
@@ -29,10 +28,10 @@ export function createTooltip() {
     tip.style.top = `${top}px`;
   }
 
-  function show(el, row, { metric, salienceMax }) {
+  function show(el, row, { metric, salienceMax, legend }) {
     clearTimeout(hideTimer);
     anchor = el;
-    const metrics = METRICS.filter((m) => row[m.key] !== null && row[m.key] !== undefined);
+    const metrics = legend.metrics.filter((m) => row[m.name] !== null && row[m.name] !== undefined);
     fill(tip, 
       h('div', { class: 'tip-head' }, h('span', { class: 'tip-token' }, shownToken(row.token)), h('span', { class: 'tip-pos' }, `position ${row.position}`)),
       explanationNode(row, salienceMax, { tag: 'p', className: 'tip-explanation' }),
@@ -41,7 +40,7 @@ export function createTooltip() {
             'dl',
             { class: 'tip-metrics' },
             metrics.map((m) =>
-              h('div', { class: m.key === metric ? 'current' : '' }, h('dt', {}, m.label), h('dd', {}, metricValue(m.key, row[m.key]))),
+              h('div', { class: m.name === metric ? 'current' : '' }, h('dt', {}, m.label), h('dd', {}, metricValue(m, row[m.name]))),
             ),
           )
         : null,
