@@ -1,24 +1,31 @@
-"""A scheduler in process with a fake engine that records every batch, shared by the scheduling tests."""
+"""A scheduler in process with a fake engine that records every batch, shared by the scheduling tests.
+
+The scheduler is built as the app builds it, with its one device's `LocalWorker` given the fake engine and a fake
+residency through its constructor (nothing is patched), and the sink, monitor, client cap and extra job kinds a
+test names."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from talkative.nla.analysis import AnalysisError
 from talkative.nla.lm import LMPool
 from talkative.serve.catalog.registry import parse_registry
 from talkative.serve.catalog.residency import GroupRuntime
-from talkative.serve.jobs import analysis as analysis_jobs
+from talkative.serve.jobs.analysis import AnalysisKind
+from talkative.serve.jobs.kinds import JobKind
 from talkative.serve.jobs.record import Job
 from talkative.serve.jobs.store import JobStore
+from talkative.serve.scheduling.policy import FifoGroupPhases
+from talkative.serve.scheduling.queue import JobQueue
 from talkative.serve.scheduling.scheduler import Scheduler
+from talkative.serve.scheduling.types import Monitor
+from talkative.serve.scheduling.workers import LocalWorker
 from talkative.serve.settings import Settings
 
 BUDGET = 8  # rows per engine batch (auto_batch_size_max of every fake model)
@@ -29,10 +36,12 @@ class FakePrep:
     text: str
     positions: list[int]
     seed: int
+    extract_seconds: float = 0.0
 
 
 class Engine:
-    """Stands in for prepare/run_batch: positions are words, rows say which seed explained which position."""
+    """Stands in for the engine functions of `nla.analysis`: positions are words, rows say which seed explained
+    which position; options always fit, and a batch takes as many positions as the row budget allows."""
 
     def __init__(self) -> None:
         self.batches: list[list[tuple[str, list[int]]]] = []
@@ -63,6 +72,15 @@ class Engine:
             for p, pos in parts
         ]
 
+    def check_options(self, nla: Any, opts: Any, tuned: Any = None) -> None:
+        pass
+
+    def max_positions(self, nla: Any, opts: Any, row_budget: int, row_token_budget: int) -> int:
+        return row_budget // opts.best_of_k
+
+    def metadata(self, nla: Any, prep: FakePrep, *rest: Any) -> dict[str, Any]:
+        return {"n_positions": len(prep.positions)}
+
     def jobs_in(self, batch: list[tuple[str, list[int]]]) -> set[str]:
         return {text for text, _ in batch}
 
@@ -72,6 +90,7 @@ class FakeResidency:
         self.registry = registry
         self.broken = broken
         self.log: list[tuple[str, str]] = []
+        self.capacity = 0  # no CPU cache
 
     def acquire(self, gid: str, device: str) -> GroupRuntime:
         self.log.append(("acquire", gid))
@@ -84,6 +103,9 @@ class FakeResidency:
     def release(self, rt: GroupRuntime) -> None:
         self.log.append(("release", rt.group_id))
 
+    def unload_all(self, runtimes: list[GroupRuntime]) -> list[str]:
+        return [rt.group_id for rt in runtimes]
+
     def preload(self, gid: str) -> bool:
         return False
 
@@ -92,6 +114,20 @@ class FakeResidency:
 
     def cached_models(self) -> list[str]:
         return []
+
+
+class Recorder:
+    """A monitor that keeps what it hears."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+        self.rejections: list[str] = []
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.stages.append(name)
+
+    def reject(self, reason: str) -> None:
+        self.rejections.append(reason)
 
 
 class Sink:
@@ -134,21 +170,16 @@ Run = Callable[[Scheduler, Engine, Sink, FakeResidency], Awaitable[None]]
 
 def run(
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     body: Run,
     *,
     broken: frozenset[str] = frozenset(),
     before: Callable[[JobStore], Awaitable[None]] | None = None,
+    monitor: Monitor | None = None,
+    client_cap: Callable[[str | None], int | None] = lambda owner: None,
+    kinds: Sequence[JobKind] = (),
     **settings: Any,
 ) -> None:
     engine = Engine()
-    monkeypatch.setattr(analysis_jobs, "prepare", engine.prepare)
-    monkeypatch.setattr(analysis_jobs, "run_batch", engine.run_batch)
-    monkeypatch.setattr(analysis_jobs, "check_options", lambda nla, opts, tuned=None: None)
-    monkeypatch.setattr(
-        analysis_jobs, "max_positions", lambda nla, opts, rows, row_tokens: rows // opts.best_of_k
-    )
-    monkeypatch.setattr(analysis_jobs, "metadata", lambda nla, prep, *a: {"n_positions": len(prep.positions)})
     cfg = Settings(
         model_groups_file=tmp_path / "none.json",
         data_dir=tmp_path / "data",
@@ -165,9 +196,28 @@ def run(
         store = JobStore(cfg.store_path())
         if before is not None:
             await before(store)
-        sched = Scheduler(cfg, registry, residency, store)  # type: ignore[arg-type]
         sink = Sink()
-        sched.sink = sink
+        policy = FifoGroupPhases()
+        worker = LocalWorker(
+            "cpu",
+            slots=cfg.num_workers_per_gpu,
+            residency=residency,  # type: ignore[arg-type]
+            max_tokens=cfg.max_tokens,
+            row_token_budget=cfg.row_token_budget,
+            engine=engine,
+        )
+        sched = Scheduler(
+            cfg,
+            registry,
+            store,
+            workers=[worker],
+            kinds=[AnalysisKind(cfg, registry, policy), *kinds],
+            queue=JobQueue(),
+            sink=sink,
+            monitor=monitor if monitor is not None else Recorder(),
+            policy=policy,
+            client_cap=client_cap,
+        )
         await sched.start()
         for _ in range(200):
             if sched.ready:

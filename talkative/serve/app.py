@@ -1,4 +1,14 @@
-"""`create_app(settings)`: the FastAPI application of the analysis server.
+"""The composition root: `build_app(settings)` builds the FastAPI application, and its lifespan the serving objects.
+
+Every object is built here, explicitly and in order, each given what it uses in its constructor; nothing is
+attached or registered afterwards. Two steps, because two lifetimes:
+
+* `build_app` (when the app is made): the catalogue (a bad `model_groups.json` or default group stops here), the
+  access policy (a bad `API_KEYS` stops here, with a message that names no key), the rate limiter and the
+  metrics, the middleware (`protect`), error handlers, OpenAPI and the routes.
+* `build_serving` (in the lifespan, on the event loop, so an app built only to read its routes opens no store and
+  starts no thread): residency, job store, job queue, WebSocket hub, token logs, the metrics' sink, the job
+  kinds, one worker per device, the scheduler, the service and the generations front.
 
 Routes: the public root, `/health` and `/ready`; the API (`/analyze`, `/status/{id}`, `/cancel/{id}`,
 `/api/v2/models`, `/api/v2/models/switch`, the UI's `/api/history`) behind `api.deps.client_identity`; the
@@ -11,24 +21,33 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
+from fastapi.middleware.cors import CORSMiddleware
 
-from .api import errors
-from .api.routes import analyses as rest
-from .api.routes import generation as generate_api
-from .api.routes import history
-from .api.routes import metrics as observability
-from .api.routes import models as v2_api
-from .api.routes import slim as slim_api
-from .api.routes import vectors as vectors_api
-from .api.ws import protocol as ws
-from .auth import install as protection
-from .catalog.registry import load_registry
-from .jobs.generation import Generations
-from .jobs.vectors import VectorJobs
+from . import errors
+from .api import openapi
+from .api.routes import include_routes
+from .api.ws.hub import Hub
+from .auth.middleware import Guard
+from .auth.policy import AccessPolicy
+from .auth.ratelimit import RateLimiter
+from .catalog.registry import Registry, load_registry
+from .catalog.residency import Residency
+from .jobs.analysis import AnalysisKind
+from .jobs.generation import GenerateKind, Generations, TokenLogs
+from .jobs.kinds import JobKind, final_message
+from .jobs.store import JobStore
+from .jobs.vectors import VectorKind
+from .observability.metrics import Metrics, TelemetrySink
+from .observability.request_context import RequestContext
 from .observability.system import SystemStats
+from .scheduling.policy import DEFAULT_POLICY
+from .scheduling.queue import JobQueue
+from .scheduling.scheduler import Scheduler
+from .scheduling.workers import LocalWorker
 from .service import Service
 from .settings import Settings
 
@@ -41,31 +60,121 @@ Analyses are jobs: `POST /analyze` queues one, `GET /status/{request_id}` return
 WebSocket `/ws` streams progress and results. Errors are `{"detail": "..."}` with 400 for invalid input."""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+@dataclass
+class Serving:
+    """What the lifespan built: the service the routes use and the generations front."""
+
+    service: Service
+    generations: Generations
+    logs: TokenLogs
+
+    async def start(self) -> None:
+        await self.service.start()
+
+    async def stop(self) -> None:
+        await self.generations.close()
+        self.logs.close()
+        await self.service.stop()
+
+
+def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, metrics: Metrics) -> Serving:
+    """Every serving object, in order, each given its parts (call on the event loop, before starting)."""
+    residency = Residency(registry, settings)
+    store = JobStore(settings.store_path())
+    queue = JobQueue()
+    hub = Hub(queue, registry, settings)
+    logs = TokenLogs(hub)
+    policy = DEFAULT_POLICY()
+    kinds: list[JobKind] = [
+        AnalysisKind(settings, registry, policy),
+        GenerateKind(settings),
+        VectorKind(settings, registry),
+    ]
+    by_name = {name: kind for kind in kinds for name in kind.names}
+    sink = TelemetrySink(logs, metrics, partial(final_message, kinds=by_name))
+    workers = [
+        LocalWorker(
+            device,
+            slots=settings.num_workers_per_gpu,
+            residency=residency,
+            max_tokens=settings.max_tokens,
+            row_token_budget=settings.row_token_budget,
+        )
+        for device in settings.resolved_devices()
+    ]
+    scheduler = Scheduler(
+        settings,
+        registry,
+        store,
+        workers=workers,
+        kinds=kinds,
+        queue=queue,
+        sink=sink,
+        monitor=metrics,
+        policy=policy,
+        client_cap=access.client_cap,
+    )
+    service = Service(settings, registry, residency, store, scheduler, hub)
+    generations = Generations(scheduler, registry, settings, logs, service.submit_analysis)
+    metrics.bind(service)
+    return Serving(service, generations, logs)
+
+
+def protect(
+    app: FastAPI, settings: Settings, access: AccessPolicy, limiter: RateLimiter, metrics: Metrics
+) -> None:
+    """The middleware, outermost first: request context (request id, HTTP metrics, access log), CORS (so that even
+    a refusal carries CORS headers and a page of an allowed origin can read why it was refused), then the gate."""
+    app.add_middleware(
+        Guard, policy=access, limiter=limiter, metrics=metrics, max_body=settings.max_request_bytes
+    )
+    origins = access.origins
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_credentials="*" not in origins,
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=["Retry-After", "X-Request-ID"],
+    )
+    app.add_middleware(RequestContext, metrics=metrics)
+
+
+def log_access(access: AccessPolicy) -> None:
+    log.info("access: %s", access.describe())
+    short = access.keys.short_keys()
+    if short:
+        log.warning("API keys shorter than 16 characters (%s): use long random keys", ", ".join(short))
+    if access.check_hosts:
+        log.info("serving the host names %s (ALLOWED_HOSTS)", ", ".join(access.allowed_hosts))
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.load()
     registry = load_registry(settings.model_groups_file)
     registry.bind_environment(settings.environment_overrides)
     registry.default_group(settings)  # a default group the file does not define fails here, at startup
+    access = AccessPolicy(settings)
+    limiter = RateLimiter(settings.rate_limit_per_minute)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = Service(settings, registry)
-        app.state.service = service
-        protection.attach(app, service)  # issue 4: per-client cap, metrics, before anything starts
-        app.state.generations = Generations(service)  # job kinds are registered before recovered jobs run
-        VectorJobs(service)
-        await service.start()
+        serving = build_serving(settings, registry, access, metrics)
+        app.state.service = serving.service
+        app.state.generations = serving.generations
+        log_access(access)
+        await serving.start()
         log.info(
             "serving %d model groups on %s; data in %s",
             len(registry.groups),
-            ", ".join(d.name for d in service.scheduler.devices),
+            ", ".join(d.name for d in serving.service.scheduler.devices),
             settings.data_dir,
         )
         try:
             yield
         finally:
-            await app.state.generations.close()
-            await service.stop()
+            await serving.stop()
 
     docs = settings.enable_docs
     app = FastAPI(
@@ -79,17 +188,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.system_stats = SystemStats()
-    errors.install(app)
-    protection.install(app, settings)  # issue 4: keys, origins, hosts, rate limits, body limit, metrics, CORS
-    app.include_router(rest.public)
-    app.include_router(rest.api)
-    app.include_router(history.router)
-    app.include_router(generate_api.router)
-    app.include_router(slim_api.router)
-    app.include_router(vectors_api.router)
-    app.include_router(v2_api.router)
-    app.include_router(ws.router)
-    app.include_router(observability.router)
-    if (rest.WEB_DIR / "index.html").is_file():
-        app.mount("/", StaticFiles(directory=rest.WEB_DIR, html=True), name="web")
+    app.state.access_policy = access
+    app.state.metrics = metrics
+    app.state.rate_limiter = limiter
+    errors.register(app)
+    protect(app, settings, access, limiter, metrics)
+    openapi.install(app, keyed=bool(access.keys))
+    include_routes(app)
     return app
+
+
+#: the name the CLI, the tests and `talkative.serve` call
+create_app = build_app

@@ -40,7 +40,7 @@ async def cancel_abandoned(svc: Service, conn: Connection, followed: list[str]) 
     """After `conn` is detached: cancel the unfinished jobs it followed that its caller owns and that no other
     open connection follows. Nothing is cancelled while the server shuts down (those jobs resume at restart)."""
     sched = svc.scheduler
-    if getattr(sched, "draining", False) or getattr(sched, "_stopping", False):
+    if sched.draining or sched.stopping:
         return 0
     cancelled = 0
     for job_id in followed:

@@ -1,8 +1,10 @@
-"""The server's parts wired together, and the operations both APIs (REST and WebSocket) offer.
+"""The operations both APIs (REST and WebSocket) offer, over the serving objects the app built.
 
-One `Service` per app: settings, the model catalogue, group residency, the job store, the scheduler, and the
-WebSocket hub that the scheduler reports to. The API modules translate requests into these calls and errors
-(`SchedulerError`, `UnknownModel`, `AnalysisError`) into HTTP statuses or `error` frames.
+One `Service` per app, given its parts by `app.build_serving`: settings, the model catalogue, group residency, the
+job store, the scheduler and the WebSocket hub. It takes domain values — an analysis is the engine request
+`{text | messages, options}` with only the options the client set — never API bodies: the routes and the
+WebSocket protocol turn their bodies into these values, and domain errors (`SchedulerError`, `UnknownModel`,
+`AnalysisError`) into HTTP statuses or `error` frames.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ from typing import Any
 import torch
 
 from ..nla.analysis import AnalysisError
-from .api.schemas import AnalyzeRequest
 from .api.ws.hub import Hub
 from .catalog.registry import Registry
 from .catalog.residency import Residency
-from .jobs.record import QUEUED, Job
+from .jobs.record import QUEUED, Job, text_length
 from .jobs.store import JobStore
 from .scheduling.scheduler import Scheduler
 from .scheduling.types import SchedulerError
@@ -27,14 +28,21 @@ log = logging.getLogger("talkative.serve")
 
 
 class Service:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        residency: Residency,
+        store: JobStore,
+        scheduler: Scheduler,
+        hub: Hub,
+    ) -> None:
         self.settings = settings
         self.registry = registry
-        self.residency = Residency(registry, settings)
-        self.store = JobStore(settings.store_path())
-        self.scheduler = Scheduler(settings, registry, self.residency, self.store)
-        self.hub = Hub(self.scheduler, settings)
-        self.scheduler.sink = self.hub
+        self.residency = residency
+        self.store = store
+        self.scheduler = scheduler
+        self.hub = hub
 
     async def start(self) -> None:
         await self.scheduler.start()
@@ -46,23 +54,33 @@ class Service:
         self.store.close()
 
     # -- operations -----------------------------------------------------------------------------------------------
-    async def submit_analysis(self, req: AnalyzeRequest, *, owner: str | None, subscriber: Any = None) -> Job:
-        if req.text_length() > self.settings.max_text_length:
+    async def submit_analysis(
+        self,
+        request: dict[str, Any],
+        *,
+        model_id: str | None,
+        client_request_id: str | None,
+        owner: str | None,
+        subscriber: Any = None,
+    ) -> Job:
+        """Queue an analysis of `request` (`{text | messages, options}`, only the options the client set, so the
+        model's defaults still apply) on `model_id`, else the client's current model."""
+        length = text_length(request)
+        if length > self.settings.max_text_length:
             raise SchedulerError(
                 400,
-                f"the text has {req.text_length()} characters, more than MAX_TEXT_LENGTH ({self.settings.max_text_length})",
+                f"the text has {length} characters, more than MAX_TEXT_LENGTH ({self.settings.max_text_length})",
             )
-        model_id = self.scheduler.resolve_model(req.model_id, owner)
-        request = req.engine_request()
+        model = self.scheduler.resolve_model(model_id, owner)
         try:
-            await self.scheduler.check_analysis(model_id, request["options"])
+            await self.scheduler.check_analysis(model, request["options"])
         except AnalysisError as exc:
             raise SchedulerError(400, str(exc)) from None
         return await self.scheduler.submit(
             "analyze",
             request,
-            model_id=model_id,
-            client_request_id=req.client_request_id,
+            model_id=model,
+            client_request_id=client_request_id,
             owner=owner,
             subscriber=subscriber,
         )
@@ -98,67 +116,6 @@ class Service:
         }
 
     # -- descriptions ---------------------------------------------------------------------------------------------
-    def models_listing(self, client: str | None = None) -> dict[str, Any]:
-        """`GET /api/v2/models` and the WebSocket `model_groups_list`: one builder for both; `current_model`
-        and `is_current` are the client's (its own choice, else the server's default)."""
-        sched = self.scheduler
-        on_device = sched.loaded_groups()
-        cached = self.residency.cached_groups()
-        current = sched.current_for(client)
-        current_group = self.registry.model(current).group_id if current else None
-        groups = []
-        for g in self.registry.groups.values():
-            if not g.visible:
-                continue
-            models = []
-            for m in g.models:
-                if not m.visible:
-                    continue
-                models.append(
-                    {
-                        "id": m.id,
-                        "name": m.name,
-                        "layer": m.layer,
-                        "description": m.description,
-                        "batch_size": self.registry.model_setting(self.settings, "batch_size", model_id=m.id),
-                        "auto_batch_size_max": self.registry.model_setting(
-                            self.settings, "auto_batch_size_max", model_id=m.id
-                        ),
-                        "backend_only": m.backend_only,
-                        "is_loaded": sched.runtime_for(m.id) is not None,
-                        "is_current": m.id == current,
-                    }
-                )
-            groups.append(
-                {
-                    "group_id": g.group_id,
-                    "group_name": g.group_name,
-                    "description": g.description,
-                    "base_model": g.base_model_path,
-                    "is_loaded": g.group_id in on_device,
-                    "location": on_device.get(g.group_id) or ("cpu_cache" if g.group_id in cached else None),
-                    "estimated_memory": g.estimated_memory,
-                    "models": models,
-                }
-            )
-        locations = {gid: "cpu_cache" for gid in cached} | on_device
-        return {
-            "groups": groups,
-            "current_model": current,
-            "current_group": current_group,
-            "is_switching": sched.is_switching(),
-            "model_status": {
-                "model_id": current,
-                "group_id": current_group,
-                "is_loaded": current is not None and sched.runtime_for(current) is not None,
-                "cache_info": {
-                    "groups_loaded": list(on_device),
-                    "models_cached": self.residency.cached_models(),
-                    "base_locations": locations,
-                },
-            },
-        }
-
     def health(self) -> dict[str, Any]:
         sched = self.scheduler
         cuda = torch.cuda.is_available()

@@ -134,9 +134,6 @@ class Registry:
         except KeyError:
             raise UnknownGroup(group_id) from None
 
-    def group_of(self, model_id: str) -> GroupEntry:
-        return self.groups[self.model(model_id).group_id]
-
     def default_group(self, settings: Settings) -> str | None:
         """`DEFAULT_GROUP` (environment layers), else `settings.default_group` of the JSON, else none."""
         gid = settings.default_group

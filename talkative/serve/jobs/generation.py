@@ -1,14 +1,15 @@
-"""Generation jobs: the `generate` kind of the scheduler, its token stream, and `generate_and_analyze` chains.
+"""Generation jobs: the `generate` kind, its token logs, and the front that submits, streams and chains them.
 
-A generation is a job like any other (same queue, group routing, store, cancellation): `submit` queues it, the
-handler `run` samples on a device worker through the engine's `generation.stream` and publishes one `token`
-message per token and completion, and the job completes with the full texts (`generation_complete` on the
-WebSocket). Cancellation is checked before every token, so a cancelled stream stops at the next one.
+A generation is a job like any other (same queue, group routing, store, cancellation): `Generations.submit`
+queues it, `GenerateKind.run` samples on a device worker through the engine's `generation.stream` and publishes
+one `token` message per token and completion, and the job completes with the full texts (`generation_complete` on
+the WebSocket). Cancellation is checked before every token, so a cancelled stream stops at the next one.
 
-Every running generation keeps the tokens it produced (a `TokenLog`), so a Server-Sent-Events stream opened
-after some tokens were produced still delivers them all; a finished generation's tokens are also in its result
-(`token_texts`, `token_ids`), from which a stream of an old job is replayed. Logs of finished jobs are kept for
-`LOG_RETENTION_SECONDS` (a cancelled job's tokens live only there).
+Every running generation keeps the messages it published (a `TokenLog`, filled by `TokenLogs` as the messages pass
+on their way to the WebSocket hub), so a Server-Sent-Events stream opened after some tokens were produced still
+delivers them all; a finished generation's tokens are also in its result (`token_texts`, `token_ids`), from which
+a stream of an old job is replayed. Logs of finished jobs are kept for `LOG_RETENTION_SECONDS` (a cancelled job's
+tokens live only there).
 
 A chain (`generate_and_analyze`) waits for its generation however long it takes, then queues the analysis of the
 prompt plus the completion; cancelling the generation (or the chain's `client_request_id` before the analysis is
@@ -21,19 +22,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ...nla.analysis import AnalysisError
 from ...nla.generation import GenerationError, GenerationRequest, GenerationResult, stream
-from ..api.schemas import AnalyzeRequest, GenerateOptions, GenerateRequest
-from ..scheduling.types import JobContext, SchedulerError
-from .record import CANCELLED, COMPLETED, QUEUED, Job, UnknownRequest
+from ..catalog.registry import Registry
+from ..scheduling.types import EventSink, SchedulerError
+from ..scheduling.workers import JobContext
+from ..settings import Settings
+from .kinds import JobKind
+from .record import CANCELLED, COMPLETED, QUEUED, Job, UnknownRequest, text_length
 
 if TYPE_CHECKING:
     from ..api.ws.hub import Connection
-    from ..service import Service
+    from ..scheduling.scheduler import Scheduler
 
 log = logging.getLogger("talkative.serve.jobs.generation")
 
@@ -41,6 +45,22 @@ KIND = "generate"
 LOG_RETENTION_SECONDS = 600.0
 DEFAULT_TOP_P = 0.95
 DEFAULT_SEED = 42
+#: the messages a generation's `run` publishes, which its token log keeps
+LOGGED = frozenset({"processing", "token"})
+
+
+class SubmitAnalysis(Protocol):
+    """Queues an analysis (`Service.submit_analysis`): what a chain does once its generation completed."""
+
+    def __call__(
+        self,
+        request: dict[str, Any],
+        *,
+        model_id: str | None,
+        client_request_id: str | None,
+        owner: str | None,
+        subscriber: Any = None,
+    ) -> Awaitable[Job]: ...
 
 
 class TokenLog:
@@ -72,6 +92,70 @@ class TokenLog:
         return True
 
 
+class TokenLogs:
+    """The token logs of generations, kept as their messages pass to the next event sink (the hub).
+
+    An event sink itself: a generation's `processing` and `token` messages go into its log (and its progress),
+    and its final message closes the log, which is dropped `LOG_RETENTION_SECONDS` later.
+    """
+
+    def __init__(self, inner: EventSink) -> None:
+        self.inner = inner
+        self.logs: dict[str, TokenLog] = {}
+        self._drops: set[asyncio.TimerHandle] = set()
+
+    def open(self, job_id: str) -> TokenLog:
+        """The job's log, created on first use."""
+        entry = self.logs.get(job_id)
+        if entry is None:
+            entry = self.logs[job_id] = TokenLog()
+        return entry
+
+    def close(self) -> None:
+        for handle in self._drops:
+            handle.cancel()
+        self._drops.clear()
+
+    # -- EventSink ------------------------------------------------------------------------------------------------
+    def subscribe(self, job: Job, subscriber: Any) -> None:
+        self.inner.subscribe(job, subscriber)
+
+    def job_event(self, job: Job, message: dict[str, Any]) -> None:
+        self.inner.job_event(job, message)
+        if job.kind != KIND:
+            return
+        if job.terminal:
+            self._end(job.id)
+        elif message["type"] in LOGGED:
+            self.open(job.id).add(message)
+            if message["type"] == "token":
+                progress = job.progress or {"stage": "generation", "generated_tokens": 0}
+                progress["generated_tokens"] = progress.get("generated_tokens", 0) + 1
+                progress["max_new_tokens"] = job.request["options"]["max_new_tokens"]
+                progress["num_completions"] = job.request["options"]["num_completions"]
+                job.progress = progress
+
+    def queue_changed(self) -> None:
+        self.inner.queue_changed()
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        self.inner.broadcast(message)
+
+    def _end(self, job_id: str) -> None:
+        entry = self.logs.get(job_id)
+        if entry is None or entry.done:
+            return
+        entry.finish()
+
+        def drop() -> None:
+            self._drops.discard(handle)
+            if self.logs.get(job_id) is entry:
+                del self.logs[job_id]
+
+        handle = asyncio.get_running_loop().call_later(LOG_RETENTION_SECONDS, drop)
+        self._drops.add(handle)
+
+
 @dataclass
 class Chain:
     """A `generate_and_analyze` request between its generation and its analysis."""
@@ -80,7 +164,7 @@ class Chain:
     client_request_id: str | None
     connection: Connection
     owner: str | None
-    analysis: dict[str, Any]  # model_id and options of the analysis
+    analysis: dict[str, Any]  # model_id and options (only those the client set) of the analysis
     analysis_id: str | None = None
     cancelled: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -125,87 +209,17 @@ def replay(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-class Generations:
-    """Registers the `generate` kind with the scheduler and keeps token logs and chains; one per app."""
+class GenerateKind(JobKind):
+    """Runs `generate` jobs whole: samples the completions on a worker thread, one message per token."""
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        self.scheduler = service.scheduler
-        self.settings = service.settings
-        self.logs: dict[str, TokenLog] = {}
-        self.chains: dict[str, Chain] = {}  # generation job id -> chain waiting for it
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._loop = asyncio.get_running_loop()
-        self.scheduler.handlers[KIND] = self.run
-        self.scheduler.finalizers[KIND] = final_message
+    names = (KIND,)
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def final_message(self, job: Job) -> dict[str, Any]:
+        return final_message(job)
 
-    # -- submission -----------------------------------------------------------------------------------------------
-    def request_of(self, req: GenerateRequest, model_id: str, *, slim: str | None = None) -> dict[str, Any]:
-        """What the job stores: the input and every sampling setting, defaults from the model filled in."""
-        if req.text_length() > self.settings.max_text_length:
-            raise SchedulerError(
-                400,
-                f"the prompt has {req.text_length()} characters, more than MAX_TEXT_LENGTH "
-                f"({self.settings.max_text_length})",
-            )
-        config = self.scheduler.registry.model(model_id).generation_config
-        o = req.options
-        options = {
-            "max_new_tokens": int((o and o.max_new_tokens) or config.get("max_new_tokens", 100)),
-            "temperature": float(
-                o.temperature if o and o.temperature is not None else config.get("temperature", 1.0)
-            ),
-            "top_p": float(o.top_p if o and o.top_p is not None else config.get("top_p", DEFAULT_TOP_P)),
-            "seed": int(o.seed if o and o.seed is not None else DEFAULT_SEED),
-            "num_completions": int((o and o.num_completions) or 1),
-            "stop_at_end_of_turn": o.stop_at_end_of_turn if o else True,
-        }
-        out: dict[str, Any] = {"options": options}
-        if req.text is not None:
-            out["text"] = req.text
-        else:
-            out["messages"] = [m.model_dump() for m in req.messages or []]
-        if slim is not None:
-            out["slim"] = slim
-        return out
-
-    async def submit(
-        self,
-        req: GenerateRequest,
-        *,
-        model_id: str,
-        owner: str | None,
-        subscriber: Any = None,
-        slim: str | None = None,
-        client_request_id: str | None = None,
-    ) -> Job:
-        """Queue a generation on `model_id` (already resolved and checked for the client)."""
-        request = self.request_of(req, model_id, slim=slim)
-        job = await self.scheduler.submit(
-            KIND,
-            request,
-            model_id=model_id,
-            client_request_id=client_request_id if client_request_id is not None else req.client_request_id,
-            owner=owner,
-            subscriber=subscriber,
-        )
-        self.log_for(job)
-        return job
-
-    # -- the handler (a device worker thread) -----------------------------------------------------------------------
     def run(self, ctx: JobContext) -> dict[str, Any]:
         job = ctx.job
         req, o = job.request, job.request["options"]
@@ -226,9 +240,7 @@ class Generations:
         result = GenerationResult(prompt="", prompt_tokens=0)
         limit = self.settings.request_timeout
         started = time.monotonic()
-        self._publish(
-            ctx, {"type": "processing", "stage": "generation", "message": "Generating", "device": ctx.device}
-        )
+        ctx.emit({"type": "processing", "stage": "generation", "message": "Generating", "device": ctx.device})
         try:
             for ev in stream(ctx.nla.subject, greq, result):
                 if ctx.cancelled():
@@ -237,8 +249,7 @@ class Generations:
                     raise AnalysisError(f"the request took longer than REQUEST_TIMEOUT ({limit:g} s)")
                 texts[ev.completion].append(ev.token)
                 ids[ev.completion].append(ev.token_id)
-                self._publish(
-                    ctx,
+                ctx.emit(
                     {
                         "type": "token",
                         "token": ev.token,
@@ -246,7 +257,7 @@ class Generations:
                         "position": ev.position,
                         "finish_reason": ev.finish_reason,
                         "completion": ev.completion,
-                    },
+                    }
                 )
         except GenerationError as exc:
             raise AnalysisError(str(exc)) from None
@@ -271,39 +282,97 @@ class Generations:
             },
         }
 
-    def _publish(self, ctx: JobContext, message: dict[str, Any]) -> None:
-        """From the worker: to the job's WebSocket listeners, and (on the loop) into its token log."""
-        ctx.emit(message)
-        self._loop.call_soon_threadsafe(self._record, ctx.job, message)
 
-    def _record(self, job: Job, message: dict[str, Any]) -> None:
-        if job.terminal:
-            return
-        self.log_for(job).add(message)
-        if message["type"] == "token":
-            progress = job.progress or {"stage": "generation", "generated_tokens": 0}
-            progress["generated_tokens"] = progress.get("generated_tokens", 0) + 1
-            progress["max_new_tokens"] = job.request["options"]["max_new_tokens"]
-            progress["num_completions"] = job.request["options"]["num_completions"]
-            job.progress = progress
+class Generations:
+    """Submits generations and their chains, and streams their messages; one per app."""
 
-    # -- token logs and streams -----------------------------------------------------------------------------------
-    def log_for(self, job: Job) -> TokenLog:
-        """The job's log, created (with a watcher that closes it when the job ends) on first use."""
-        entry = self.logs.get(job.id)
-        if entry is None:
-            entry = self.logs[job.id] = TokenLog()
-            self._spawn(self._watch(job.id, entry))
-        return entry
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        registry: Registry,
+        settings: Settings,
+        logs: TokenLogs,
+        submit_analysis: SubmitAnalysis,
+    ) -> None:
+        self.scheduler = scheduler
+        self.registry = registry
+        self.settings = settings
+        self.logs = logs
+        self.submit_analysis = submit_analysis
+        self.chains: dict[str, Chain] = {}  # generation job id -> chain waiting for it
+        self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def _watch(self, job_id: str, entry: TokenLog) -> None:
-        with contextlib.suppress(KeyError):
-            await self.scheduler.wait(job_id)
-        entry.finish()
-        await asyncio.sleep(LOG_RETENTION_SECONDS)
-        if self.logs.get(job_id) is entry:
-            del self.logs[job_id]
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- submission -----------------------------------------------------------------------------------------------
+    def request_of(self, wanted: dict[str, Any], model_id: str, *, slim: str | None = None) -> dict[str, Any]:
+        """What the job stores: the input and every sampling setting, the ones the client left out taken from
+        the model's generation_config. `wanted` is `{text | messages, options}` with only the options set."""
+        length = text_length(wanted)
+        if length > self.settings.max_text_length:
+            raise SchedulerError(
+                400,
+                f"the prompt has {length} characters, more than MAX_TEXT_LENGTH "
+                f"({self.settings.max_text_length})",
+            )
+        config = self.registry.model(model_id).generation_config
+        o = wanted.get("options") or {}
+
+        def given(name: str, default: Any) -> Any:
+            return o[name] if o.get(name) is not None else default
+
+        options = {
+            "max_new_tokens": int(o.get("max_new_tokens") or config.get("max_new_tokens", 100)),
+            "temperature": float(given("temperature", config.get("temperature", 1.0))),
+            "top_p": float(given("top_p", config.get("top_p", DEFAULT_TOP_P))),
+            "seed": int(given("seed", DEFAULT_SEED)),
+            "num_completions": int(o.get("num_completions") or 1),
+            "stop_at_end_of_turn": given("stop_at_end_of_turn", True),
+        }
+        out: dict[str, Any] = {"options": options}
+        if wanted.get("text") is not None:
+            out["text"] = wanted["text"]
+        else:
+            out["messages"] = list(wanted.get("messages") or [])
+        if slim is not None:
+            out["slim"] = slim
+        return out
+
+    async def submit(
+        self,
+        wanted: dict[str, Any],
+        *,
+        model_id: str,
+        owner: str | None,
+        client_request_id: str | None = None,
+        subscriber: Any = None,
+        slim: str | None = None,
+    ) -> Job:
+        """Queue a generation on `model_id` (already resolved and checked for the client)."""
+        request = self.request_of(wanted, model_id, slim=slim)
+        job = await self.scheduler.submit(
+            KIND,
+            request,
+            model_id=model_id,
+            client_request_id=client_request_id,
+            owner=owner,
+            subscriber=subscriber,
+        )
+        self.logs.open(job.id)
+        return job
+
+    # -- streams --------------------------------------------------------------------------------------------------
     async def events(
         self, job_id: str, keepalive: float = 10.0, *, submitted: bool = False
     ) -> AsyncIterator[dict[str, Any] | None]:
@@ -316,10 +385,9 @@ class Generations:
         if job.kind != KIND:
             raise SchedulerError(400, f"request {job_id} is a {job.kind} request, not a generation")
         ids = {"request_id": job.id, "client_request_id": job.client_request_id}
-        entry = self.logs.get(job.id)
-        if entry is None and not job.terminal:
-            live = self.scheduler.jobs.get(job.id)
-            entry = self.log_for(live) if live is not None else None
+        entry = self.logs.logs.get(job.id)
+        if entry is None and not job.terminal and job.id in self.scheduler.jobs:
+            entry = self.logs.open(job.id)
         if job.status == QUEUED or submitted:
             yield self._queued(job, job.submitted_position if submitted else None)
         sent = 0
@@ -354,22 +422,22 @@ class Generations:
     # -- generate_and_analyze -------------------------------------------------------------------------------------
     async def submit_chain(
         self,
-        req: GenerateRequest,
-        analysis: AnalyzeRequest,
+        wanted: dict[str, Any],
+        analysis_options: dict[str, Any],
         *,
         model_id: str,
         analysis_model_id: str,
+        client_request_id: str | None,
         connection: Connection,
     ) -> Job:
-        """Queue the generation (one completion; client_request_id + "_gen") and chain its analysis."""
-        options = analysis.options.model_dump(exclude_unset=True) if analysis.options else {}
+        """Queue the generation (one completion; client_request_id + "_gen") and chain its analysis, whose
+        options (only those the client set) are checked now."""
         try:
-            await self.scheduler.check_analysis(analysis_model_id, options)
+            await self.scheduler.check_analysis(analysis_model_id, analysis_options)
         except AnalysisError as exc:
             raise SchedulerError(400, str(exc)) from None
-        crid = req.client_request_id
-        opts = (req.options or GenerateOptions()).model_copy(update={"num_completions": 1})
-        single = req.model_copy(update={"options": opts})
+        crid = client_request_id
+        single = {**wanted, "options": {**(wanted.get("options") or {}), "num_completions": 1}}
         job = await self.submit(
             single,
             model_id=model_id,
@@ -382,7 +450,7 @@ class Generations:
             client_request_id=crid,
             connection=connection,
             owner=connection.identity.key,
-            analysis={"model_id": analysis_model_id, "options": analysis.options},
+            analysis={"model_id": analysis_model_id, "options": analysis_options},
         )
         self.chains[job.id] = chain
         chain.task = self._spawn(self._run_chain(chain))
@@ -423,15 +491,14 @@ class Generations:
                 return
             result = job.result or {}
             text = str(result.get("prompt", "")) + str((result.get("completions") or [""])[0])
-            req = AnalyzeRequest(
-                text=text,
-                model_id=chain.analysis["model_id"],
-                options=chain.analysis["options"],
-                client_request_id=crid,
-            )
+            request = {"text": text, "options": dict(chain.analysis["options"])}
             try:
-                analysis = await self.service.submit_analysis(
-                    req, owner=chain.owner, subscriber=None if conn.closed else conn
+                analysis = await self.submit_analysis(
+                    request,
+                    model_id=chain.analysis["model_id"],
+                    client_request_id=crid,
+                    owner=chain.owner,
+                    subscriber=None if conn.closed else conn,
                 )
                 chain.analysis_id = analysis.id
             except (SchedulerError, AnalysisError) as exc:

@@ -10,10 +10,8 @@ import datetime as dt
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-JobKind = Literal["analyze", "generate", "switch"]
-KINDS: tuple[str, ...] = ("analyze", "generate", "switch")
 QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "queued", "processing", "completed", "failed", "cancelled"
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 
@@ -21,6 +19,13 @@ TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 class UnknownRequest(KeyError):
     """No job has this id (or the caller may not know of it). A KeyError, so that callers that only need to know
     the job is gone keep catching KeyError; the API answers it with 404."""
+
+
+def text_length(request: dict[str, Any]) -> int:
+    """Characters of a request's input (bounded by MAX_TEXT_LENGTH): its text, or its messages' contents."""
+    if request.get("text") is not None:
+        return len(request["text"])
+    return sum(len(m["content"]) for m in request.get("messages") or [])
 
 
 def new_id() -> str:

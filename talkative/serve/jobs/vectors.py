@@ -1,37 +1,42 @@
-"""The vector endpoints' jobs (`describe`, `score`, `extract`, `tokenize`): scheduler kinds run on device workers.
+"""The vector endpoints' jobs (`describe`, `score`, `extract`, `tokenize`): one job kind, run whole on a worker.
 
 They go through the same queue, group routing, store and cancellation as analyses, so the engine never runs on
-the event loop and a request for a model of another group waits for its group like any job. Each handler
-decodes the stored request (vectors stay in the wire format the client sent until here) and calls
-`nla.vectors`; input problems raise `AnalysisError` subclasses, which fail the job with the message.
+the event loop and a request for a model of another group waits for its group like any job. Each kind decodes
+the stored request (vectors stay in the wire format the client sent until here) and calls `nla.vectors`; input
+problems raise `AnalysisError` subclasses, which fail the job with the message.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from ...nla import vectors as V
 from ...nla.analysis import Cancelled
 from ...nla.options import resolve
-from ..scheduling.types import JobContext
-
-if TYPE_CHECKING:
-    from ..service import Service
-
-KINDS = ("describe", "score", "extract", "tokenize")
+from ..catalog.registry import Registry
+from ..scheduling.workers import JobContext
+from ..settings import Settings
+from .kinds import JobKind
 
 
-class VectorJobs:
-    """Registers one handler per kind with the scheduler; one per app."""
+class VectorKind(JobKind):
+    """The four vector kinds; `run` calls the one the job names."""
 
-    def __init__(self, service: Service) -> None:
-        self.settings = service.settings
-        self.registry = service.registry
-        sched = service.scheduler
-        sched.handlers["describe"] = self.describe
-        sched.handlers["score"] = self.score
-        sched.handlers["extract"] = self.extract
-        sched.handlers["tokenize"] = self.tokenize
+    names = ("describe", "score", "extract", "tokenize")
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._runs: dict[str, Callable[[JobContext], dict[str, Any]]] = {
+            "describe": self.describe,
+            "score": self.score,
+            "extract": self.extract,
+            "tokenize": self.tokenize,
+        }
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        return self._runs[ctx.job.kind](ctx)
 
     def describe(self, ctx: JobContext) -> dict[str, Any]:
         req, nla = ctx.job.request, ctx.nla

@@ -20,7 +20,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -261,19 +261,23 @@ class _StateCollector(Collector):
 
 
 class TelemetrySink:
-    """Wraps the scheduler's event sink (the WebSocket hub) to observe job endings and group switches."""
+    """Wraps the scheduler's event sink (the token logs and the WebSocket hub) to observe job endings and group
+    switches. `final_message` is the job kinds' (`jobs.kinds.final_message`): a job's end is the one message
+    of its terminal type, observed once."""
 
-    def __init__(self, inner: EventSink, metrics: Metrics, scheduler: Scheduler) -> None:
+    def __init__(
+        self, inner: EventSink, metrics: Metrics, final_message: Callable[[Job], dict[str, Any]]
+    ) -> None:
         self.inner = inner
         self.metrics = metrics
-        self.scheduler = scheduler
+        self.final_message = final_message
 
     def subscribe(self, job: Job, subscriber: Any) -> None:
         self.inner.subscribe(job, subscriber)
 
     def job_event(self, job: Job, message: dict[str, Any]) -> None:
         self.inner.job_event(job, message)
-        if job.terminal and message.get("type") == self.scheduler.final_message(job).get("type"):
+        if job.terminal and message.get("type") == self.final_message(job).get("type"):
             self.metrics.job_finished(job)
 
     def queue_changed(self) -> None:

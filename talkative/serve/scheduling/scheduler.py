@@ -1,76 +1,171 @@
-"""The scheduler: jobs in, engine batches out, one event loop deciding everything.
+"""The scheduler: jobs in, decisions out, one event loop applying them.
 
-* **Queue.** Jobs wait in one FIFO. A job is admitted to a device that serves its model's group and has room
-  (`MAX_ACTIVE_JOBS` per device); admitted jobs are `processing`.
-* **Groups.** Each device holds one group at a time. A job for a group no device holds takes an idle device
-  (its group is parked in the CPU cache), or, when every device is busy, marks one device *draining*: it admits
-  no new work for its current group, finishes what it runs, then switches. Work already running is never broken
-  by a switch, a job never runs on another model than the one it named, and group phases alternate in FIFO order
-  so no group starves.
-* **Chunks.** An admitted analysis is prepared (tokens, activations) on the device's preparation thread, then
-  explained in chunks of positions. A device runs `NUM_WORKERS_PER_GPU` engine batches at once; each batch is led
-  by the active job served least recently (round-robin: a short request is not stuck behind a long one) and
-  filled with the next chunks of other jobs on the same model with compatible options, up to the model's row
-  budget (positions × best_of_k ≤ `auto_batch_size_max`). On a CPU a batch that completes its lead job is filled
-  only with parts that complete their jobs too (engine time grows with rows there, so padding it with a long
-  job's chunk would only delay the finishing job; on a GPU the extra rows are nearly free):
-  `FILL_FINISHING_BATCHES` overrides.
+Every change (a submission, a batch ending, a group loaded, a cancellation) ends in `schedule`, a plain function
+on the event loop: it takes a snapshot of the queue and the devices, asks the scheduling policy
+(`policy.py`: admit, switch, drain, fill a batch) and carries the decisions out — admitted jobs start through
+their kind (`jobs/kinds.py`), switches and loads through the device's worker (`workers.py`). The scheduler never
+calls the engine or moves weights itself; everything that blocks runs on a worker's threads.
+
+* **Jobs** wait in one FIFO (`JobQueue`), are admitted (`processing`) to a device, and end `completed`, `failed`
+  or `cancelled`; every change is stored before clients hear of it, and jobs a previous process left unfinished
+  run again at start, in their order.
+* **Backpressure**: no admissions while draining; beyond `MAX_QUEUE_SIZE` a 429 (503 before the server is ready);
+  beyond a client's cap of unfinished jobs a 429.
+* **Switches**: a `switch` job changes a client's current model (or the server's default) once a device holds
+  the model's group; a client's repeated switches replace each other in the queue.
 * **Cancellation** is terminal: a queued job leaves the queue, a running one gets no further chunks and the rows
   of its chunk in flight are dropped; nothing partial is kept.
+* **REQUEST_TIMEOUT** is checked whenever a device dispatches and every second (a stuck engine call wakes
+  nobody, yet its job must fail on time).
 
-All decisions happen in `_schedule`, a plain function run on the event loop after every change; engine calls,
-loads and moves run on threads. Clients hear of changes through an `EventSink` (the WebSocket hub).
-
-The parts: this module holds the queue, admission and the decision function; `analysis_jobs` prepares analyses
-and runs their engine batches; `group_switching` loads groups onto devices (switch, preload, reset);
-`scheduler_base` holds the shared state and ends jobs; `scheduler_types` names the records and protocols.
+Clients hear of changes through an `EventSink` (the WebSocket hub, wrapped by the token logs and the metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from ...nla.analysis import AnalysisError
+from ...nla.checkpoint import NLA
+from ...nla.options import resolve
+from ..catalog.registry import Registry
 from ..catalog.residency import GroupRuntime
-from ..jobs.analysis import AnalysisJobs, engine_failure
-from ..jobs.record import COMPLETED, FAILED, PROCESSING, QUEUED, Job, UnknownRequest, new_id
-from .switching import GroupSwitching
-from .types import MAX_ATTEMPTS, DeviceState, JobContext, JobHandler, SchedulerError
+from ..jobs.kinds import SWITCH, JobKind, final_message
+from ..jobs.record import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Job, UnknownRequest, new_id
+from ..jobs.store import JobStore
+from ..settings import Settings
+from .policy import (
+    Admit,
+    Decision,
+    DeviceView,
+    Drain,
+    QueuedJob,
+    SchedulingPolicy,
+    Snapshot,
+    StopDraining,
+    Switch,
+)
+from .queue import JobQueue
+from .types import MAX_ATTEMPTS, DeviceState, EventSink, Monitor, SchedulerError
+from .workers import LoadFailed, Worker
 
 log = logging.getLogger("talkative.serve.scheduling.scheduler")
 
+STAT_NAMES = (
+    "submitted",
+    "completed",
+    "failed",
+    "cancelled",
+    "engine_batches",
+    "merged_batches",
+    "engine_rows",
+    "engine_seconds",
+    "positions",
+    "processing_seconds",
+    "group_loads",
+)
 
-class Scheduler(GroupSwitching, AnalysisJobs):
-    """The whole scheduler: its queue and decision function here, the rest from its parts (see the module)."""
+
+class Scheduler:
+    """The queue, the devices and the decisions; every object it uses is given to it here."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        store: JobStore,
+        *,
+        workers: Sequence[Worker],
+        kinds: Sequence[JobKind],
+        queue: JobQueue,
+        sink: EventSink,
+        monitor: Monitor,
+        policy: SchedulingPolicy,
+        client_cap: Callable[[str | None], int | None],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.sink = sink
+        self.monitor = monitor
+        self.policy = policy
+        #: queued plus running jobs an owner may have (None = no cap), from the access policy
+        self.client_cap = client_cap
+        self.kinds: dict[str, JobKind] = {name: kind for kind in kinds for name in kind.names}
+        self._kind_list = list(dict.fromkeys(kinds))  # each kind once, in the order given
+        self.book = queue
+        self.devices = [
+            DeviceState(
+                name=w.name,
+                slots=settings.num_workers_per_gpu,
+                worker=w,
+                fill_finishing=settings.fill_finishing_batches
+                if settings.fill_finishing_batches is not None
+                else not w.name.startswith("cpu"),
+            )
+            for w in workers
+        ]
+        self.draining = False  # shutting down: no admissions, no new engine batches, no submissions
+        self.default_group: str | None = registry.default_group(settings)
+        self.current_model: str | None = (
+            registry.group(self.default_group).models[0].id if self.default_group else None
+        )
+        #: the current model of each client (its identity key) that switched; requests of other clients that
+        #: name no model run on `current_model`, the server's default, which only the administrator changes
+        self.client_models: dict[str, str] = {}
+        self.ready = False
+        self.startup_error: str | None = None
+        self.stats: dict[str, float] = dict.fromkeys(STAT_NAMES, 0)
+        self.stopping = False
+        self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._preloads: dict[str, asyncio.Task[Any]] = {}  # group id -> its load into the CPU cache
+        self._resetting = False
+
+    @property
+    def queue(self) -> list[Job]:
+        """The queued jobs, oldest first."""
+        return self.book.waiting
+
+    @property
+    def jobs(self) -> dict[str, Job]:
+        """Every job not yet stored as terminal."""
+        return self.book.jobs
+
+    @property
+    def host(self) -> Worker:
+        """The worker that answers for the host's CPU cache (every local worker shares it)."""
+        return self.devices[0].worker
 
     # -- life cycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._recover()
-        self._spawn(self._purge_loop())
-        self._spawn(self._watchdog())
+        self.spawn(self._purge_loop())
+        self.spawn(self._watchdog())
         if self.default_group and not self.settings.lazy_load_model:
             self._start_switch(self.devices[0], self.default_group, startup=True)
         else:
             self.ready = True
-            self._spawn(self._preload())
-        self._schedule()
+            self.spawn(self._preload_configured())
+        self.schedule()
 
     async def stop(self) -> None:
-        self._stopping = True
+        self.stopping = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for dev in self.devices:
-            dev.batch_pool.shutdown(wait=False, cancel_futures=True)
-            dev.prep_pool.shutdown(wait=False, cancel_futures=True)
+            dev.worker.close()
 
     async def _recover(self) -> None:
         """Jobs a previous process left queued or processing run again, in their original order."""
@@ -105,6 +200,28 @@ class Scheduler(GroupSwitching, AnalysisJobs):
                 log.exception("purging old jobs failed")
             await asyncio.sleep(self.settings.purge_interval_seconds)
 
+    async def _watchdog(self) -> None:
+        """REQUEST_TIMEOUT checked every second, not only between chunks: an engine call that never returns
+        wakes nobody, yet its job must still fail on time (the thread itself cannot be killed)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.settings.request_timeout and not self.stopping:
+                for dev in self.devices:
+                    self._expire(dev)
+                self.schedule()
+
+    # -- tasks (also for the kinds: `jobs.kinds.JobControl`) ------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("scheduler task failed", exc_info=task.exception())
+
     # -- submission -----------------------------------------------------------------------------------------------
     def resolve_model(self, model_id: str | None, client: str | None = None) -> str:
         """The model a request runs on: the one it names, else its client's current model."""
@@ -125,6 +242,15 @@ class Scheduler(GroupSwitching, AnalysisJobs):
         chosen = self.client_models.get(client) if client is not None else None
         return chosen if chosen is not None and chosen in self.registry.models else self.current_model
 
+    async def check_analysis(self, model_id: str, options: dict[str, Any]) -> None:
+        """Options the model cannot honour are refused (`AnalysisError`) before queueing when a device holds the
+        model (else when the job is prepared). The check tokenizes prompt pieces: the worker does it."""
+        resolved = resolve(options)
+        for dev in self.devices:
+            if dev.loaded is not None and model_id in dev.loaded.models:
+                await dev.worker.check(model_id, resolved)
+                return
+
     async def submit(
         self,
         kind: str,
@@ -140,7 +266,7 @@ class Scheduler(GroupSwitching, AnalysisJobs):
         `subscriber` (a WebSocket connection) hears every message about the job, starting with `queued`
         (`group_switch_queued` for a switch that has to wait), so it can never miss one.
         """
-        self._admit_check(kind, owner)
+        self._admit_check(owner)
         model = self.registry.model(model_id)
         job = Job(
             id=new_id(),
@@ -158,24 +284,23 @@ class Scheduler(GroupSwitching, AnalysisJobs):
         if subscriber is not None:
             self.sink.subscribe(job, subscriber)
         job.submitted_position = self.queue_position(job.id)
-        if kind != "switch":
-            context = "analysis" if kind == "analyze" else kind
-            self._emit(
+        if kind != SWITCH:
+            self.emit(
                 job,
                 {
                     "type": "queued",
-                    "context": context,
+                    "context": "analysis" if kind == "analyze" else kind,
                     "model_id": model_id,
                     "queue_position": job.submitted_position,
                     "queue_size": self.queue_summary()["queue_size"],
                 },
             )
         self.sink.queue_changed()
-        self._schedule()
-        if kind == "switch" and job.status == QUEUED:
+        self.schedule()
+        if kind == SWITCH and job.status == QUEUED:
             summary = self.queue_summary()
             position = self.queue_position(job.id) or 1
-            self._emit(
+            self.emit(
                 job,
                 {
                     "type": "group_switch_queued",
@@ -190,7 +315,7 @@ class Scheduler(GroupSwitching, AnalysisJobs):
             )
         return job
 
-    def _admit_check(self, kind: str, owner: str | None) -> None:
+    def _admit_check(self, owner: str | None) -> None:
         """Backpressure: refuse while draining, beyond MAX_QUEUE_SIZE (429, or 503 before the server is ready)
         and beyond the owner's cap of unfinished jobs (429). Switches count like every other job (a client's
         repeated switches replace each other in the queue: `supersede_switches`)."""
@@ -246,22 +371,30 @@ class Scheduler(GroupSwitching, AnalysisJobs):
         except TimeoutError:
             return self.jobs.get(job_id, job)
 
-    # -- queue facts ----------------------------------------------------------------------------------------------
+    async def cancel(self, job_id: str, reason: str = "Cancelled by user") -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            stored = await self.store.get(job_id)
+            if stored is None:
+                raise UnknownRequest(job_id)
+            raise SchedulerError(409, f"request {job_id} is already {stored.status}")
+        if job.terminal:
+            raise SchedulerError(409, f"request {job_id} is already {job.status}")
+        if job.status == QUEUED:
+            self.queue.remove(job)
+        elif (kind := self.kinds.get(job.kind)) is not None:
+            for dev in self.devices:
+                kind.drop(job_id, dev)
+        self.finish(job, CANCELLED, error=reason)
+        self.schedule()
+        return job
+
+    # -- queue and device facts -----------------------------------------------------------------------------------
     def queue_position(self, job_id: str) -> int | None:
-        for i, job in enumerate(self.queue):
-            if job.id == job_id:
-                return i + 1
-        return None
+        return self.book.position(job_id)
 
     def queue_summary(self) -> dict[str, int]:
-        queued = len(self.queue)
-        processing = sum(1 for j in self.jobs.values() if j.status == PROCESSING)
-        return {
-            "queue_size": queued + processing,
-            "queued_requests": queued,
-            "processing_requests": processing,
-            "total_active": queued + processing,
-        }
+        return self.book.summary()
 
     def is_switching(self) -> bool:
         return any(d.loading for d in self.devices)
@@ -270,126 +403,344 @@ class Scheduler(GroupSwitching, AnalysisJobs):
         """group id -> device, for groups resident on a device."""
         return {d.group_id: d.name for d in self.devices if d.group_id is not None}
 
-    # -- the decision function ------------------------------------------------------------------------------------
-    def _schedule(self) -> None:
-        if self._stopping or self.draining or self._loop is None:
+    def runtime_for(self, model_id: str) -> tuple[GroupRuntime, NLA] | None:
+        """A loaded NLA of the model on some device, whose facts the API shows (None when not loaded)."""
+        for dev in self.devices:
+            if dev.loaded is not None and model_id in dev.loaded.models:
+                return dev.worker.model(model_id)
+        return None
+
+    def model_info(self, model_id: str) -> dict[str, Any]:
+        m = self.registry.model(model_id)
+        return {
+            "model_id": m.id,
+            "group_id": m.group_id,
+            "display_name": m.name,
+            "layer": m.layer,
+            "auto_batch_size_max": self.registry.model_setting(
+                self.settings, "auto_batch_size_max", model_id=m.id
+            ),
+            "is_loaded": self.runtime_for(m.id) is not None,
+            "generation_config": m.generation_config,
+        }
+
+    # -- endings (also for the kinds) -----------------------------------------------------------------------------
+    def emit_live(self, job: Job, message: dict[str, Any]) -> None:
+        """A running job's message, unless the job ended meanwhile (a cancelled stream stops at once)."""
+        if not job.terminal:
+            self.emit(job, message)
+
+    def emit(self, job: Job, message: dict[str, Any]) -> None:
+        self.sink.job_event(
+            job, {**message, "request_id": job.id, "client_request_id": job.client_request_id}
+        )
+
+    def finish(
+        self, job: Job, status: str, *, result: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
+        """Make the job terminal now; store it, then tell its listeners and waiters."""
+        job.status, job.completed_at, job.result, job.error = status, time.time(), result, error
+        self.stats[status] += 1
+        if job.started_at is not None:
+            self.stats["processing_seconds"] += job.completed_at - job.started_at
+        self.spawn(self._announce(job))
+        self.sink.queue_changed()
+
+    async def _announce(self, job: Job) -> None:
+        try:
+            await self.store.put(job)
+        except Exception:
+            log.exception("storing the end of job %s failed", job.id)
+        self.jobs.pop(job.id, None)
+        self.emit(job, self.final_message(job))
+        for fut in self._waiters.pop(job.id, []):
+            if not fut.done():
+                fut.set_result(job)
+
+    def final_message(self, job: Job) -> dict[str, Any]:
+        """The terminal WebSocket message of a job (also what `subscribe` replays for a finished job)."""
+        return final_message(job, self.kinds)
+
+    # -- deciding -------------------------------------------------------------------------------------------------
+    def schedule(self) -> None:
+        """Decide what runs next and do it; called after every change."""
+        if self.stopping or self.draining or self._loop is None:
             return
         if self._resetting:  # a reset drains the devices: admitted work runs to its end, nothing new starts
             for dev in self.devices:
                 self._dispatch(dev)
             return
-        self._route_queue()
+        for decision in self.policy.route(self._snapshot()):
+            self._apply(decision)
         for dev in self.devices:
             self._dispatch(dev)
-            if dev.draining_for is not None and not any(j.group_id == dev.draining_for for j in self.queue):
-                dev.draining_for = None  # whoever waited for it was cancelled
-            if dev.draining_for is not None and not dev.busy:
-                self._start_switch(dev, dev.draining_for)
+            queued_groups = frozenset(j.group_id for j in self.queue if j.group_id is not None)
+            decision = self.policy.after_dispatch(self._view(dev), queued_groups)
+            if decision is not None:
+                self._apply(decision)
 
-    def _route_queue(self) -> None:
-        waiting: set[str | None] = set()  # groups with an older job still waiting: keep FIFO inside a group
-        for job in list(self.queue):
-            gid = job.group_id
-            assert gid is not None  # every submitted job names a model, hence a group
-            if gid in waiting:
-                continue
-            dev = self._device_for(gid)
-            if dev is not None:
-                self._admit(job, dev)
-                continue
-            waiting.add(gid)
-            if gid in self._preloads:
-                continue  # it is being loaded into the CPU cache; switching to it then is a move
-            if any(d.loading == gid or d.draining_for == gid for d in self.devices):
-                continue
-            idle = [d for d in self.devices if not d.busy and d.draining_for is None]
-            if idle:
-                self._start_switch(min(idle, key=lambda d: (d.runtime is not None, d.last_used)), gid)
-                continue
-            if any(d.group_id == gid for d in self.devices):
-                continue  # its group is being served, just full; no switch needed
-            candidates = [d for d in self.devices if d.draining_for is None and d.loading is None]
-            if candidates:
-                dev = min(candidates, key=self._remaining_rows)
-                dev.draining_for = gid
-                log.info("device %s drains group %s to switch to %s", dev.name, dev.group_id, gid)
+    def _snapshot(self) -> Snapshot:
+        queued = []
+        for job in self.queue:
+            assert job.group_id is not None  # every submitted job names a model, hence a group
+            queued.append(QueuedJob(job.id, job.group_id, takes_place=job.kind in self.kinds))
+        return Snapshot(
+            queue=tuple(queued),
+            devices=tuple(self._view(d) for d in self.devices),
+            preloading=frozenset(self._preloads),
+            max_active_jobs=self.settings.max_active_jobs,
+            now=time.time(),
+        )
 
-    def _device_for(self, gid: str | None) -> DeviceState | None:
-        fits = [
-            d
-            for d in self.devices
-            if d.group_id == gid
-            and d.loading is None
-            and d.draining_for is None
-            and len(d.works) + len(d.whole) < self.settings.max_active_jobs
-        ]
-        return min(fits, key=lambda d: len(d.works) + len(d.whole)) if fits else None
+    def _view(self, dev: DeviceState) -> DeviceView:
+        return DeviceView(
+            name=dev.name,
+            group_id=dev.group_id,
+            loading=dev.loading,
+            draining_for=dev.draining_for,
+            active_jobs=dev.active_jobs,
+            busy=dev.busy,
+            last_used=dev.last_used,
+            remaining_rows=sum(kind.remaining_rows(dev) for kind in self._kind_list),
+        )
 
-    @staticmethod
-    def _remaining_rows(dev: DeviceState) -> int:
-        return sum((len(w.pending) + w.inflight) * w.resolved.best_of_k for w in dev.works.values())
+    def _device(self, name: str) -> DeviceState:
+        return next(d for d in self.devices if d.name == name)
+
+    def _apply(self, decision: Decision) -> None:
+        dev = self._device(decision.device)
+        if isinstance(decision, Admit):
+            self._admit(self.jobs[decision.job_id], dev)
+        elif isinstance(decision, Switch):
+            self._start_switch(dev, decision.group_id)
+        elif isinstance(decision, Drain):
+            dev.draining_for = decision.group_id
+            log.info("device %s drains group %s to switch to %s", dev.name, dev.group_id, decision.group_id)
+        elif isinstance(decision, StopDraining):
+            dev.draining_for = None
 
     def _admit(self, job: Job, dev: DeviceState) -> None:
         self.queue.remove(job)
         job.status, job.started_at = PROCESSING, time.time()
         job.attempts += 1
         dev.last_used = time.time()
-        assert dev.runtime is not None
-        if job.kind == "switch":
-            self._complete_switch(job, dev.runtime)
-        elif job.kind == "analyze":
-            self._persist(job)
-            self._start_analysis(job, dev)
-        elif job.kind in self.handlers:
-            self._persist(job)
-            dev.whole.add(job.id)
-            self._spawn(self._run_whole(job, dev, dev.runtime, self.handlers[job.kind]))
+        assert dev.loaded is not None
+        kind = self.kinds.get(job.kind)
+        if job.kind == SWITCH:
+            self._complete_switch(job, dev)
+        elif kind is not None:
+            self.spawn(self.store.put(job))
+            kind.start(job, dev, self)
         else:
-            self._finish(job, FAILED, error=f"this server cannot run {job.kind} requests")
+            self.finish(job, FAILED, error=f"this server cannot run {job.kind} requests")
         self.sink.queue_changed()
 
-    # -- whole jobs (kinds with a registered handler) ----------------------------------------------------------------
-    async def _run_whole(self, job: Job, dev: DeviceState, rt: GroupRuntime, handler: JobHandler) -> None:
-        loop = asyncio.get_running_loop()
-        assert job.model_id is not None
-        dev.inflight += 1
+    def _dispatch(self, dev: DeviceState) -> None:
+        if dev.loaded is None or dev.loading is not None:
+            return
+        self._expire(dev)
+        for kind in self._kind_list:
+            kind.dispatch(dev, self)
 
-        def emit(message: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(self._emit_live, job, message)
+    def _expire(self, dev: DeviceState) -> None:
+        """Fail the jobs whose own engine time passed REQUEST_TIMEOUT; their engine calls see it and stop."""
+        limit = self.settings.request_timeout
+        if limit:
+            now = time.time()
+            for kind in self._kind_list:
+                kind.expire(dev, self, now, limit)
 
+    # -- switching groups -----------------------------------------------------------------------------------------
+    def _start_switch(self, dev: DeviceState, gid: str, *, startup: bool = False) -> None:
+        dev.loading, dev.draining_for = gid, None
+        self.sink.broadcast(
+            {
+                "type": "group_switch_status",
+                "status": "starting",
+                "group_id": gid,
+                "source_group_id": dev.group_id,
+                "device": dev.name,
+            }
+        )
+        self.spawn(self._switch(dev, gid, startup))
+
+    async def _switch(self, dev: DeviceState, gid: str, startup: bool) -> None:
+        dev.loaded = None
+        t0 = time.perf_counter()
         try:
-            nla = rt.nlas.get(job.model_id)
-            if nla is None:
-                raise AnalysisError(rt.errors.get(job.model_id, f"model {job.model_id} is not loaded"))
-            ctx = JobContext(
-                job=job,
-                nla=nla,
-                runtime=rt,
-                device=dev.name,
-                emit=emit,
-                cancelled=lambda: job.terminal,
+            dev.loaded = await dev.worker.load(gid)
+        except LoadFailed as exc:
+            dev.loaded = exc.restored  # the previous group, back from the CPU cache, keeps serving
+            log.error("loading group %s on %s failed: %s", gid, dev.name, exc)
+            message = f"model group {gid} could not be loaded: {exc}"
+            if startup:
+                self.startup_error = message
+            self.sink.broadcast(
+                {
+                    "type": "group_switch_status",
+                    "status": "failed",
+                    "group_id": gid,
+                    "device": dev.name,
+                    "error": message,
+                }
             )
-
-            def started_handler(ctx: JobContext) -> dict[str, Any]:
-                # REQUEST_TIMEOUT counts from here: time waiting for a worker held by others is not the job's
-                dev.whole_started[job.id] = time.time()
-                return handler(ctx)
-
-            result = await loop.run_in_executor(dev.batch_pool, started_handler, ctx)
-        except AnalysisError as exc:
-            if not job.terminal:
-                self._finish(job, FAILED, error=str(exc))
-        except Exception as exc:
-            log.exception("%s job %s failed", job.kind, job.id)
-            if not job.terminal:
-                self._finish(
-                    job, FAILED, error=engine_failure(exc, f"running the {job.kind} request", dev.name)
-                )
+            for job in [j for j in self.queue if j.group_id == gid]:
+                self.queue.remove(job)
+                self.finish(job, FAILED, error=message)
         else:
-            if not job.terminal:
-                self._finish(job, COMPLETED, result=result)
+            self.stats["group_loads"] += 1
+            self.sink.broadcast(
+                {
+                    "type": "group_switch_status",
+                    "status": "completed",
+                    "group_id": gid,
+                    "device": dev.name,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
+            )
         finally:
-            dev.inflight -= 1
-            dev.whole.discard(job.id)
-            dev.whole_started.pop(job.id, None)
-            self._schedule()
+            dev.loading = None
+            dev.last_used = time.time()
+            if startup:
+                self.ready = True
+                self.spawn(self._preload_configured())
+            self.schedule()
+
+    def _complete_switch(self, job: Job, dev: DeviceState) -> None:
+        assert job.model_id is not None and dev.loaded is not None
+        missing = dev.loaded.missing(job.model_id)
+        if missing is not None:
+            self.finish(job, FAILED, error=missing)
+            return
+        server_wide = job.request.get("scope", "server") == "server"
+        previous = self.registry.models.get(
+            self.client_models.get(job.owner or "") or self.current_model or ""
+        )
+        if server_wide:  # the administrator's act: the default of every client that has not chosen its own
+            self.current_model = job.model_id
+            if job.owner is not None:
+                self.client_models.pop(job.owner, None)
+        elif job.owner is not None:  # this client's own choice; nobody else's requests change
+            self.client_models[job.owner] = job.model_id
+        switched = previous is None or previous.group_id != job.group_id
+        whose = "the current model" if server_wide else "your current model (other clients keep theirs)"
+        result = {
+            "model_id": job.model_id,
+            "group_id": job.group_id,
+            "message": f"{job.model_id} is now {whose}"
+            + (f" (group {job.group_id} loaded)" if switched else ""),
+            "group_switched": switched,
+            "model_info": self.model_info(job.model_id),
+        }
+        self.finish(job, COMPLETED, result=result)
+
+    async def supersede_switches(self, owner: str | None, model_id: str) -> None:
+        """A client's repeated switches coalesce: its switches still queued are cancelled (their subscribers hear
+        `request_cancelled`), so each client has at most one switch waiting, the latest."""
+        if owner is None:
+            return
+        for job in [j for j in self.queue if j.kind == SWITCH and j.owner == owner]:
+            await self.cancel(job.id, reason=f"superseded by a later switch to {model_id}")
+
+    # -- the CPU cache and the administrator's reset ----------------------------------------------------------------
+    async def _preload_configured(self) -> None:
+        """Groups whose preload_groups setting is true are loaded into the CPU cache ahead of use."""
+        for gid in self.registry.groups:
+            if gid == self.default_group or not self.registry.model_setting(
+                self.settings, "preload_groups", group_id=gid
+            ):
+                continue
+            if any(d.group_id == gid or d.loading == gid for d in self.devices):
+                continue
+            try:
+                if await self.host.preload(gid):
+                    log.info("preloaded group %s into the CPU cache", gid)
+            except Exception as exc:
+                log.error("preloading group %s failed: %s", gid, exc)
+
+    async def preload(self, group_id: str) -> str:
+        """Load a group into the CPU cache ahead of use, so a switch to it is a move, not a load; where it is."""
+        self.registry.group(group_id)  # UnknownGroup for the caller
+        for dev in self.devices:
+            if dev.group_id == group_id or dev.loading == group_id:
+                return dev.name
+        if group_id in self.host.cached_groups():
+            return "cpu_cache"
+        if self.host.cache_capacity <= 0:
+            raise SchedulerError(
+                409, "the CPU cache is disabled (MAX_CPU_CACHED_MODELS=0): nothing can be preloaded"
+            )
+        task = self._preloads.get(group_id)
+        if task is None:
+            task = self.spawn(self._preload_group(group_id))
+            self._preloads[group_id] = task
+        loaded: bool = await asyncio.shield(task)
+        if not loaded:
+            raise SchedulerError(
+                409,
+                f"the CPU cache is full ({', '.join(self.host.cached_groups())}; capacity "
+                f"{self.host.cache_capacity}): switch to a group or raise MAX_CPU_CACHED_MODELS",
+            )
+        return "cpu_cache"
+
+    async def _preload_group(self, group_id: str) -> bool:
+        try:
+            return await self.host.preload(group_id)
+        finally:
+            self._preloads.pop(group_id, None)
+            self.schedule()
+
+    async def reset(self, drain_seconds: float = 30.0, stop_seconds: float = 120.0) -> dict[str, Any]:
+        """Unload every group (devices and CPU cache) and load the default group again; queued jobs stay queued.
+
+        Running work gets `drain_seconds` to finish (nothing new starts meanwhile); what still runs then is
+        cancelled, and the reset waits up to `stop_seconds` for it to stop before giving up with a 503.
+        """
+        if self._resetting:
+            raise SchedulerError(409, "a reset is already running")
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        self._resetting = True
+        cancelled: list[str] = []
+        try:
+            deadline, forced = loop.time() + drain_seconds, False
+            while any(d.busy for d in self.devices) or self._preloads:
+                if loop.time() >= deadline:
+                    if forced:
+                        raise SchedulerError(503, "running work did not stop; the reset was abandoned")
+                    forced = True
+                    for job in [j for j in self.jobs.values() if j.status == PROCESSING]:
+                        await self.cancel(
+                            job.id, reason="cancelled: the server was reset by an administrator"
+                        )
+                        cancelled.append(job.id)
+                    deadline = loop.time() + stop_seconds
+                await asyncio.sleep(0.05)
+            unloaded: list[str] = []
+            for dev in self.devices:
+                dev.loaded, dev.draining_for = None, None
+                unloaded += await dev.worker.unload()
+            loaded = None
+            if self.default_group is not None:
+                dev = self.devices[0]
+                self._start_switch(dev, self.default_group)
+                while dev.loading is not None:
+                    await asyncio.sleep(0.05)
+                if dev.group_id != self.default_group:
+                    raise SchedulerError(
+                        503, f"the default group {self.default_group} could not be loaded again"
+                    )
+                loaded = self.default_group
+                self.current_model = self.registry.group(self.default_group).models[0].id
+                self.client_models.clear()  # a reset starts every client afresh on the default
+        finally:
+            self._resetting = False
+            self.schedule()
+        return {
+            "unloaded_groups": unloaded,
+            "loaded_group": loaded,
+            "current_model": self.current_model,
+            "cancelled_requests": cancelled,
+            "queued_requests": len(self.queue),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }

@@ -1,21 +1,19 @@
-"""The scheduler's vocabulary: its refusal, the sink and monitor it reports to, and the records of admitted work.
+"""The scheduler's vocabulary: its refusal, the sink and monitor it reports to, and its records of admitted work.
 
-Kept apart from the scheduler's logic so that the API layer and job handlers (generation, vectors) can name these
-types without importing the scheduler itself.
+Kept apart from the scheduler's loop so that the API layer and the job kinds can name these types without
+importing the scheduler itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ...nla.analysis import Prepared
-from ...nla.checkpoint import NLA
 from ...nla.options import Resolved
-from ..catalog.residency import GroupRuntime
 from ..jobs.record import Job
+
+if TYPE_CHECKING:
+    from .workers import Loaded, Worker
 
 MAX_ATTEMPTS = 3  # a job whose process died this many times while it ran is failed, not run again
 STAGE_PREPARING = "preparing"
@@ -36,6 +34,8 @@ class SchedulerError(Exception):
 
 
 class EventSink(Protocol):
+    """Who hears about jobs and groups: the WebSocket hub, wrapped by the token logs and the metrics."""
+
     def subscribe(self, job: Job, subscriber: Any) -> None: ...
     def job_event(self, job: Job, message: dict[str, Any]) -> None: ...
     def queue_changed(self) -> None: ...
@@ -43,64 +43,23 @@ class EventSink(Protocol):
 
 
 class Monitor(Protocol):
-    """Observes the scheduler for metrics (telemetry.Metrics)."""
+    """Observes the scheduler for metrics (observability.metrics.Metrics)."""
 
     def stage(self, name: str, seconds: float) -> None: ...
     def reject(self, reason: str) -> None: ...
 
 
-class NullMonitor:
-    """The monitor until the app sets one: observes nothing."""
-
-    def stage(self, name: str, seconds: float) -> None:
-        pass
-
-    def reject(self, reason: str) -> None:
-        pass
-
-
-class NullSink:
-    """The sink until the app sets one (and in tests): nobody listens."""
-
-    def subscribe(self, job: Job, subscriber: Any) -> None:
-        pass
-
-    def job_event(self, job: Job, message: dict[str, Any]) -> None:
-        pass
-
-    def queue_changed(self) -> None:
-        pass
-
-    def broadcast(self, message: dict[str, Any]) -> None:
-        pass
-
-
-@dataclass
-class JobContext:
-    """What a whole-job handler (a kind other than analyze and switch) gets, on a device worker thread."""
-
-    job: Job
-    nla: NLA
-    runtime: GroupRuntime
-    device: str
-    emit: Callable[[dict[str, Any]], None]  # thread-safe: sends a message about this job to its listeners
-    cancelled: Callable[[], bool]
-
-
-#: a blocking function that does a whole job and returns its result (e.g. generation, issue 5)
-JobHandler = Callable[[JobContext], dict[str, Any]]
-
-
 @dataclass
 class Work:
-    """An admitted analysis: its prepared input, the positions still to explain and the rows so far."""
+    """An admitted analysis: the worker's handle on its prepared input, the positions still to explain, the rows."""
 
     job: Job
     device: DeviceState
     resolved: Resolved
     key: tuple[object, ...]  # jobs with equal keys may share an engine batch
     chunk: int = 1  # positions per chunk
-    prepared: Prepared | None = None
+    handle: object | None = None  # what the worker's prepare returned; None until prepared, and once dropped
+    positions: list[int] = field(default_factory=list)  # every position to explain, in the result's order
     pending: list[int] = field(default_factory=list)
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     total: int = 0
@@ -122,6 +81,10 @@ class Work:
     busy_since: float | None = None  # a batch of this job is running since then
     prep_started: float | None = None  # its preparation is running since then (set on the preparation thread)
 
+    @property
+    def prepared(self) -> bool:
+        return self.handle is not None
+
     def own_seconds(self, now: float) -> float:
         """Engine time spent on this job so far, the span running now included."""
         running = [t for t in (self.busy_since, self.prep_started) if t is not None]
@@ -130,15 +93,16 @@ class Work:
 
 @dataclass
 class DeviceState:
+    """What the scheduler knows of one device: the group its worker holds and the work admitted to it."""
+
     name: str
     slots: int
-    batch_pool: ThreadPoolExecutor
-    prep_pool: ThreadPoolExecutor
-    runtime: GroupRuntime | None = None
+    worker: Worker
+    loaded: Loaded | None = None  # the group its worker holds (None while loading or when it holds none)
     loading: str | None = None  # group being loaded here
     draining_for: str | None = None  # group waiting for this device to finish its work
     works: dict[str, Work] = field(default_factory=dict)
-    whole: set[str] = field(default_factory=set)  # admitted jobs run by a JobHandler
+    whole: set[str] = field(default_factory=set)  # admitted jobs a worker runs whole (not chunked)
     whole_started: dict[str, float] = field(default_factory=dict)  # job id -> when a worker thread took it up
     inflight: int = 0  # engine batches (and whole jobs) running
     preparing: int = 0
@@ -147,20 +111,23 @@ class DeviceState:
 
     @property
     def group_id(self) -> str | None:
-        return self.runtime.group_id if self.runtime is not None else None
+        return self.loaded.group_id if self.loaded is not None else None
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self.works) + len(self.whole)
 
     @property
     def busy(self) -> bool:
         return bool(self.works or self.whole or self.inflight or self.preparing or self.loading)
 
     def describe(self) -> dict[str, Any]:
+        """The worker's own facts (device, group, models), then the scheduler's (loading, draining, load)."""
         return {
-            "device": self.name,
-            "group_id": self.group_id,
-            "models": sorted(self.runtime.nlas) if self.runtime else [],
+            **self.worker.describe(),
             "loading": self.loading,
             "draining_for": self.draining_for,
             "workers": self.slots,
             "busy_workers": self.inflight,
-            "active_jobs": len(self.works) + len(self.whole),
+            "active_jobs": self.active_jobs,
         }

@@ -26,7 +26,8 @@ from ...jobs.record import Job, new_id
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
-    from ...scheduling.scheduler import Scheduler
+    from ...catalog.registry import Registry
+    from ...scheduling.queue import JobQueue
     from ...settings import Settings
 
 log = logging.getLogger("talkative.serve.api.ws.hub")
@@ -100,8 +101,9 @@ class Connection:
 
 
 class Hub:
-    def __init__(self, scheduler: Scheduler, settings: Settings) -> None:
-        self.scheduler = scheduler
+    def __init__(self, queue: JobQueue, registry: Registry, settings: Settings) -> None:
+        self.queue = queue  # read only: positions and totals for queue_update
+        self.registry = registry
         self.settings = settings
         self.connections: dict[str, Connection] = {}
         self.subscribers: dict[str, set[Connection]] = {}
@@ -199,7 +201,7 @@ class Hub:
 
     def broadcast(self, message: dict[str, Any]) -> None:
         """To every connection, as each may see it: nothing about groups a client may not know of."""
-        registry = self.scheduler.registry
+        registry = self.registry
         for conn in list(self.connections.values()):
             shown = visibility.visible_broadcast(message, registry, conn.identity)
             if shown is not None:
@@ -208,10 +210,10 @@ class Hub:
     # -- messages -------------------------------------------------------------------------------------------------
     def queue_update(self, conn: Connection) -> dict[str, Any]:
         """Totals for everyone; ids and positions only of this connection's own queued jobs."""
-        positions = {job.id: i for i, job in enumerate(self.scheduler.queue, start=1) if job.id in conn.jobs}
+        positions = {job.id: i for i, job in enumerate(self.queue.waiting, start=1) if job.id in conn.jobs}
         return {
             "type": "queue_update",
-            **self.scheduler.queue_summary(),
+            **self.queue.summary(),
             "queued_ids": list(positions),
             "queue_positions": positions,
         }

@@ -87,7 +87,7 @@ def test_seed_schema_is_read(tmp_path: Path) -> None:
     assert reg.model("gemma3-27b-l30").layer == 30 and reg.model("gemma3-27b-l30").visible is False
     assert reg.model("qwen2.5-14b-wildchat").checkpoint == str((tmp_path / "rel/ckpt").resolve())
     assert reg.groups["gemma3-27b-it"].estimated_memory == "50GB"
-    assert reg.group_of("gemma3-27b-chat").group_id == "gemma3-27b-it"
+    assert chat.group_id == "gemma3-27b-it"
     with pytest.raises(UnknownModel):
         reg.model("nope")
     assert "gemma3-27b-chat" in json.dumps(reg.describe())

@@ -1,4 +1,4 @@
-"""The scheduler's side of issue 4, in process with the fake engine of test_scheduler: out-of-memory and other
+"""The scheduler's limits and failures, in process with the fake engine of test_scheduler: out-of-memory and other
 engine failures, REQUEST_TIMEOUT against a stuck engine call, backpressure (queue, per-client cap, not ready,
 draining), the drain itself, a failed switch leaving the previous group serving, and the metrics monitor."""
 
@@ -13,32 +13,21 @@ from typing import Any
 
 import pytest
 import torch
-from scheduler_fakes import Engine, FakeResidency, Sink, analyze, run, until, words
+from scheduler_fakes import Engine, FakeResidency, Recorder, Sink, analyze, run, until, words
 
 from talkative.nla.analysis import Cancelled
-from talkative.serve.jobs import analysis as analysis_jobs
+from talkative.serve.jobs.kinds import JobKind
 from talkative.serve.lifecycle import drain
 from talkative.serve.scheduling.scheduler import Scheduler
-from talkative.serve.scheduling.types import JobContext, SchedulerError
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.stages: list[str] = []
-        self.rejections: list[str] = []
-
-    def stage(self, name: str, seconds: float) -> None:
-        self.stages.append(name)
-
-    def reject(self, reason: str) -> None:
-        self.rejections.append(reason)
+from talkative.serve.scheduling.types import SchedulerError
+from talkative.serve.scheduling.workers import JobContext
 
 
 def test_out_of_memory_fails_only_its_job_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        real = analysis_jobs.run_batch
+        real = engine.run_batch
 
         def run_batch(nla: Any, parts: Any, opts: Any, **kw: Any) -> Any:
             if any(p.text.startswith("oom") for p, _ in parts):
@@ -47,7 +36,7 @@ def test_out_of_memory_fails_only_its_job_with_a_clear_error(
                 raise MemoryError()
             return real(nla, parts, opts, **kw)
 
-        monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
+        monkeypatch.setattr(engine, "run_batch", run_batch)
         oom = await sched.wait(await analyze(sched, "oom " + words(3)), 10)
         ram = await sched.wait(await analyze(sched, "ram " + words(3)), 10)
         for job in (oom, ram):
@@ -59,7 +48,7 @@ def test_out_of_memory_fails_only_its_job_with_a_clear_error(
         boom = await sched.wait(await analyze(sched, "boom " + words(3)), 10)
         assert boom.status == "failed" and (boom.error or "").startswith("internal error while explaining")
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body)
 
 
 def test_a_stuck_engine_call_fails_its_job_at_the_timeout(
@@ -68,14 +57,14 @@ def test_a_stuck_engine_call_fails_its_job_at_the_timeout(
     release = threading.Event()
 
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        real = analysis_jobs.run_batch
+        real = engine.run_batch
 
         def run_batch(nla: Any, parts: Any, opts: Any, **kw: Any) -> Any:
             if any(p.text.startswith("stuck") for p, _ in parts):
                 release.wait(30)  # an engine call that does not come back on its own
             return real(nla, parts, opts, **kw)
 
-        monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
+        monkeypatch.setattr(engine, "run_batch", run_batch)
         sched.settings.request_timeout = 1.0
         t0 = time.monotonic()
         stuck = await sched.wait(await analyze(sched, "stuck " + words(3)), 10)
@@ -87,7 +76,7 @@ def test_a_stuck_engine_call_fails_its_job_at_the_timeout(
         assert after.status == "completed"
 
     try:
-        run(tmp_path, monkeypatch, body)
+        run(tmp_path, body)
     finally:
         release.set()
 
@@ -97,14 +86,16 @@ def test_a_whole_job_past_the_timeout_is_failed_and_told_to_stop(
 ) -> None:
     stopped = threading.Event()
 
-    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        def endless(ctx: JobContext) -> dict[str, Any]:
+    class Endless(JobKind):
+        names = ("generate",)
+
+        def run(self, ctx: JobContext) -> dict[str, Any]:
             while not ctx.cancelled():
                 time.sleep(0.01)
             stopped.set()
             return {}
 
-        sched.handlers["generate"] = endless
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
         sched.settings.request_timeout = 1.0
         job = await sched.submit("generate", {"text": "x"}, model_id="a1")
         done = await sched.wait(job.id, 10)
@@ -113,14 +104,13 @@ def test_a_whole_job_past_the_timeout_is_failed_and_told_to_stop(
         after = await sched.wait(await analyze(sched, words(3)), 10)
         assert after.status == "completed"
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body, kinds=[Endless()])
 
 
 def test_backpressure_queue_client_cap_and_not_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder()
+
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        recorder = Recorder()
-        sched.monitor = recorder
-        sched.client_cap = lambda owner: 2 if owner and owner.startswith("key:") else None
         engine.delay = 0.2
         for _ in range(2):
             await sched.submit("analyze", {"text": words(10), "options": {}}, model_id="a1", owner="key:a")
@@ -143,7 +133,13 @@ def test_backpressure_queue_client_cap_and_not_ready(tmp_path: Path, monkeypatch
         sched.ready = True
         assert recorder.rejections == ["client_busy", "queue_full", "queue_full", "not_ready"]
 
-    run(tmp_path, monkeypatch, body, max_queue_size=4)
+    run(
+        tmp_path,
+        body,
+        monitor=recorder,
+        client_cap=lambda owner: 2 if owner and owner.startswith("key:") else None,
+        max_queue_size=4,
+    )
 
 
 def test_drain_keeps_work_for_the_next_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,7 +161,7 @@ def test_drain_keeps_work_for_the_next_start(tmp_path: Path, monkeypatch: pytest
             await analyze(sched, words(3))
         assert closed.value.status == 503 and closed.value.reason == "draining"
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body)
 
 
 def test_a_failed_switch_leaves_the_previous_group_serving(
@@ -183,14 +179,14 @@ def test_a_failed_switch_leaves_the_previous_group_serving(
         assert job.status == "completed"
         assert res.log[-1] == ("acquire", "ga")  # served without another load
 
-    run(tmp_path, monkeypatch, body, broken=frozenset({"gb"}))
+    run(tmp_path, body, broken=frozenset({"gb"}))
 
 
 def test_the_monitor_hears_every_engine_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder()
+
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        recorder = Recorder()
-        sched.monitor = recorder
-        real = analysis_jobs.run_batch
+        real = engine.run_batch
 
         def run_batch(nla: Any, parts: Any, opts: Any, **kw: Any) -> Any:
             timings = kw["timings"]
@@ -198,11 +194,11 @@ def test_the_monitor_hears_every_engine_stage(tmp_path: Path, monkeypatch: pytes
                 timings[stage] = timings.get(stage, 0.0) + 0.001
             return real(nla, parts, opts, **kw)
 
-        monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
+        monkeypatch.setattr(engine, "run_batch", run_batch)
         assert (await sched.wait(await analyze(sched, words(3)), 10)).status == "completed"
         assert {"verbalize", "reconstruct", "kl"} <= set(recorder.stages)
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body, monitor=recorder)
 
 
 def test_switches_are_per_client_counted_and_coalesced(
@@ -212,7 +208,6 @@ def test_switches_are_per_client_counted_and_coalesced(
     switches count against the per-client cap, and repeated ones replace each other in the queue."""
 
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        sched.client_cap = lambda owner: 3 if owner and owner.startswith("key:") else None
         mine = await sched.submit(
             "switch", {"model_id": "a2", "scope": "client"}, model_id="a2", owner="key:bob"
         )
@@ -247,7 +242,7 @@ def test_switches_are_per_client_counted_and_coalesced(
         assert done.status == "completed" and sched.resolve_model(None, "key:bob") == "b1"
         assert sched.current_model == "a1"
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body, client_cap=lambda owner: 3 if owner and owner.startswith("key:") else None)
 
 
 async def analyze_as(sched: Scheduler, owner: str) -> str:
@@ -264,7 +259,7 @@ def test_a_job_waiting_behind_a_long_batch_does_not_time_out_and_the_long_one_st
     ended = threading.Event()
 
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        real = analysis_jobs.run_batch
+        real = engine.run_batch
         started = threading.Event()
 
         def run_batch(nla: Any, parts: Any, opts: Any, **kw: Any) -> Any:
@@ -280,7 +275,7 @@ def test_a_job_waiting_behind_a_long_batch_does_not_time_out_and_the_long_one_st
                     time.sleep(0.01)
             return real(nla, parts, opts, **kw)
 
-        monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
+        monkeypatch.setattr(engine, "run_batch", run_batch)
         sched.settings.request_timeout = 0.5
         alice = await analyze(sched, "slow " + words(3))
         await until(started.is_set, 5)
@@ -293,4 +288,4 @@ def test_a_job_waiting_behind_a_long_batch_does_not_time_out_and_the_long_one_st
         assert done_bob.status == "completed", done_bob.error
         assert time.monotonic() - t0 > 0.5  # bob waited past the limit for the worker alice held
 
-    run(tmp_path, monkeypatch, body, num_workers_per_gpu=1)
+    run(tmp_path, body, num_workers_per_gpu=1)

@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 from scheduler_fakes import BUDGET, Engine, FakeResidency, Sink, analyze, run, until, words
 
+from talkative.serve.jobs.kinds import JobKind
 from talkative.serve.jobs.record import Job
 from talkative.serve.jobs.store import JobStore
 from talkative.serve.scheduling.scheduler import Scheduler
-from talkative.serve.scheduling.types import JobContext, SchedulerError
+from talkative.serve.scheduling.types import SchedulerError
+from talkative.serve.scheduling.workers import JobContext
 
 
 def test_short_job_interleaves_with_a_long_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +33,7 @@ def test_short_job_interleaves_with_a_long_one(tmp_path: Path, monkeypatch: pyte
         assert (await sched.wait(long_id, 30)).status == "completed"
         assert types_ok(sink.types(short_id))
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body)
 
 
 def types_ok(types: list[str]) -> bool:
@@ -60,7 +62,7 @@ def test_compatible_jobs_merge_up_to_the_row_budget(tmp_path: Path, monkeypatch:
         assert shared and ja.result["metadata"]["merged_batches"] == len(shared)
         assert sched.stats["merged_batches"] == len(merged)
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body)
 
 
 def test_cancel_running_and_queued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,7 +90,7 @@ def test_cancel_running_and_queued(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         with pytest.raises(KeyError):
             await sched.cancel("nope")
 
-    run(tmp_path, monkeypatch, body, max_active_jobs=1)
+    run(tmp_path, body, max_active_jobs=1)
 
 
 def test_a_failing_part_fails_only_its_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +105,7 @@ def test_a_failing_part_fails_only_its_job(tmp_path: Path, monkeypatch: pytest.M
         assert jbad.status == "failed" and jbad.error == "bad input"
         assert sink.types(boom)[-1] == "error"
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body)
 
 
 def test_group_phases_never_break_running_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,7 +134,7 @@ def test_group_phases_never_break_running_work(tmp_path: Path, monkeypatch: pyte
         ]
         assert ("starting", "gb") in statuses and ("completed", "gb") in statuses
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body)
 
 
 def test_switch_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,7 +153,7 @@ def test_switch_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert sched.resolve_model(None) == "b1"
         assert sink.types(other.id)[-1] == "model_switch_complete"
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body)
 
 
 def test_a_group_that_cannot_load_fails_its_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,16 +164,21 @@ def test_a_group_that_cannot_load_fails_its_jobs(tmp_path: Path, monkeypatch: py
         a = await sched.wait(await analyze(sched, "x y z"), 10)  # the device serves the next group
         assert a.status == "completed"
 
-    run(tmp_path, monkeypatch, body, broken=frozenset({"gb"}))
+    run(tmp_path, body, broken=frozenset({"gb"}))
 
 
-def test_handlers_for_other_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class Greeting(JobKind):
+    """A whole-job kind: one message, then its result."""
+
+    names = ("generate",)
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        ctx.emit({"type": "token", "token": "hi", "position": 0, "finish_reason": None})
+        return {"completions": [f"from {ctx.nla}"]}
+
+
+def test_kinds_given_at_construction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        def generate(ctx: JobContext) -> dict[str, Any]:
-            ctx.emit({"type": "token", "token": "hi", "position": 0, "finish_reason": None})
-            return {"completions": [f"from {ctx.nla}"]}
-
-        sched.handlers["generate"] = generate
         job = await sched.submit("generate", {"text": "x"}, model_id="a1")
         done = await sched.wait(job.id, 10)
         assert done.status == "completed" and done.result == {"completions": ["from a1"]}
@@ -179,7 +186,7 @@ def test_handlers_for_other_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         unknown = await sched.submit("nonsense", {}, model_id="a1")
         assert (await sched.wait(unknown.id, 10)).status == "failed"
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body, kinds=[Greeting()])
 
 
 def test_queue_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +198,7 @@ def test_queue_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             await analyze(sched, words(10))
         assert err.value.status == 429 and err.value.reason == "queue_full" and err.value.retry_after
 
-    run(tmp_path, monkeypatch, body, max_queue_size=2)
+    run(tmp_path, body, max_queue_size=2)
 
 
 def test_recovery_requeues_unfinished_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,7 +225,7 @@ def test_recovery_requeues_unfinished_jobs(tmp_path: Path, monkeypatch: pytest.M
         assert j0.status == j1.status == "completed" and j0.attempts == 2
         assert j2.status == "failed" and "giving up" in (j2.error or "")
 
-    run(tmp_path, monkeypatch, body, before=before)
+    run(tmp_path, body, before=before)
 
 
 def test_timeout_between_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,7 +235,7 @@ def test_timeout_between_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         job = await sched.wait(await analyze(sched, words(40), batch_size=1), 10)
         assert job.status == "failed" and "REQUEST_TIMEOUT" in (job.error or "")
 
-    run(tmp_path, monkeypatch, body)
+    run(tmp_path, body)
 
 
 @pytest.mark.parametrize("fill", [False, True])
@@ -256,7 +263,7 @@ def test_batches_that_finish_a_job_are_filled_only_where_rows_are_cheap(
             await sched.wait(jid, 10)
         assert any(len(b) > 1 for b in engine.batches), engine.batches
 
-    run(tmp_path, monkeypatch, body, fill_finishing_batches=fill)
+    run(tmp_path, body, fill_finishing_batches=fill)
 
 
 def test_lazy_loading_waits_for_the_first_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,4 +272,4 @@ def test_lazy_loading_waits_for_the_first_request(tmp_path: Path, monkeypatch: p
         job = await sched.wait(await analyze(sched, "x y"), 10)
         assert job.status == "completed" and res.log == [("acquire", "ga")]
 
-    run(tmp_path, monkeypatch, body, lazy_load_model=True)
+    run(tmp_path, body, lazy_load_model=True)
