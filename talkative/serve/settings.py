@@ -13,6 +13,7 @@ preload_groups`) have their own chain, resolved by `registry.Registry.model_sett
 `MODEL_<model_id>_<SETTING>` > `MODEL_GROUP_<group_id>_<SETTING>` > `GLOBAL_<SETTING>` (each from the same three
 environment layers) > the model's own key in the JSON > the group's key > JSON `settings.<setting>` > default.
 Any environment value beats any file value, so `GLOBAL_BATCH_SIZE=48` really overrides a JSON `batch_size`.
+`no_orig` is accepted and has no effect (`INERT_SETTINGS`): refusing it would refuse the seed's own files.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ MODEL_SETTINGS = (
     "comparison_tl_checkpoint",
     "preload_groups",
 )
+#: per-model settings accepted (the seed's `model_groups.json` and environment carry them) and read by nothing,
+#: with the reason; docs/server.md lists them as having no effect
+INERT_SETTINGS = {
+    "no_orig": "the seed's switch for sharing the base model between a group's models; the bases of a group are "
+    "always shared through its pool here",
+}
 #: JSON `settings` keys that feed a differently named field
 JSON_ALIASES = {"max_cpu_models": "max_cpu_cached_models"}
 

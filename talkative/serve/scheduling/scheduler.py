@@ -475,9 +475,9 @@ class Scheduler:
         for dev in self.devices:
             self._dispatch(dev)
             queued_groups = frozenset(j.group_id for j in self.queue if j.group_id is not None)
-            decision = self.policy.after_dispatch(self._view(dev), queued_groups)
-            if decision is not None:
-                self._apply(decision)
+            after = self.policy.after_dispatch(self._view(dev), queued_groups)
+            if after is not None:
+                self._apply(after)
 
     def _snapshot(self) -> Snapshot:
         queued = []

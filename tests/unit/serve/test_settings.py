@@ -125,3 +125,26 @@ def test_env_example_parses(layout: dict[str, Path]) -> None:
     (layout["cwd"] / ".env").write_text(example.read_text())
     s = Settings.load()
     assert s.default_group == "json-group" and s.port == 8000 and s.max_text_length == 20000
+
+
+def test_no_orig_is_accepted_read_by_nothing_and_documented_as_inert(layout: dict[str, Path]) -> None:
+    """The seed's files and environments set `no_orig`; it is accepted (refusing it would refuse them), it
+    resolves like any per-model setting, no serving code reads it, and the server docs say it has no effect."""
+    from talkative.serve.catalog.registry import parse_registry
+
+    registry = parse_registry(
+        {
+            "model_groups": [
+                {"group_id": "g", "models": [{"id": "m", "checkpoint": "init:x@1", "no_orig": False}]}
+            ]
+        }
+    )
+    assert registry.model_setting(Settings.load(), "no_orig", model_id="m") is False
+    assert set(settings_mod.INERT_SETTINGS) <= set(settings_mod.MODEL_SETTINGS)
+    serve = repo_root() / "talkative" / "serve"
+    readers = {
+        str(p.relative_to(serve)) for p in serve.rglob("*.py") if "no_orig" in p.read_text(encoding="utf-8")
+    }
+    assert readers == {"settings.py", "catalog/registry.py"}  # the setting tables, nothing that acts on it
+    docs = (repo_root() / "docs" / "server.md").read_text(encoding="utf-8")
+    assert "`no_orig` has no effect" in docs
