@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.auth.policy import KeyRing, SecurityConfigError, startup_refusal
     from ..serve.catalog.registry import RegistryError
     from ..serve.lifecycle import DrainingServer
-    from ..serve.observability.metrics import configure_logging
+    from ..serve.observability.logs import configure_logging
     from ..serve.protocols import Utf8CheckedWebSocketProtocol, header_timeout_protocol
     from ..serve.settings import Settings
 

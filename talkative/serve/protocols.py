@@ -54,8 +54,8 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             super().connection_lost(exc)
 
         def _between_requests(self) -> bool:
-            cycle = getattr(self, "cycle", None)
-            return cycle is None or bool(cycle.response_complete)
+            # uvicorn's protocols hold the current request's cycle, None before the first request
+            return self.cycle is None or bool(self.cycle.response_complete)
 
         def _start_header_timer(self) -> None:
             self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
@@ -82,7 +82,7 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
 
 class Utf8CheckedWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol (websockets, sans-I/O) that passes a text message which is not valid UTF-8 to
-    the app as bytes: the app refuses those with an `error` message (`api/ws.py`)."""
+    the app as bytes: the app refuses those with an `error` message (`api/ws/protocol.py`)."""
 
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type == "text":

@@ -1,8 +1,8 @@
-"""Who is calling, and may they: the dependencies of every API route and the gate of every WebSocket message.
+"""What a route needs, named as types: `who: Identity`, `svc: ServiceDep`, `state: Catalog`, `gens: GenerationsDep`.
 
-The guard middleware (`serve/guard.py`) has already authenticated the request, checked its origin and host and
-charged its rate limit before any route runs, and left the caller's `ClientIdentity` in the scope; these
-functions hand it to the routes. What only a route can know is checked here:
+The gate middleware (`auth/middleware.py`) has already authenticated the request, checked its origin and host
+and charged its rate limit before any route runs, and left the caller's `ClientIdentity` in the scope;
+`client_identity` hands it to the routes. What only a route can know is checked here:
 
 * **Ownership.** A route with a `{request_id}` (or `{job_id}`) path parameter serves only the caller's own job:
   another caller gets the same 404 as for an id that does not exist, so ids cannot be probed. WebSocket
@@ -12,71 +12,67 @@ functions hand it to the routes. What only a route can know is checked here:
   protocol handler calls for every well-formed message before its handler.
 
 Jobs record `identity.key` as their owner; `identity.is_admin` marks the admin (the key named `admin`, or the
-local user of a server without keys). Without the guard in front (an app assembled by hand), the dependencies
+local user of a server without keys). Without the gate in front (an app assembled by hand), the dependencies
 authenticate by themselves, so a route is never open by accident.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Request, Security, WebSocket, status
+from fastapi import Depends, HTTPException, Request, Security, WebSocket, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
+from ..auth.middleware import Refusal
 from ..auth.policy import IDENTITY_SCOPE_KEY, AccessPolicy, ClientIdentity, bearer, client_address, owns
+from ..auth.ratelimit import RateLimiter
+from ..catalog import visibility
+from ..catalog.listing import CatalogState
+from ..jobs.generation import Generations
+from ..jobs.record import UnknownRequest
+from ..observability.metrics import Metrics
+from ..observability.system import SystemStats
 from ..service import Service
 from .ws.hub import Connection
-
-__all__ = [
-    "ClientIdentity",
-    "MessageRefused",
-    "client_identity",
-    "ensure_owner",
-    "message_gate",
-    "service_of",
-    "websocket_identity",
-]
 
 #: path parameters that name a job, checked for ownership on every route that has one
 JOB_PARAMS = ("request_id", "job_id")
 #: WebSocket message types that cost nothing against the rate limit
 FREE_MESSAGES = frozenset({"ping"})
-#: documents the Bearer scheme in the OpenAPI description (the guard does the checking)
+#: documents the Bearer scheme in the OpenAPI description (the gate does the checking)
 bearer_scheme = HTTPBearer(auto_error=False, description="An API key, when the server has them (API_KEY(S)).")
 
 
-class MessageRefused(Exception):
-    """A WebSocket message the gate refuses; becomes an `error` frame (the connection stays open)."""
-
-    def __init__(self, message: str, code: int, kind: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.kind = kind
-        self.retry_after = retry_after
-
-    def fields(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind}
-        if self.retry_after is not None:
-            out["retry_after"] = self.retry_after
-        return out
-
-
-def service_of(conn: Request | WebSocket) -> Service:
+# -- the app's objects, as built by create_app ----------------------------------------------------------------------
+def service_of(conn: HTTPConnection) -> Service:
     svc: Service = conn.app.state.service
     return svc
 
 
-def _policy(conn: Request | WebSocket) -> AccessPolicy:
-    policy = getattr(conn.app.state, "access_policy", None)
-    if policy is None:
-        policy = AccessPolicy(service_of(conn).settings)
-        conn.app.state.access_policy = policy
+def generations_of(conn: HTTPConnection) -> Generations:
+    gens: Generations = conn.app.state.generations
+    return gens
+
+
+def system_stats(request: Request) -> SystemStats:
+    stats: SystemStats = request.app.state.system_stats
+    return stats
+
+
+def metrics_of(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def _policy(conn: HTTPConnection) -> AccessPolicy:
+    policy: AccessPolicy = conn.app.state.access_policy
     return policy
 
 
-def _identify(conn: Request | WebSocket, token: str | None) -> ClientIdentity | None:
-    """The guard's verdict, or (without a guard in front) the same decision made here."""
+# -- who is calling -------------------------------------------------------------------------------------------------
+def _identify(conn: HTTPConnection, token: str | None) -> ClientIdentity | None:
+    """The gate's verdict, or (without a gate in front) the same decision made here."""
     identity = conn.scope.get(IDENTITY_SCOPE_KEY)
     if isinstance(identity, ClientIdentity):
         return identity
@@ -91,7 +87,7 @@ async def ensure_owner(svc: Service, identity: ClientIdentity, job_id: str) -> N
     """404 (as for an unknown id) when the job exists but belongs to someone else."""
     job = await svc.scheduler.get(job_id)
     if job is not None and not owns(identity, job):
-        raise KeyError(job_id)
+        raise UnknownRequest(job_id)
 
 
 async def client_identity(
@@ -107,10 +103,7 @@ async def client_identity(
     for name in JOB_PARAMS:
         job_id = request.path_params.get(name)
         if isinstance(job_id, str):
-            try:
-                await ensure_owner(service_of(request), identity, job_id)
-            except KeyError:
-                raise HTTPException(404, f"unknown request_id {job_id!r}") from None
+            await ensure_owner(service_of(request), identity, job_id)
     return identity
 
 
@@ -127,22 +120,58 @@ async def websocket_identity(websocket: WebSocket) -> ClientIdentity | None:
 
 
 async def message_gate(conn: Connection, data: dict[str, Any]) -> None:
-    """Every well-formed WebSocket message passes here before its handler: rate limit, then ownership."""
-    websocket = conn.websocket
+    """Every well-formed WebSocket message passes here before its handler: rate limit, then ownership. A refusal
+    becomes an `error` frame; the connection stays open."""
+    state = conn.websocket.app.state
+    limiter: RateLimiter = state.rate_limiter
     identity: ClientIdentity = conn.identity
-    limiter = getattr(websocket.app.state, "rate_limiter", None)
-    metrics = getattr(websocket.app.state, "metrics", None)
-    if data.get("type") not in FREE_MESSAGES and identity.metered and limiter is not None:
+    if data.get("type") not in FREE_MESSAGES and identity.metered:
         wait = limiter.hit(identity.key)
         if wait is not None:
-            if metrics is not None:
-                metrics.reject("rate_limited")
-            raise MessageRefused(
-                f"rate limit of {limiter.per_minute} messages per minute exceeded; retry in {wait} s",
+            metrics: Metrics = state.metrics
+            metrics.reject("rate_limited")
+            raise Refusal(
                 429,
                 "rate_limited",
+                f"rate limit of {limiter.per_minute} messages per minute exceeded; retry in {wait} s",
                 wait,
             )
     job_id = data.get("request_id")
     if isinstance(job_id, str) and job_id:
-        await ensure_owner(service_of(websocket), identity, job_id)
+        await ensure_owner(service_of(conn.websocket), identity, job_id)
+
+
+# -- which model, and what the catalogue looks like to this client ---------------------------------------------------
+def model_for(svc: Service, model_id: str | None, who: ClientIdentity) -> str:
+    """The model a request runs on (the one it names, else the client's current model), checked for this
+    client: 404 for an unknown model, 403 for one reserved for the administrator."""
+    resolved = svc.scheduler.resolve_model(model_id, who.key)
+    return visibility.check_use(svc.registry, resolved, who, named=model_id is not None)
+
+
+def catalog_state(svc: Service, who: ClientIdentity) -> CatalogState:
+    """The scheduler's and the residency's view of what is loaded, for the catalogue's builders."""
+    sched = svc.scheduler
+    return CatalogState(
+        on_device=sched.loaded_groups(),
+        cached_groups=svc.residency.cached_groups(),
+        cached_models=svc.residency.cached_models(),
+        loaded_models=frozenset(m for m in svc.registry.models if sched.runtime_for(m) is not None),
+        current=sched.current_for(who.key),
+        own=sched.client_models.get(who.key),
+        switching=sched.is_switching(),
+    )
+
+
+Identity = Annotated[ClientIdentity, Depends(client_identity)]
+ServiceDep = Annotated[Service, Depends(service_of)]
+
+
+def _catalog(svc: ServiceDep, who: Identity) -> CatalogState:
+    return catalog_state(svc, who)
+
+
+Catalog = Annotated[CatalogState, Depends(_catalog)]
+GenerationsDep = Annotated[Generations, Depends(generations_of)]
+StatsDep = Annotated[SystemStats, Depends(system_stats)]
+MetricsDep = Annotated[Metrics, Depends(metrics_of)]

@@ -1,40 +1,75 @@
-"""Request and response bodies of the REST and WebSocket APIs (one definition for both)."""
+"""The wire bodies of the REST and WebSocket APIs (one definition for both), and their conversion to what a job
+stores.
+
+Domain code never imports this module: a route validates a body here and hands the service plain values
+(`AnalyzeRequest.engine_request()` is what an analysis job stores). Every body is a `StrictBody`
+(`strict.py`): numbers and booleans must be JSON numbers and booleans. The rules several bodies share are written
+once: `TextOrMessages` (exactly one of a text or chat messages, their length limits, the characters counted
+against MAX_TEXT_LENGTH) and the `ModelId` / `ClientRequestId` limits.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ...nla import vectors as V
 from ...nla.options import MAX_MESSAGES, AnalyzeOptions, ChatMessage
+from ..jobs.record import text_length
 from .strict import StrictBody
 
 MAX_ID_CHARS = 200  # model and group ids: registry keys, far shorter in practice
+MAX_CLIENT_ID_CHARS = 200  # a client's own request id, echoed back: bounded so echoes stay small
+ModelId = Annotated[str, Field(max_length=MAX_ID_CHARS)]
+ClientRequestId = Annotated[str, Field(max_length=MAX_CLIENT_ID_CHARS)]
+Text = Annotated[str, Field(min_length=1)]
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
 
 
-class AnalyzeRequest(StrictBody):
-    """`POST /analyze` and the WebSocket `analyze` message: text or chat messages, a model, the engine's options."""
+class TextOrMessages(StrictBody):
+    """A body whose input is a text or chat messages, never both, never neither."""
 
     model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(None, min_length=1, description="Text to analyse (or give `messages`).")
-    messages: list[ChatMessage] | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_MESSAGES,
-        description="Chat messages, oldest first; the model's chat template renders them.",
+    text: Text | None = None
+    messages: Messages | None = Field(None, description="Chat messages, oldest first.")
+    model_id: ModelId | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> TextOrMessages:
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give exactly one of text or messages")
+        return self
+
+    def input(self) -> dict[str, Any]:
+        """The input as a job stores it: `{text}` or `{messages: [{role, content}]}`."""
+        if self.text is not None:
+            return {"text": self.text}
+        return {"messages": [m.model_dump() for m in self.messages or []]}
+
+    def text_length(self) -> int:
+        """The characters counted against MAX_TEXT_LENGTH: the text, or every message's content."""
+        return text_length(self.input())
+
+
+# -- analysis and models --------------------------------------------------------------------------------------------
+class AnalyzeRequest(TextOrMessages):
+    """`POST /analyze` and the WebSocket `analyze` message: text or chat messages, a model, the engine's options."""
+
+    text: Text | None = Field(None, description="Text to analyse (or give `messages`).")
+    messages: Messages | None = Field(
+        None, description="Chat messages, oldest first; the model's chat template renders them."
     )
-    model_id: str | None = Field(
-        None, max_length=MAX_ID_CHARS, description="Model to run on; default: the server's current model."
+    model_id: ModelId | None = Field(
+        None, description="Model to run on; default: the server's current model."
     )
     options: AnalyzeOptions | None = Field(None, description="Analysis options; absent = all defaults.")
-    client_request_id: str | None = Field(
-        None, max_length=200, description="Echoed in every message about this request."
+    client_request_id: ClientRequestId | None = Field(
+        None, description="Echoed in every message about this request."
     )
 
     @model_validator(mode="after")
-    def _one_input(self) -> AnalyzeRequest:
-        if (self.text is None) == (self.messages is None):
-            raise ValueError("give exactly one of text or messages")
+    def _text_fits_options(self) -> AnalyzeRequest:
         if self.text is not None and not self.text.strip():
             raise ValueError("text is empty")
         if self.text is not None and self.options is not None and self.options.last_n_messages is not None:
@@ -43,17 +78,10 @@ class AnalyzeRequest(StrictBody):
 
     def engine_request(self) -> dict[str, Any]:
         """What the job stores: the input and only the options the client set (so model defaults still apply)."""
-        out: dict[str, Any] = {"options": self.options.model_dump(exclude_unset=True) if self.options else {}}
-        if self.text is not None:
-            out["text"] = self.text
-        else:
-            out["messages"] = [m.model_dump() for m in self.messages or []]
-        return out
-
-    def text_length(self) -> int:
-        if self.text is not None:
-            return len(self.text)
-        return sum(len(m.content) for m in self.messages or [])
+        return {
+            "options": self.options.model_dump(exclude_unset=True) if self.options else {},
+            **self.input(),
+        }
 
 
 class AnalyzeAccepted(BaseModel):
@@ -65,8 +93,8 @@ class AnalyzeAccepted(BaseModel):
 
 class SwitchRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
-    model_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
-    client_request_id: str | None = Field(None, max_length=200)
+    model_id: ModelId = Field(min_length=1)
+    client_request_id: ClientRequestId | None = None
 
 
 class ModelInfo(BaseModel):
@@ -101,7 +129,7 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-# -- generation (issue 5) ---------------------------------------------------------------------------------------------
+# -- generation -------------------------------------------------------------------------------------------------------
 MAX_NEW_TOKENS = 4096
 MAX_COMPLETIONS = 16
 LENGTH_ALIASES = ("max_new_tokens", "max_length", "num_tokens")
@@ -124,10 +152,8 @@ class GenerateOptions(BaseModel):
     )
     num_completions: int | None = Field(None, ge=1, le=MAX_COMPLETIONS, description="Independent samples.")
     stop_at_end_of_turn: bool = Field(True, description="Stop a completion at the end of turn / EOS token.")
-    model_id: str | None = Field(
-        None,
-        max_length=MAX_ID_CHARS,
-        description="The seed's place for the model (same as the top-level one).",
+    model_id: ModelId | None = Field(
+        None, description="The seed's place for the model (same as the top-level one)."
     )
 
     @model_validator(mode="before")
@@ -144,25 +170,19 @@ class GenerateOptions(BaseModel):
         return out
 
 
-class GenerateRequest(StrictBody):
+class GenerateRequest(TextOrMessages):
     """`POST /generate` and the WebSocket `generate` message: continue a text, or a chat (a trailing assistant
     message is continued, otherwise a new assistant turn starts)."""
 
-    model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(None, min_length=1, description="Prompt to continue (or give `messages`).")
-    messages: list[ChatMessage] | None = Field(
-        None, min_length=1, max_length=MAX_MESSAGES, description="Chat messages, oldest first."
-    )
-    model_id: str | None = Field(
-        None, max_length=MAX_ID_CHARS, description="Model to run on; default: the server's current model."
+    text: Text | None = Field(None, description="Prompt to continue (or give `messages`).")
+    model_id: ModelId | None = Field(
+        None, description="Model to run on; default: the server's current model."
     )
     options: GenerateOptions | None = None
-    client_request_id: str | None = Field(None, max_length=200)
+    client_request_id: ClientRequestId | None = None
 
     @model_validator(mode="after")
-    def _one_input(self) -> GenerateRequest:
-        if (self.text is None) == (self.messages is None):
-            raise ValueError("give exactly one of text or messages")
+    def _one_model(self) -> GenerateRequest:
         inner = self.options.model_id if self.options is not None else None
         if inner is not None and self.model_id is not None and inner != self.model_id:
             raise ValueError(f"model_id {self.model_id!r} and options.model_id {inner!r} disagree")
@@ -170,7 +190,144 @@ class GenerateRequest(StrictBody):
             self.model_id = inner
         return self
 
-    def text_length(self) -> int:
-        if self.text is not None:
-            return len(self.text)
-        return sum(len(m.content) for m in self.messages or [])
+    def engine_request(self) -> dict[str, Any]:
+        """What the generation kind takes: the input and only the sampling options the client set (the model's
+        generation_config fills in the rest)."""
+        options = self.options.model_dump(exclude_none=True, exclude={"model_id"}) if self.options else {}
+        return {"options": options, **self.input()}
+
+
+# -- the slim API -----------------------------------------------------------------------------------------------------
+class SlimRequest(StrictBody):
+    """The slim API's bodies: chat messages on a model group, few knobs (the rest is fixed by the routes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    messages: Messages = Field(description="The conversation so far, oldest first.")
+    model_group: ModelId = Field(min_length=1, description="A group id (GET /api/slim/models).")
+    model_id: ModelId | None = Field(None, description="A model of that group; default: its first model.")
+    client_request_id: ClientRequestId | None = None
+
+
+def _temperature(v: float) -> float:
+    """Below 0.1 sampling is greedy in all but name; 0 says greedy plainly."""
+    if 0 < v < 0.1:
+        raise ValueError("temperature must be 0 (greedy) or between 0.1 and 2.0")
+    return v
+
+
+class SlimGenerate(SlimRequest):
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    n_continuations: int = Field(1, ge=1, le=10, description="Independent continuations.")
+    n_tokens: int = Field(100, ge=1, le=512, description="Most new tokens per continuation.")
+    _t = field_validator("temperature")(_temperature)
+
+
+class SlimAnalyze(SlimRequest):
+    calculate_token_salience: bool = True
+    best_of_k: int = Field(8, ge=1, le=32)
+    last_n_messages: int | None = Field(None, ge=1, description="Analyse only the last N messages.")
+
+
+class SlimSendMessage(SlimRequest):
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(1024, ge=1, le=4096, description="Most tokens of the reply.")
+    _t = field_validator("temperature")(_temperature)
+
+
+class SlimAccepted(BaseModel):
+    request_id: str
+    status: str
+    queue_position: int | None
+    queue_size: int
+    model_id: str
+    model_group: str
+
+
+# -- vectors ----------------------------------------------------------------------------------------------------------
+MAX_TOKEN_CHARS = 256  # a token given as a string is one token: longer ones are refused before tokenizing
+TokenRef = Annotated[str, Field(max_length=MAX_TOKEN_CHARS)] | int
+Encoding = Literal["list", "base64"]
+VECTORS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        {"type": "array", "items": {"type": "number"}},
+        {
+            "type": "object",
+            "description": "base64 of the little-endian float32 bytes, row after row",
+            "properties": {
+                "data": {"type": "string"},
+                "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2},
+                "dtype": {"type": "string", "enum": ["float32"]},
+            },
+            "required": ["data", "shape"],
+        },
+    ]
+}
+
+
+def _vectors_field(description: str) -> Any:
+    """Decoded and checked by the engine (precise messages), not by pydantic (a union's errors are unreadable)."""
+    return Field(description=description, json_schema_extra=VECTORS_SCHEMA)
+
+
+class DescribeRequest(StrictBody):
+    """`POST /api/v1/describe`: explain given vectors as an analysis explains a token's activation."""
+
+    model_config = ConfigDict(extra="forbid")
+    vectors: Any = _vectors_field("One vector or up to 256, each with the model's d values.")
+    tokens: list[TokenRef | None] | None = Field(
+        None,
+        max_length=V.MAX_VECTORS,
+        description="Per vector: the token (a string that is one token, or its id) the activation was taken at.",
+    )
+    model_id: ModelId | None = None
+    options: AnalyzeOptions | None = Field(
+        None, description="Analysis options (best_of_k, temperature, seed, salience, lenses, return_vectors)."
+    )
+    encoding: Encoding = "list"
+
+    @model_validator(mode="after")
+    def _options(self) -> DescribeRequest:
+        o = self.options
+        if o is not None and (o.last_n_messages is not None or o.use_chat_format is not None):
+            raise ValueError("last_n_messages and use_chat_format apply to chat input, not to vectors")
+        if o is not None and "no_kl" in o.model_fields_set and not o.no_kl:
+            raise ValueError("a bare vector has no context to measure KL in; leave no_kl out")
+        return self
+
+
+class ScoreRequest(StrictBody):
+    """`POST /api/v1/score`: the reconstruction metrics of given texts for one vector."""
+
+    model_config = ConfigDict(extra="forbid")
+    explanation: str | None = Field(None, max_length=V.MAX_EXPLANATION_CHARS, description="A text to score.")
+    explanations: list[Annotated[str, Field(max_length=V.MAX_EXPLANATION_CHARS)]] | None = Field(
+        None, min_length=1, max_length=V.MAX_EXPLANATIONS, description="Several texts for the same vector."
+    )
+    vector: Any = _vectors_field("The vector (d values).")
+    token: TokenRef | None = Field(None, description="The token the activation was taken at (or its id).")
+    model_id: ModelId | None = None
+    calculate_token_salience: bool = Field(False, description="Per explanation token: the score's change.")
+    return_vectors: bool = Field(False, description="Also return each reconstruction.")
+    encoding: Encoding = "list"
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ScoreRequest:
+        if (self.explanation is None) == (self.explanations is None):
+            raise ValueError("give exactly one of explanation or explanations")
+        return self
+
+
+class ExtractRequest(TextOrMessages):
+    """`POST /api/v1/extract`: a text's activations at the model's layer."""
+
+    positions: list[int] | None = Field(
+        None,
+        max_length=V.MAX_POSITIONS,
+        description="Token positions (negative counts from the end); default all (at most 512).",
+    )
+    encoding: Encoding = "list"
+
+
+class TokenizeRequest(TextOrMessages):
+    """`POST /api/v1/tokenize`: a text's tokens, or a rendered chat's."""

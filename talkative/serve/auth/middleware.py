@@ -30,7 +30,6 @@ from starlette.routing import Match, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..observability.metrics import Metrics
 from .policy import (
     IDENTITY_SCOPE_KEY,
     AccessPolicy,
@@ -44,6 +43,7 @@ from .policy import (
 from .ratelimit import RateLimiter
 
 if TYPE_CHECKING:
+    from ..observability.metrics import Metrics
     from ..service import Service
 
 PUBLIC_PATHS = frozenset(
@@ -55,6 +55,9 @@ DEFAULT_RETRY_AFTER = 5
 
 
 class Refusal(Exception):
+    """A request or message refused before its handler: `reason` names why (for metrics and clients),
+    `retry_after` says when to come back. `serve/errors.py` answers it like a domain refusal."""
+
     def __init__(self, status: int, reason: str, detail: str, retry_after: int | None = None) -> None:
         super().__init__(detail)
         self.status = status
@@ -115,7 +118,7 @@ class Guard:
         if not origin_allowed(origin, policy.origins, host):
             raise Refusal(403, "bad_origin", f"origin {origin!r} is not allowed (ALLOWED_ORIGINS)")
         svc = _service(scope)
-        if svc is not None and getattr(svc.scheduler, "draining", False):
+        if svc is not None and svc.scheduler.draining:
             raise Refusal(503, "draining", "the server is shutting down; retry shortly", DEFAULT_RETRY_AFTER)
         token = bearer(scope_header(scope, "authorization"))
         if token is None and scope["type"] == "websocket":
@@ -145,8 +148,7 @@ class Guard:
             return False
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
             return False  # CORS preflights are answered by the CORS middleware, outside this gate
-        app = scope.get("app")
-        for route in getattr(app, "routes", ()):
+        for route in scope["app"].routes:
             if isinstance(route, Mount) and isinstance(route.app, StaticFiles):
                 continue
             match, _ = route.matches(scope)
@@ -257,8 +259,9 @@ def _query_param(scope: Scope, name: str) -> str | None:
 
 
 def _service(scope: Scope) -> Service | None:
-    app = scope.get("app")
-    return getattr(getattr(app, "state", None), "service", None)
+    """The app's service; None before the lifespan has built it (and in an app without one)."""
+    service: Service | None = getattr(scope["app"].state, "service", None)
+    return service
 
 
 def _retry_after(svc: Service | None) -> int:

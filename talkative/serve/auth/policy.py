@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 ADMIN = "admin"
-#: the scope key under which the guard leaves the caller's identity for the routes
+#: the scope key under which the gate (`middleware.py`) leaves the caller's identity for the routes
 IDENTITY_SCOPE_KEY = "talkative.identity"
 KEY_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 #: keys shorter than this are accepted but warned about (and too short to scrub from logs by their text)

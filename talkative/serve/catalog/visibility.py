@@ -6,13 +6,15 @@
   admin identity only (`ClientIdentity.is_admin`), refused with 403 to everyone else wherever a model is chosen
   (analyze, generate, switch, slim, vectors, preload, info, WebSocket), including as the current model of a
   request that names none.
+
+These are rules only: the views built with them are `listing.py`'s, and the model a request runs on is resolved
+by the caller (the scheduler knows the client's current model; the catalogue does not import it).
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..scheduling.scheduler import Scheduler
 from ..scheduling.types import SchedulerError
 from .registry import GroupEntry, ModelEntry, Registry
 
@@ -47,15 +49,15 @@ def check_group(registry: Registry, group_id: str, who: Identity) -> GroupEntry:
     return group
 
 
-def resolve(scheduler: Scheduler, model_id: str | None, who: Identity) -> str:
-    """The model a request runs on (the one it names, else the current one), checked for this client."""
-    resolved = scheduler.resolve_model(model_id, who.key)
-    if model_id is None and not may_use(scheduler.registry, resolved, who):
+def check_use(registry: Registry, model_id: str, who: Identity, *, named: bool) -> str:
+    """The model a request runs on (`model_id`: the one it `named`, else its client's current model), checked
+    for this client; a current model it may not use is refused with advice, as the client never chose it."""
+    if not named and not may_use(registry, model_id, who):
         raise SchedulerError(
-            403, f"the current model {resolved} is reserved for the administrator: name a model_id"
+            403, f"the current model {model_id} is reserved for the administrator: name a model_id"
         )
-    check_model(scheduler.registry, resolved, who)
-    return resolved
+    check_model(registry, model_id, who)
+    return model_id
 
 
 def listed_models(registry: Registry, group: GroupEntry, who: Identity) -> list[ModelEntry]:
@@ -104,48 +106,6 @@ def shown_group(registry: Registry, group_id: str | None, who: Identity) -> str 
 
 def shown_model(registry: Registry, model_id: str | None, who: Identity) -> str | None:
     return model_id if sees_model(registry, model_id, who) else None
-
-
-def filter_listing(listing: dict[str, Any], registry: Registry, who: Identity) -> dict[str, Any]:
-    """`GET /api/v2/models` (and WebSocket `model_groups_list`) as this client may see it: backend_only models
-    (and groups) only for the administrator; every group says whether it is backend_only."""
-    groups = []
-    for g in listing.get("groups", []):
-        entry = registry.groups.get(g["group_id"])
-        if entry is None:
-            continue
-        if entry.backend_only and not who.is_admin:
-            continue
-        models = [m for m in g["models"] if may_use(registry, m["id"], who)]
-        if entry.backend_only:
-            models = [{**m, "backend_only": True} for m in models]
-        if models:
-            groups.append({**g, "backend_only": entry.backend_only, "models": models})
-    out = {**listing, "groups": groups}
-    status = listing.get("model_status")
-    if isinstance(status, dict):
-        # what is loaded and cached, without the groups and models this client never sees
-        cache = status.get("cache_info") or {}
-        out["model_status"] = {
-            **status,
-            "model_id": shown_model(registry, status.get("model_id"), who),
-            "group_id": shown_group(registry, status.get("group_id"), who),
-            "cache_info": {
-                **cache,
-                "groups_loaded": [g for g in cache.get("groups_loaded", []) if sees_group(registry, g, who)],
-                "models_cached": [m for m in cache.get("models_cached", []) if sees_model(registry, m, who)],
-                "base_locations": {
-                    g: where
-                    for g, where in (cache.get("base_locations") or {}).items()
-                    if sees_group(registry, g, who)
-                },
-            },
-        }
-    if "current_model" in listing:
-        out["current_model"] = shown_model(registry, listing.get("current_model"), who)
-    if "current_group" in listing:
-        out["current_group"] = shown_group(registry, listing.get("current_group"), who)
-    return out
 
 
 def public_health(health: dict[str, Any], registry: Registry) -> dict[str, Any]:

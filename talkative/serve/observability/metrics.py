@@ -1,34 +1,23 @@
-"""What the server tells its operators: Prometheus metrics, the seed's JSON figures, structured logs.
+"""What the server tells its operators in numbers: Prometheus metrics and the seed's JSON figures.
 
 * **Metrics** live in a registry of their own per app (never prometheus_client's global default one, so two apps
   in one process, as in tests, never share or clash). Event metrics (HTTP requests, per-stage engine seconds, job
   durations, group switches, rejected requests by reason) are observed as they happen; state (queue depth per
   group, jobs by status, busy workers per device, positions analysed, tokens generated, model loads, WebSocket
   connections) is read from the scheduler when scraped, so it can never drift from the truth.
-* **Logs** carry the request id of the request they were written for (`X-Request-ID`, taken from the client when
-  it is a sane token, else made up, and returned on every response); `LOG_FORMAT=json` writes one JSON object per
-  line. Every line goes through `security.scrub`, so an API key never reaches a log, whatever wrote the line
-  (uvicorn logs WebSocket paths with their `api_key` query parameter, for one).
+
+Logs are `logs.py`'s; the middleware that times requests and gives them ids is `request_context.py`.
 """
 
 from __future__ import annotations
 
-import contextvars
-import json
-import logging
-import re
-import sys
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..auth.policy import KeyRing, SecurityConfigError, scope_header, scrub
 from ..catalog import visibility
 from ..jobs.record import PROCESSING, Job
 
@@ -36,19 +25,10 @@ if TYPE_CHECKING:
     from ..scheduling.scheduler import Scheduler
     from ..scheduling.types import EventSink
     from ..service import Service
-    from ..settings import Settings
 
-#: the id of the request being handled (None outside requests); read by the log filter
-REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("talkative_request_id", default=None)
-REQUEST_ID_HEADER = "x-request-id"
-_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-#: probes and scrapes, logged at debug level when they succeed (they come every few seconds)
-QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 #: the label value of every model and group that listings do not show (visible: false, backend_only)
 HIDDEN_LABEL = "hidden"
-access_log = logging.getLogger("talkative.access")
 
 
 class Metrics:
@@ -256,7 +236,7 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "talkative_draining",
             "1 while shutting down (no new work)",
-            value=getattr(sched, "draining", False),
+            value=sched.draining,
         )
 
 
@@ -287,181 +267,3 @@ class TelemetrySink:
         self.inner.broadcast(message)
         if message.get("type") == "group_switch_status":
             self.metrics.switch_event(message)
-
-
-# -- request ids and the access log ----------------------------------------------------------------------------------
-class RequestContext:
-    """Outermost middleware: a request id for every request (and its logs), HTTP metrics, one access log line."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        incoming = scope_header(scope, REQUEST_ID_HEADER)
-        rid = incoming if incoming and _SANE_ID.match(incoming) else uuid.uuid4().hex
-        token = REQUEST_ID.set(rid)
-        status: int | None = None
-        t0 = time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
-                }
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            status = 500
-            raise
-        finally:
-            seconds = time.perf_counter() - t0
-            client = scope.get("client")
-            address = client[0] if client else None
-            if scope["type"] == "http":
-                self._observe(scope, status or 500, seconds)
-                access_log.log(
-                    logging.DEBUG if scope["path"] in QUIET_PATHS and (status or 500) < 400 else logging.INFO,
-                    '%s "%s %s" %s %.1f ms',
-                    address,
-                    scope["method"],
-                    scope["path"],
-                    status or 500,
-                    seconds * 1000,
-                    extra={
-                        "client": address,
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "status": status or 500,
-                        "duration_ms": round(seconds * 1000, 1),
-                    },
-                )
-            else:
-                access_log.info(
-                    '%s "WebSocket %s" closed after %.1f s',
-                    address,
-                    scope["path"],
-                    seconds,
-                    extra={"client": address, "path": scope["path"], "duration_s": round(seconds, 1)},
-                )
-            REQUEST_ID.reset(token)
-
-    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
-        label = getattr(route, "path", None)
-        if label == "" or (route is not None and type(route).__name__ == "Mount"):
-            label = "static"
-        label = label or "-"
-        method = scope["method"] if scope["method"] in METHODS else "OTHER"
-        self.metrics.http_requests.labels(method, label, str(status)).inc()
-        self.metrics.http_seconds.labels(label).observe(seconds)
-        if status == 400 and label != "-":
-            self.metrics.reject("invalid")
-
-
-# -- logging ----------------------------------------------------------------------------------------------------------
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id", "color_message"}
-#: what could end a log line early or drive a terminal: C0 and C1 controls, DEL, line and paragraph separators,
-#: and the bidirectional overrides that make text read differently from how it is stored
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def escape_controls(text: str) -> str:
-    """`text` with every control character written as `\\xNN` / `\\uNNNN`.
-
-    Log lines carry strings that clients chose (paths, headers, ids, messages quoting their input); a newline in
-    one would let a client forge a whole log line (`/x%0a2026-12-02 10:37:30,000 CRITICAL ...`) and an escape
-    sequence would drive the operator's terminal. Escaping in the formatters covers every line, whoever wrote it.
-    """
-    return _CONTROLS.sub(_escape_char, text)
-
-
-class RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get() or "-"
-        return True
-
-
-class TextFormatter(logging.Formatter):
-    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
-        self.secrets = secrets
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        # one record, one line: the message (with whatever a client put in it) is escaped; a traceback that
-        # format() appends after it keeps its own lines
-        return escape_controls(super().formatMessage(record))
-
-    def formatException(self, ei: Any) -> str:
-        # a traceback keeps its line breaks, indented, so that an exception message quoting client input can
-        # neither start a line that looks like a log record nor carry terminal escapes
-        return "\n".join("  " + escape_controls(line) for line in super().formatException(ei).split("\n"))
-
-    def format(self, record: logging.LogRecord) -> str:
-        if not hasattr(record, "request_id"):
-            record.request_id = REQUEST_ID.get() or "-"
-        return scrub(super().format(record), self.secrets)
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request_id, the record's extra fields, exception."""
-
-    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
-        super().__init__()
-        self.secrets = secrets
-
-    def format(self, record: logging.LogRecord) -> str:
-        rid = getattr(record, "request_id", None) or REQUEST_ID.get()
-        out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": scrub(escape_controls(record.getMessage()), self.secrets),
-            "request_id": rid if rid and rid != "-" else None,
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = scrub(escape_controls(value), self.secrets) if isinstance(value, str) else value
-        if record.exc_info:
-            out["exception"] = scrub(self.formatException(record.exc_info), self.secrets)
-        return json.dumps(out, default=str, ensure_ascii=False)
-
-
-def log_secrets(settings: Settings) -> tuple[str, ...]:
-    try:
-        return KeyRing.from_settings(settings).secrets
-    except SecurityConfigError:
-        return ()  # create_app reports the bad configuration; the patterns still scrub what looks like a key
-
-
-def configure_logging(settings: Settings) -> None:
-    """Root logging for `talkative serve` (uvicorn's loggers included): one stderr handler, request ids, keys
-    scrubbed, `LOG_FORMAT` text or json, `LOG_LEVEL`."""
-    secrets = log_secrets(settings)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter(secrets) if settings.log_format == "json" else TextFormatter(secrets))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
-    root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        lg = logging.getLogger(name)
-        lg.handlers.clear()
-        lg.propagate = True

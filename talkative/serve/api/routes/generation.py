@@ -13,27 +13,20 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import StreamingResponse
 
-from ...catalog import visibility
-from ...catalog.registry import UnknownModel
-from ...errors import http_error
 from ...jobs.generation import KIND, Generations
-from ...scheduling.types import SchedulerError
-from ..deps import ClientIdentity, client_identity, service_of
+from ...jobs.record import UnknownRequest
+from ..deps import GenerationsDep, Identity, ServiceDep, client_identity, model_for
 from ..schemas import AnalyzeAccepted, ErrorBody, GenerateRequest
 
 router = APIRouter(
     dependencies=[Depends(client_identity)],
     responses={400: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}},
 )
+#: an event stream must reach the client as it is written: no caching, no buffering proxy in between
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def generations_of(conn: Any) -> Generations:
-    gens: Generations = conn.app.state.generations
-    return gens
 
 
 async def sse(gens: Generations, request_id: str, submitted: bool) -> AsyncIterator[str]:
@@ -56,22 +49,20 @@ def stream_response(gens: Generations, request_id: str, *, submitted: bool = Fal
 )
 async def generate(
     body: GenerateRequest,
-    request: Request,
+    svc: ServiceDep,
+    gens: GenerationsDep,
+    who: Identity,
     stream: bool = Query(False, description="Answer with the generation's event stream instead of its id."),
-    who: ClientIdentity = Depends(client_identity),
 ) -> Any:
     """Continue a text or a chat with the subject model. Options (absent ones from the model's
     `generation_config`): `max_new_tokens` (alias `max_length`), `temperature` (0 = greedy), `top_p`, `seed`,
     `num_completions`, `stop_at_end_of_turn`. The result (`GET /status/{request_id}`) holds `completions`,
     `finish_reasons`, the rendered `prompt`, token counts, every completion's `token_texts`/`token_ids`, and
     metadata."""
-    svc = service_of(request)
-    gens = generations_of(request)
-    try:
-        model_id = visibility.resolve(svc.scheduler, body.model_id, who)
-        job = await gens.submit(body, model_id=model_id, owner=who.key)
-    except (SchedulerError, UnknownModel) as exc:
-        raise http_error(exc) from None
+    model_id = model_for(svc, body.model_id, who)
+    job = await gens.submit(
+        body.engine_request(), model_id=model_id, owner=who.key, client_request_id=body.client_request_id
+    )
     if stream:
         return stream_response(gens, job.id, submitted=True)
     return svc.accepted(job)
@@ -82,11 +73,10 @@ async def generate(
     summary="A generation's tokens as Server-Sent Events, from its first token",
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def stream_generation(request_id: str, request: Request) -> StreamingResponse:
-    svc = service_of(request)
+async def stream_generation(request_id: str, svc: ServiceDep, gens: GenerationsDep) -> StreamingResponse:
     job = await svc.scheduler.get(request_id)
     if job is None:
-        raise HTTPException(404, f"unknown request_id {request_id!r}")
+        raise UnknownRequest(request_id)
     if job.kind != KIND:
         raise HTTPException(400, f"request {request_id} is a {job.kind} request, not a generation")
-    return stream_response(generations_of(request), request_id)
+    return stream_response(gens, request_id)

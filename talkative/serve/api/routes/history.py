@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 
 from ...jobs.record import iso
-from ..deps import ClientIdentity, client_identity, service_of
+from ..deps import Identity, ServiceDep, client_identity
 
 router = APIRouter(dependencies=[Depends(client_identity)])
 
@@ -63,8 +63,8 @@ def _item(row: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/api/history", summary="The caller's past requests, newest first (without results)")
 async def history(
-    request: Request,
-    who: ClientIdentity = Depends(client_identity),
+    svc: ServiceDep,
+    who: Identity,
     limit: int = Query(20, ge=1, le=100, description="Items per page."),
     offset: int = Query(
         0,
@@ -76,5 +76,5 @@ async def history(
 ) -> dict[str, Any]:
     """`{items: [{request_id, kind, status, model_id, created_at, completed_at, processing_time, input,
     n_messages, preview, options, n_tokens, summary, error}], total, limit, offset}`."""
-    rows, total = await service_of(request).store.owned(who.key, KINDS[kind], limit, offset)
+    rows, total = await svc.store.owned(who.key, KINDS[kind], limit, offset)
     return {"items": [_item(r) for r in rows], "total": total, "limit": limit, "offset": offset}

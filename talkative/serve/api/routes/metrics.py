@@ -1,4 +1,5 @@
-"""`GET /metrics`: Prometheus text for scrapers, the seed's JSON figures for people and old clients.
+"""What the server tells its operators: `GET /metrics` (Prometheus text for scrapers, the seed's JSON figures for
+people and old clients) and `GET /api/gpu_stats` (the host's and devices' figures).
 
 Prometheus format by default; `Accept: application/json` (without text/plain) or `?format=json` gives the
 seed's `{total_requests, completed_requests, failed_requests, queue_size, average_processing_time,
@@ -8,14 +9,13 @@ route: a scraper sends it as a bearer token (Prometheus `authorization: {credent
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...observability.metrics import Metrics
-from ..deps import client_identity
+from ..deps import MetricsDep, StatsDep, client_identity
 
 router = APIRouter(dependencies=[Depends(client_identity)])
 
@@ -52,9 +52,9 @@ router = APIRouter(dependencies=[Depends(client_identity)])
 )
 async def metrics(
     request: Request,
+    registry: MetricsDep,
     format: Literal["prometheus", "json"] | None = Query(None, description="json: the seed's JSON figures."),
 ) -> Response:
-    registry: Metrics = request.app.state.metrics
     accept = request.headers.get("accept", "")
     wants_json = format == "json" or (
         format is None and "application/json" in accept and "text/plain" not in accept
@@ -62,3 +62,12 @@ async def metrics(
     if wants_json:
         return JSONResponse(registry.summary())
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/gpu_stats", summary="GPU utilisation and memory (CPU figures when there is no GPU)")
+async def gpu_stats(stats: StatsDep) -> dict[str, Any]:
+    """With a GPU: the seed's `{available: true, utilization, memory_used, memory_total, memory_percent,
+    peak_utilization}` (GB, percent; the first GPU) and every GPU under `devices`; utilisation needs NVML
+    (`pynvml`), else it is null. Without one: `available: false`, `devices: {}`. `cpu` always holds the CPU's
+    utilisation (since the previous reading), load average and RAM."""
+    return stats.gpu_stats()

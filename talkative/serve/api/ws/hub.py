@@ -5,7 +5,8 @@ without waiting. The receive loop stops reading a connection's frames while its 
 (`HIGH_WATER`) until the sender has brought it down to `LOW_WATER`, so a client sending a burst of frames gets
 every answer instead of overflowing its own outbox. A client that really is too slow (its outbox overflows, it
 does not drain within `WS_SEND_TIMEOUT`, or one send takes longer than that) is closed with 1013 and a reason.
-Broadcasts iterate over a snapshot of the connections, so clients coming and going never break one (upstream W7).
+Broadcasts iterate over a snapshot of the connections, so a client connecting or leaving during a broadcast
+never breaks it (changing a dict while iterating over it raises).
 `queue_update` is coalesced: at most one is pending per connection, built when it is sent, so it is never stale.
 
 A job's messages go to its subscribers (the connection that submitted it, and any that `subscribe` to it later);

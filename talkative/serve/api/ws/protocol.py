@@ -1,9 +1,11 @@
-"""The WebSocket protocol at `/ws` (seed contract §4): one JSON object per frame, each with a `type`.
+"""The WebSocket protocol at `/ws`, the seed API's message set: one JSON object per frame, each with a `type`.
 
 Client -> server: `analyze`, `cancel_request` (alias `interrupt`), `list_model_groups`, `switch_model_grouped`,
 `ping`, and our `subscribe` / `status` for picking a request up by id after a reconnect. A malformed frame gets an
 `error` and the connection stays open. Every reply echoes the frame's `client_request_id`; every message about a
-job carries the job's. The handlers are small functions in a table, not one long if/elif.
+job carries the job's. The handlers are small functions in a table, not one long if/elif. A refusal is the same
+answer the REST API gives (`serve/errors.py`), as an `error` frame: `{error, code, request_id, client_request_id}`
+plus `kind` and `retry_after` when the refusal says when to come back.
 """
 
 from __future__ import annotations
@@ -17,18 +19,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
 
-from ....nla.analysis import AnalysisError
-from ...catalog import visibility
-from ...catalog.registry import UnknownModel
+from ... import errors
+from ...catalog import listing, visibility
+from ...jobs.record import UnknownRequest
 from ...lifecycle import cancel_abandoned
-from ...scheduling.types import SchedulerError
 from ...service import Service
-from ..deps import MessageRefused, message_gate, service_of, websocket_identity
-from ..errors import describe_validation_error
-from ..routes.analyses import client_listing
-from ..routes.generation import generations_of
+from ..deps import catalog_state, generations_of, message_gate, model_for, service_of, websocket_identity
 from ..schemas import AnalyzeRequest, GenerateRequest
 from .hub import Connection
 
@@ -40,6 +37,9 @@ HANDLERS: dict[str, Handler] = {}
 
 
 class ProtocolError(Exception):
+    """A frame the protocol cannot take (not JSON, no type, a missing field); `request_id` names the job it was
+    about, when it names one."""
+
     def __init__(self, message: str, code: int = 400, request_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
@@ -77,8 +77,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     conn = svc.hub.attach(websocket, identity)
     sender = asyncio.get_running_loop().create_task(svc.hub.run_sender(conn))
     # the client's own choice (kept across reconnects), else the server's default unless hidden from it
-    own = svc.scheduler.client_models.get(identity.key)
-    current = own or visibility.shown_model(svc.registry, svc.scheduler.current_model, identity)
+    current = listing.shown_current(svc.registry, catalog_state(svc, identity), identity)
     conn.send(
         {
             "type": "connection_established",
@@ -118,7 +117,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sender, 2 * svc.settings.ws_send_timeout)
         sender.cancel()
-        await cancel_abandoned(svc, conn, followed)  # issue 4: its unfinished jobs end with it
+        # a closed connection's unfinished jobs end with it, unless another connection follows them
+        await cancel_abandoned(svc, conn, followed)
 
 
 async def _handle(svc: Service, conn: Connection, raw: str) -> None:
@@ -140,29 +140,17 @@ async def _handle(svc: Service, conn: Connection, raw: str) -> None:
             raise ProtocolError(
                 f"unknown message type {data['type']!r} (known: {', '.join(sorted(HANDLERS))})"
             )
-        await message_gate(conn, data)  # issue 4: rate limit and ownership, for every message type
+        await message_gate(conn, data)  # rate limit and ownership, for every message type
         await handler(svc, conn, data)
-    except MessageRefused as exc:
-        _error(conn, data, exc.message, exc.code, extra=exc.fields())
     except ProtocolError as exc:
         _error(conn, data, str(exc), exc.code, exc.request_id)
-    except ValidationError as exc:
-        _error(conn, data, describe_validation_error(exc.errors()), 400)
-    except SchedulerError as exc:
-        refusal = {"kind": exc.reason, "retry_after": exc.retry_after} if exc.retry_after else None
-        _error(conn, data, exc.detail, exc.status, extra=refusal)
-    except (UnknownModel, KeyError) as exc:
-        _error(
-            conn,
-            data,
-            str(exc) if isinstance(exc, UnknownModel) else f"unknown request_id {exc.args[0]!r}",
-            404,
-        )
-    except AnalysisError as exc:
-        _error(conn, data, str(exc), 400)
-    except Exception:
-        log.exception("handling a WebSocket message failed")
-        _error(conn, data, "internal error while handling the message", 500)
+    except Exception as exc:
+        reply = errors.reply_for(exc)
+        if reply is None:
+            log.exception("handling a WebSocket message failed")
+            _error(conn, data, "internal error while handling the message", 500)
+        else:
+            _error(conn, data, reply.detail, reply.status, extra=reply.frame_fields())
 
 
 def _error(
@@ -193,8 +181,14 @@ def _error(
 async def analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
     body = {k: v for k, v in data.items() if k != "type"}
     req = AnalyzeRequest.model_validate(body)
-    visibility.resolve(svc.scheduler, req.model_id, conn.identity)
-    await svc.submit_analysis(req, owner=conn.identity.key, subscriber=conn)
+    model_for(svc, req.model_id, conn.identity)
+    await svc.submit_analysis(
+        req.engine_request(),
+        model_id=req.model_id,
+        client_request_id=req.client_request_id,
+        owner=conn.identity.key,
+        subscriber=conn,
+    )
 
 
 @handles("cancel_request", "interrupt")
@@ -229,8 +223,9 @@ async def cancel(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
 
 @handles("list_model_groups")
 async def list_model_groups(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
-    listing = client_listing(svc, conn.identity)
-    conn.send({"type": "model_groups_list", **listing, "client_request_id": _crid(data)})
+    who = conn.identity
+    view = listing.client_listing(svc.registry, svc.settings, catalog_state(svc, who), who)
+    conn.send({"type": "model_groups_list", **view, "client_request_id": _crid(data)})
 
 
 @handles("switch_model_grouped", "switch_model")
@@ -260,7 +255,7 @@ async def subscribe(svc: Service, conn: Connection, data: dict[str, Any]) -> Non
     job_id = _job_id(data)
     job = await svc.scheduler.get(job_id)
     if job is None:
-        raise KeyError(job_id)
+        raise UnknownRequest(job_id)
     conn.send({"type": "status", **job.status_body(svc.scheduler.queue_position(job_id)), "result": None})
     if job.terminal:
         final = svc.scheduler.final_message(job)
@@ -274,26 +269,30 @@ async def status(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
     job_id = _job_id(data)
     job = await svc.scheduler.get(job_id)
     if job is None:
-        raise KeyError(job_id)
+        raise UnknownRequest(job_id)
     conn.send({"type": "status", **job.status_body(svc.scheduler.queue_position(job_id))})
 
 
-# -- generation (issue 5) -------------------------------------------------------------------------------------------
+# -- generation -------------------------------------------------------------------------------------------------
 @handles("generate")
 async def generate(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
     """The REST body of `POST /generate`; `model_id` may sit at the top or in `options` (the seed's place).
     Answer: `queued`, `processing`, one `token` per token and completion, then `generation_complete`."""
     req = GenerateRequest.model_validate({k: v for k, v in data.items() if k != "type"})
-    model_id = visibility.resolve(svc.scheduler, req.model_id, conn.identity)
+    model_id = model_for(svc, req.model_id, conn.identity)
     await generations_of(conn.websocket).submit(
-        req, model_id=model_id, owner=conn.identity.key, subscriber=conn
+        req.engine_request(),
+        model_id=model_id,
+        owner=conn.identity.key,
+        client_request_id=req.client_request_id,
+        subscriber=conn,
     )
 
 
 @handles("generate_and_analyze")
 async def generate_and_analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
     """A generation (one completion; `client_request_id` + "_gen"), then the analysis of prompt + completion
-    (`client_request_id`). Upstream's shape `{generation: {text|messages, options, model_id}, analysis: {options,
+    (`client_request_id`). The seed API's shape `{generation: {text|messages, options, model_id}, analysis: {options,
     model_id}}`, or flat: the generate fields plus `analysis`."""
     crid = _crid(data)
     generation = data.get("generation")
@@ -310,7 +309,7 @@ async def generate_and_analyze(svc: Service, conn: Connection, data: dict[str, A
     if unknown:
         raise ProtocolError(f"unknown analysis fields: {', '.join(sorted(unknown))}")
     req = GenerateRequest.model_validate({**generation, "client_request_id": crid})
-    model_id = visibility.resolve(svc.scheduler, req.model_id, conn.identity)
+    model_id = model_for(svc, req.model_id, conn.identity)
     analysis_model = analysis.get("model_id") or model_id
     # the analysed text is only known later; a placeholder validates the options and the model now
     areq = AnalyzeRequest.model_validate(
@@ -318,5 +317,10 @@ async def generate_and_analyze(svc: Service, conn: Connection, data: dict[str, A
     )
     visibility.check_model(svc.registry, analysis_model, conn.identity)
     await generations_of(conn.websocket).submit_chain(
-        req, areq, model_id=model_id, analysis_model_id=analysis_model, connection=conn
+        req.engine_request(),
+        areq.engine_request()["options"],
+        model_id=model_id,
+        analysis_model_id=analysis_model,
+        client_request_id=req.client_request_id,
+        connection=conn,
     )

@@ -33,13 +33,9 @@ from talkative.serve.auth.policy import (
 )
 from talkative.serve.auth.ratelimit import RateLimiter
 from talkative.serve.jobs.record import Job
-from talkative.serve.observability.metrics import (
-    REQUEST_ID,
-    JsonFormatter,
-    Metrics,
-    RequestContext,
-    TextFormatter,
-)
+from talkative.serve.observability.logs import REQUEST_ID, JsonFormatter, TextFormatter
+from talkative.serve.observability.metrics import Metrics
+from talkative.serve.observability.request_context import RequestContext
 from talkative.serve.settings import Settings
 
 ALICE, BOB, ADMIN = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef", "admin-key-0123456789abcdef"
@@ -525,8 +521,8 @@ def test_a_keyless_server_binds_loopback_and_refuses_a_network_address(tmp_path:
 def test_numbers_and_booleans_must_be_json_numbers_and_booleans(body: dict[str, Any]) -> None:
     from pydantic import ValidationError
 
-    from talkative.serve.api.errors import describe_validation_error
     from talkative.serve.api.schemas import AnalyzeRequest, GenerateRequest
+    from talkative.serve.errors import describe_validation_error
 
     with pytest.raises(ValidationError) as refused:
         AnalyzeRequest.model_validate(body)

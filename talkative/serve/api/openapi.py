@@ -1,23 +1,20 @@
-"""Error bodies: the contract's `{"detail": "<what went wrong>"}`, with 400 (not FastAPI's 422) for bad input, and
-an OpenAPI description that documents the statuses the server really answers with.
+"""An OpenAPI description that documents the statuses the server really answers with.
 
 FastAPI documents a 422 on every operation with parameters, which this server never sends (bad input is 400),
 and knows nothing of the statuses that the middleware in front of every route answers with: 400 for a host not
 served, 401 without a valid key, 403 for a foreign origin, a non-local client of a keyless server or an
 administrator's route, 413 for a body over MAX_REQUEST_BYTES, 429 over a rate limit or the queue's capacity
-(with `Retry-After`), 503 while starting or shutting down. `openapi(app)` rewrites the generated description once
-so that a client (or schemathesis) reading it learns every status it can get.
+(with `Retry-After`), 503 while starting or shutting down. `install(app, keyed)` rewrites the generated
+description once so that a client (or schemathesis) reading it learns every status it can get. The answers
+themselves are `serve/errors.py`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 
 #: operations open without a key (GET/HEAD): they can still be refused for the host or, without keys, the client
 PUBLIC_OPERATIONS = frozenset({"/", "/health", "/ready"})
@@ -41,34 +38,6 @@ WHY = {
     429: "over the rate limit, the queue's capacity or the client's share of it",
     503: "the server is starting (its model is loading) or shutting down",
 }
-
-
-def describe_validation_error(errors: Sequence[Any]) -> str:
-    """One readable line per problem: `options.optimize_explanations_config.best_of_k: Input should be ≤ 64`."""
-    parts = []
-    for err in errors:
-        if err.get("type") == "json_invalid":
-            parts.append("the body is not valid JSON")
-            continue
-        loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
-        msg = str(err.get("msg", "invalid"))
-        msg = msg.removeprefix("Value error, ")
-        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
-    return "; ".join(parts) or "invalid request"
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    return JSONResponse(
-        {
-            "detail": describe_validation_error(errors),
-            "errors": [
-                {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors
-            ],
-        },
-        status_code=400,
-    )
 
 
 def _error(status: int, description: str | None = None) -> dict[str, Any]:
@@ -121,12 +90,12 @@ def document_statuses(schema: dict[str, Any], keyed: bool = True) -> dict[str, A
     return schema
 
 
-def install(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _validation_error)
+def install(app: FastAPI, *, keyed: bool) -> None:
+    """Replace the app's OpenAPI builder with one that documents the real statuses (see the module); `keyed`: the
+    server has API keys."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            policy = getattr(app.state, "access_policy", None)
             app.openapi_schema = document_statuses(
                 get_openapi(
                     title=app.title,
@@ -134,7 +103,7 @@ def install(app: FastAPI) -> None:
                     description=app.description,
                     routes=app.routes,
                 ),
-                keyed=policy is None or bool(policy.keys),
+                keyed=keyed,
             )
         return app.openapi_schema
 
