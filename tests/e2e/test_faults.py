@@ -16,8 +16,8 @@ from e2e_helpers import FAST, Server
 from security_support import base_env, next_of, recv_json, refusal_of, wait_job, ws_connect
 from starlette.testclient import TestClient
 
+from talkative.nla import analysis as engine  # the engine functions the server's LocalWorker calls
 from talkative.serve.app import create_app
-from talkative.serve.jobs import analysis as analysis_jobs
 from talkative.serve.settings import Settings
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +66,7 @@ def fault_groups(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 def test_engine_exceptions_fail_their_job_and_the_worker_keeps_serving(
     tiny_groups: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = analysis_jobs.run_batch
+    real = engine.run_batch
 
     def run_batch(nla: Any, parts: Any, opts: Any, **kw: Any) -> Any:
         text = parts[0][0].text
@@ -78,7 +78,7 @@ def test_engine_exceptions_fail_their_job_and_the_worker_keeps_serving(
             raise RuntimeError("a shape mismatch deep in the engine")
         return real(nla, parts, opts, **kw)
 
-    monkeypatch.setattr(analysis_jobs, "run_batch", run_batch)
+    monkeypatch.setattr(engine, "run_batch", run_batch)
     settings = Settings(model_groups_file=tiny_groups, data_dir=tmp_path / "data", queue_update_interval=0.5)
     app = create_app(settings)
     with TestClient(app, client=("127.0.0.1", 50000), base_url="http://localhost") as client:
