@@ -40,8 +40,8 @@ from talkative.nla.checkpoint import NLA, load_nla  # noqa: E402
 from talkative.nla.formats import official as O  # noqa: E402
 from talkative.nla.formats.upstream import save_upstream  # noqa: E402
 from talkative.nla.lm import LM, LMPool  # noqa: E402
+from talkative.nla.prompts import encode_piece  # noqa: E402
 from talkative.nla.sources import DEFAULT_SOURCE, _locked, cache_root, ensure_bundled  # noqa: E402
-from talkative.nla.verbalizer import encode_piece  # noqa: E402
 
 NAME = "smollm2-135m-l20"  # the official pair's directory under the cache
 OFFICIAL_LAYER = 20

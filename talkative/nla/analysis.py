@@ -29,11 +29,12 @@ from .lens import TunedLens, format_top, logit_lens, tuned_lens_logits
 from .lm import sequence_bos_id
 from .metrics import METRICS, MetricTable
 from .options import AnalyzeOptions, ChatMessage, Resolved, resolve
+from .prompts import encode_piece
 from .reconstructor import SoftPromptReconstructor, TemplateReconstructor
 from .sampling import step_seeds
 from .stopping import Cancelled as Cancelled  # re-exported: callers catch it from here
 from .stopping import Check, stop_if
-from .verbalizer import Explanation, LayerReplacementVerbalizer, PromptOverrides, encode_piece
+from .verbalizer import Explanation, LayerReplacementVerbalizer, PromptOverrides
 
 DEFAULT_ROW_BUDGET = 256
 # Rows × tokens per engine forward. Memory (keys and values of every block, attention) and time grow with both, and
@@ -376,7 +377,8 @@ def _units(nla: NLA, expl: Explanation) -> list[int]:
     return r.units(expl.text)
 
 
-def _score(nla: NLA, a: Tensor, b: Tensor) -> Tensor:
+def objective_score(nla: NLA, a: Tensor, b: Tensor) -> Tensor:
+    """What best-of-k and salience minimise: the checkpoint's own objective (raw mse, or direction-only nmse)."""
     return M.nmse(a, b) if nla.objective == "nmse" else M.mse(a, b)
 
 
@@ -540,8 +542,8 @@ def _run_batch(
         if isinstance(rec, SoftPromptReconstructor) and len({len(u) for u in units}) == 1 and one_pass:
             hats, ar_cache = rec.reconstruct_cached(units, current)  # its keys serve the salience ablations
         else:
-            hats = _reconstruct_grouped(rec, units, current, budget)
-        scores = _score(nla, A.repeat_interleave(k, 0), hats).view(G, k)
+            hats = reconstruct_grouped(rec, units, current, budget)
+        scores = objective_score(nla, A.repeat_interleave(k, 0), hats).view(G, k)
         best_j = _complete_first(scores, truncated).argmin(dim=1)
         best_idx = [g * k + int(j) for g, j in enumerate(best_j)]
         best_hat = reported_reconstruction(nla, A, hats[best_idx])
@@ -550,7 +552,7 @@ def _run_batch(
 
     salience: list[list[float] | None] = [None] * G
     if opts.salience and best_hat is not None and best_score is not None:
-        salience = _salience(
+        salience = token_salience(
             nla, A, [units[i] for i in best_idx], current[best_idx], best_score, budget, ar_cache, best_idx
         )
         t = _timed(timings, "salience", t)
@@ -626,7 +628,7 @@ def _structured(nla: NLA, units: list[int]) -> list[str]:
     return [tok.decode([u]) for u in units[start:stop]]
 
 
-def _salience(
+def token_salience(
     nla: NLA,
     A: Tensor,
     best_units: list[list[int]],
@@ -672,8 +674,8 @@ def _salience(
                 v = list(u)
                 v[i] = rec.space_id
                 ablated.append(v)
-        hats = _reconstruct_grouped(rec, ablated, current[idx], budget)
-    scores = _score(nla, A[idx], hats)
+        hats = reconstruct_grouped(rec, ablated, current[idx], budget)
+    scores = objective_score(nla, A[idx], hats)
     rel = ((scores - base[idx]) / base[idx].clamp_min(1e-12)).tolist()
     out: list[list[float] | None] = []
     j = 0
@@ -683,7 +685,7 @@ def _salience(
     return out
 
 
-def _reconstruct_grouped(
+def reconstruct_grouped(
     rec: Any, units: list[list[int]], current: Tensor, budget: Budget | None = None
 ) -> Tensor:
     """Reconstruct rows of possibly different lengths in passes of at most `budget` rows × tokens: soft-prompt ARs

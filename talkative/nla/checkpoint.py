@@ -103,7 +103,7 @@ class NLA:
             fve_variance=fve_variance,
             objective=objective,
             name=name,
-            provenance={"from": "init", "created_at": _now()},
+            provenance={"from": "init", "created_at": utc_now()},
         )
 
     # -- config ---------------------------------------------------------------------------------------------------
@@ -204,7 +204,8 @@ class NLA:
         return [*self.verbalizer.parameters(), *self.reconstructor.parameters()]
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, in UTC, to the second: what provenance records."""
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 

@@ -15,8 +15,8 @@ import torch
 
 from .kvcache import KVCache
 from .lm import LM
+from .prompts import end_of_turn_ids
 from .sampling import sample_next, step_seeds
-from .verbalizer import _end_ids
 
 
 class GenerationError(ValueError):
@@ -114,7 +114,7 @@ def stream(lm: LM, req: GenerationRequest, result: GenerationResult | None = Non
     n = req.num_completions
     res = result if result is not None else GenerationResult(prompt=text, prompt_tokens=len(ids))
     res.prompt, res.prompt_tokens = text, len(ids)
-    stops = _end_ids(lm) if req.stop_at_end_of_turn else set()
+    stops = end_of_turn_ids(lm) if req.stop_at_end_of_turn else set()
     noise = (
         step_seeds(req.seed, [(c,) for c in range(n)], req.max_new_tokens) if req.temperature > 0 else None
     )

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from .kvcache import KVCache
 from .lm import LM, sequence_bos_id
+from .prompts import PrefixMemo, encode_piece, tensor_key
 from .stopping import Check, stop_if
-from .verbalizer import _PrefixMemo, _tensor_key, encode_piece
 
 TEXT_PLACEHOLDER = "<text>"
 DEFAULT_AR_PROMPT = "Summary of the text, encapsulating the main points and message, style and details:<text>"
@@ -97,7 +97,7 @@ class SoftPromptReconstructor(nn.Module):
         if head != "none":
             self.head = identity_linear(d, bias=head == "linear", device=dev)
         self.space_id = space_token_id(lm)
-        self._memo = _PrefixMemo()
+        self._memo = PrefixMemo()
 
     def _scale(self, x: Tensor) -> Tensor:
         s = self.lm.arch.embed_scale
@@ -134,7 +134,7 @@ class SoftPromptReconstructor(nn.Module):
         n = len(self.pre_ids)
         if n == 0:
             return None
-        key = _tensor_key(self.soft_prompt)
+        key = tensor_key(self.soft_prompt)
         cached = self._memo.get(key)
         if cached is not None:
             return cached
@@ -274,7 +274,7 @@ class TemplateReconstructor(nn.Module):
         self.post_ids = encode_piece(lm, post)
         self.space_id = space_token_id(lm)
         self.add_current_token = False
-        self._memo = _PrefixMemo()
+        self._memo = PrefixMemo()
 
     def _encode_full(self, text: str) -> list[int]:
         return list(self.lm.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -296,7 +296,7 @@ class TemplateReconstructor(nn.Module):
         return 1, len(units) - _common_suffix(units, self.post_ids)
 
     def _prefix(self) -> KVCache:
-        key = _tensor_key(self.lm.embed_tokens.weight)
+        key = tensor_key(self.lm.embed_tokens.weight)
         cached = self._memo.get(key)
         if cached is not None:
             return cached

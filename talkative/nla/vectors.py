@@ -32,21 +32,21 @@ from .analysis import (
     AnalysisError,
     Cancelled,
     Prepared,
-    _reconstruct_grouped,
-    _salience,
-    _score,
     batch_positions,
     check_options,
+    objective_score,
     prepare,
+    reconstruct_grouped,
     reported_reconstruction,
     run_batch,
     scales_to_norm,
+    token_salience,
 )
 from .checkpoint import NLA
 from .lens import TunedLens
 from .options import ChatMessage, Resolved
+from .prompts import encode_piece
 from .reconstructor import SoftPromptReconstructor
-from .verbalizer import encode_piece
 
 MAX_VECTORS = 256  # vectors per describe request
 MAX_EXPLANATIONS = 64  # explanations per score request
@@ -337,11 +337,11 @@ def score(
     with torch.no_grad():
         A = vector.to(device=nla.subject.device, dtype=torch.float32).unsqueeze(0).expand(k, -1)
         current = torch.full((k,), cur.token_id, dtype=torch.long)
-        raw = _reconstruct_grouped(nla.reconstructor, units, current).float().to(A.device)
+        raw = reconstruct_grouped(nla.reconstructor, units, current).float().to(A.device)
         hats = reported_reconstruction(nla, A, raw)  # on A's scale for direction-only reconstructors
         metrics = nla.metrics.measure(A, hats, nla.fve_variance)
-        base = _score(nla, A, hats)
-        sal = _salience(nla, A, units, current, base) if salience else [None] * k
+        base = objective_score(nla, A, hats)
+        sal = token_salience(nla, A, units, current, base) if salience else [None] * k
     results = []
     for i, text in enumerate(explanations):
         row: dict[str, Any] = {"index": i, "explanation": text}

@@ -16,7 +16,6 @@ is then copied to the k samples of that position.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from .kvcache import KVCache
 from .lm import LM, sequence_bos_id
+from .prompts import PrefixMemo, encode_piece, end_of_turn_ids, tensor_key
 from .sampling import sample_next
 from .stopping import Check, stop_if
 
@@ -66,29 +66,6 @@ def _tup(x: list[int] | None) -> tuple[int, ...] | None:
     return None if x is None else tuple(x)
 
 
-def encode_piece(lm: LM, text: str) -> list[int]:
-    """Tokens of a prompt fragment, no special tokens added (a literal `<bos>` in the text still parses)."""
-    return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-
-class _PrefixMemo:
-    """Remembers the KV cache of a shared prompt prefix until the tensors it was computed from change."""
-
-    def __init__(self) -> None:
-        self._key: tuple[object, ...] | None = None
-        self._cache: KVCache | None = None
-
-    def get(self, key: tuple[object, ...]) -> KVCache | None:
-        return self._cache if key == self._key else None
-
-    def put(self, key: tuple[object, ...], cache: KVCache) -> None:
-        self._key, self._cache = key, cache
-
-
-def _tensor_key(*tensors: Tensor | None) -> tuple[object, ...]:
-    return tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
-
-
 class LayerReplacementVerbalizer(nn.Module):
     """Upstream design: trained soft prompt + per-layer projections of A, frozen shared base."""
 
@@ -128,7 +105,7 @@ class LayerReplacementVerbalizer(nn.Module):
         n_proj = max(patch_layers, 1)
         self.proj_weight = nn.Parameter(torch.eye(d, device=lm.device).repeat(n_proj, 1, 1))
         self.proj_bias = nn.Parameter(torch.zeros(n_proj, d, device=lm.device))
-        self._memo = _PrefixMemo()
+        self._memo = PrefixMemo()
 
     # -- layout ------------------------------------------------------------------------------------------------
     def project(self, A: Tensor, i: int) -> Tensor:
@@ -194,7 +171,7 @@ class LayerReplacementVerbalizer(nn.Module):
         key = (
             ov.replace_left_ids and tuple(ov.replace_left_ids),
             ov.hard_tokens,
-            *_tensor_key(self.prompt_left_emb),
+            *tensor_key(self.prompt_left_emb),
         )
         cached = None if torch.is_grad_enabled() else self._memo.get(key)
         if cached is not None:
@@ -347,8 +324,8 @@ class EmbeddingReplacementVerbalizer(nn.Module):
             )
         if lm.d_model != lm.embed_tokens.weight.shape[1]:
             raise ValueError("d_model differs from the embedding width")
-        self.eos_ids = _end_ids(lm)
-        self._memo = _PrefixMemo()
+        self.eos_ids = end_of_turn_ids(lm)
+        self._memo = PrefixMemo()
 
     def render(self, content: str) -> list[int]:
         """Chat-templated user turn with the generation prompt, exactly one BOS (render, then encode plain)."""
@@ -366,7 +343,7 @@ class EmbeddingReplacementVerbalizer(nn.Module):
         return a / (a.norm(dim=-1, keepdim=True).clamp_min(1e-12) / self.injection_scale)
 
     def _prefix(self) -> KVCache:
-        key = ("official", *_tensor_key(self.lm.embed_tokens.weight))
+        key = ("official", *tensor_key(self.lm.embed_tokens.weight))
         cached = self._memo.get(key)
         if cached is not None:
             return cached
@@ -475,21 +452,6 @@ def read_explanation(raw: str) -> tuple[str, str]:
     if m:
         return m.group(1).strip(), "tagged"
     return raw, "unclosed" if "<explanation>" in raw else "untagged"
-
-
-def _end_ids(lm: LM) -> set[int]:
-    tok = lm.tokenizer
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    for name in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<return>"):
-        tid = tok.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
-            ids.add(tid)
-    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif isinstance(gen_eos, Sequence):
-        ids.update(int(i) for i in gen_eos)
-    return ids
 
 
 Verbalizer = LayerReplacementVerbalizer | EmbeddingReplacementVerbalizer

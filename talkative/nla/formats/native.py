@@ -29,13 +29,15 @@ WEIGHTS = "weights.safetensors"
 def save_native(nla: NLA, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.cpu() for k, v in nla.trained_state().items()}
-    _atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
     text = json.dumps(nla.config(), indent=2, sort_keys=False) + "\n"
-    _atomic_write(path / CONFIG, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / CONFIG, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
-def _atomic_write(target: Path, write: Any) -> None:
+def atomic_write(target: Path, write: Any) -> None:
+    """`write(tmp)` to a temporary file beside `target`, then rename it over `target`: a reader never sees half a
+    checkpoint, and a failed write leaves the old one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
     try:

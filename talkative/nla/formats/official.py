@@ -29,10 +29,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import NLA, CheckpointError, _now
+from ..checkpoint import NLA, CheckpointError, utc_now
 from ..lm import LM, LMPool
+from ..prompts import encode_piece
 from ..reconstructor import OFFICIAL_AR_TEMPLATE, TemplateReconstructor
-from ..verbalizer import EmbeddingReplacementVerbalizer, encode_piece
+from ..verbalizer import EmbeddingReplacementVerbalizer
 from .spec import CheckpointFormat
 
 SIDECAR = "nla_meta.yaml"
@@ -416,7 +417,7 @@ def sidecar(
         "extraction_layer_index": layer,
         "trained_on": trained_on,
         "parent_checkpoints": [base_checkpoint],
-        "created_at": _now(),
+        "created_at": utc_now(),
         "created_by": "talkative scripts/make_checkpoints.py",
         "training": {"lr": None, "loss_type": None, "global_batch_size": None},
     }

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import NLA, CheckpointError, _now
+from ..checkpoint import NLA, CheckpointError, utc_now
 from ..lm import LM, LMPool
 from ..reconstructor import SoftPromptReconstructor
 from ..sources import adapter_base
 from ..verbalizer import EMBED_PLACEHOLDER, LayerReplacementVerbalizer
-from .native import _atomic_write, load_trained_state
+from .native import atomic_write, load_trained_state
 from .spec import CheckpointFormat
 
 log = logging.getLogger(__name__)
@@ -586,9 +586,9 @@ def save_upstream(nla: NLA, path: Path, *, step: int = 0) -> Path:
         "models": {"decoder": decoder, "encoder": encoder},
         "config": config,
         "metrics": {},
-        "created_by": f"talkative convert ({_now()})",
+        "created_by": f"talkative convert ({utc_now()})",
     }
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return path
 
 

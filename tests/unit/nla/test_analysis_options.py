@@ -10,7 +10,7 @@ from nla_reference import hf_activations, hf_greedy_layer_replacement, tiny_nla,
 
 from talkative.nla.analysis import AnalysisError, analyze
 from talkative.nla.lens import LensError, TunedLens, load_tuned_lens
-from talkative.nla.verbalizer import encode_piece
+from talkative.nla.prompts import encode_piece
 
 TEXT = "A small grey cat sat on the mat."
 METRICS = ("mse", "relative_rmse", "cosine", "nmse", "fve")

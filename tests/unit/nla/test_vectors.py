@@ -13,7 +13,7 @@ from nla_reference import hf_activations, hf_soft_reconstruct, ref_metrics, tiny
 from talkative.nla import vectors as V
 from talkative.nla.analysis import AnalysisError, analyze
 from talkative.nla.options import resolve
-from talkative.nla.verbalizer import encode_piece
+from talkative.nla.prompts import encode_piece
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 FAST = {"no_kl": True, "optimize_explanations_config": {"best_of_k": 2}}

@@ -17,12 +17,12 @@ from nla_reference import (
     tiny_official_nla,
 )
 
+from talkative.nla.prompts import encode_piece
 from talkative.nla.sampling import sample_next, step_seeds
 from talkative.nla.verbalizer import (
     EmbeddingReplacementVerbalizer,
     LayerReplacementVerbalizer,
     PromptOverrides,
-    encode_piece,
     read_explanation,
 )
 
