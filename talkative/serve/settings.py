@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -221,7 +222,7 @@ class Settings(BaseSettings):
         "any proxy header is never taken for a local client.",
     )
 
-    # -- security, limits and observability (issue 4; see docs/security.md) -------------------------------------
+    # -- security, limits and observability (docs/security.md) --------------------------------------------------
     api_keys: str | None = Field(
         None,
         repr=False,
@@ -287,7 +288,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        init_kwargs = getattr(init_settings, "init_kwargs", {})
+        # the JSON source reads the model_groups.json that an explicit argument (the CLI's) names, if any
+        init_kwargs = init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
         return (
             init_settings,
             env_settings,

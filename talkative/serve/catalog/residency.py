@@ -4,10 +4,10 @@ A loaded group is one `LMPool` (one copy of each base model) plus the NLAs of al
 so switching between models of a group costs nothing. A group leaving a device is moved to the CPU cache (least
 recently used groups beyond its capacity are dropped); coming back, it is moved from the cache instead of being
 loaded again. A group is in exactly one place at a time: a copy on a device is never also listed as cached
-(upstream aliased the two and leaked device memory through the cache).
+(the cache's reference would keep the device's weights alive after the group left it).
 
-Everything here blocks (weights are read and moved): the scheduler calls it from worker threads, and makes sure a
-device is never loaded while work runs on it.
+Everything here blocks (weights are read and moved): the device's `scheduling.workers.LocalWorker` calls it from
+threads, and the scheduler makes sure a device is never loaded while work runs on it.
 """
 
 from __future__ import annotations

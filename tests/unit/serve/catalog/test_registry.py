@@ -139,7 +139,7 @@ def test_override_chain(tmp_path: Path) -> None:
     assert reg.model_setting(s, "no_kl", model_id=chat) is True
     assert reg.model_setting(s, "use_bf16", group_id="qwen2.5-14b") is True  # the group's own JSON key
     assert reg.model_setting(s, "comparison_tl_checkpoint", model_id=chat) is False
-    # GLOBAL_ beats every JSON value (upstream let the JSON win, so the documented examples did nothing)
+    # GLOBAL_ beats every JSON value (else an environment override of a JSON-configured model would do nothing)
     s = Settings(model_groups_file=tmp_path / "model_groups.json", global_batch_size=48)
     assert reg.model_setting(s, "batch_size", model_id=chat) == 48
     # MODEL_GROUP_ beats GLOBAL_, MODEL_ beats MODEL_GROUP_; '-' and '.' become '_', case does not matter
