@@ -10,12 +10,11 @@ WebSocket protocol turn their bodies into these values, and domain errors (`Sche
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..nla.analysis import AnalysisError
-from .api.ws.hub import Hub
 from .catalog.registry import Registry
 from .catalog.residency import Residency
 from .jobs.record import QUEUED, Job, text_length
@@ -23,6 +22,9 @@ from .jobs.store import JobStore
 from .scheduling.scheduler import Scheduler
 from .scheduling.types import SchedulerError
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .api.ws.hub import Hub  # the WebSocket hub the service starts and stops with the scheduler
 
 log = logging.getLogger("talkative.serve")
 

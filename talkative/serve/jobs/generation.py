@@ -36,7 +36,6 @@ from .kinds import JobKind
 from .record import CANCELLED, COMPLETED, QUEUED, Job, UnknownRequest, text_length
 
 if TYPE_CHECKING:
-    from ..api.ws.hub import Connection
     from ..scheduling.scheduler import Scheduler
 
 log = logging.getLogger("talkative.serve.jobs.generation")
@@ -156,13 +155,23 @@ class TokenLogs:
         self._drops.add(handle)
 
 
+class Listener(Protocol):
+    """Who asked for a chain (a WebSocket connection): it hears the chain's own messages and follows its jobs."""
+
+    id: str
+    identity: Any  # the caller; its `key` owns the chain's jobs
+    closed: bool
+
+    def send(self, message: Any) -> None: ...
+
+
 @dataclass
 class Chain:
     """A `generate_and_analyze` request between its generation and its analysis."""
 
     generation_id: str
     client_request_id: str | None
-    connection: Connection
+    connection: Listener
     owner: str | None
     analysis: dict[str, Any]  # model_id and options (only those the client set) of the analysis
     analysis_id: str | None = None
@@ -428,7 +437,7 @@ class Generations:
         model_id: str,
         analysis_model_id: str,
         client_request_id: str | None,
-        connection: Connection,
+        connection: Listener,
     ) -> Job:
         """Queue the generation (one completion; client_request_id + "_gen") and chain its analysis, whose
         options (only those the client set) are checked now."""
