@@ -1,8 +1,9 @@
 """The model catalogue (`/api/v2/...`): the listing, switching a client's current model, preloading a group into
 the CPU cache, memory and where the groups are, and one model's metadata.
 
-Every view of groups and models is built by `catalog/listing.py`, so each shows a client exactly what the others
-do (hidden and backend_only entries included).
+The `/api/v2` paths are this resource's own (the seed API names them so), not aliases of other routes, so they live
+here rather than in a version module. Every view of groups and models is built by `catalog/listing.py`, so each
+shows a client exactly what the others do (hidden and backend_only entries included).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
 
-from ....nla.vectors import reads_current_token
 from ...catalog import listing, visibility
 from ..deps import Catalog, Identity, ServiceDep, StatsDep, client_identity
 from ..schemas import ErrorBody, SwitchRequest, SwitchResponse
@@ -110,21 +110,8 @@ async def model_info(model_id: str, svc: ServiceDep, who: Identity, state: Catal
     svc.registry.model(model_id)  # 404 for an unknown model
     if not visibility.may_use(svc.registry, model_id, who):  # as unknown: a 403 would confirm that it exists
         raise HTTPException(404, f"unknown model_id {model_id!r}")
-    loaded = svc.scheduler.runtime_for(model_id)
-    nla_facts = None
-    if loaded is not None:
-        nla = loaded[1]
-        nla_facts = {
-            "name": nla.name,
-            "subject": nla.subject_source,
-            "d_model": nla.d_model,
-            "t_text": nla.t_text,
-            "verbalizer_mode": nla.verbalizer.mode,
-            "reconstructor_mode": nla.reconstructor.mode,
-            "objective": nla.objective,
-            "fve_variance": nla.fve_variance,
-            "reads_current_token": reads_current_token(nla),
-        }
+    loaded = svc.scheduler.loaded_model(model_id)
+    nla_facts = loaded[1] if loaded is not None else None
     return listing.model_info(
         svc.registry,
         svc.settings,
