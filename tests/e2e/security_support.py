@@ -1,4 +1,4 @@
-"""Helpers of the issue-4 end-to-end tests (security, limits, faults): keys, keyed servers, WebSocket clients,
+"""Helpers of the end-to-end tests of security, limits and faults: keys, keyed servers, WebSocket clients,
 and the app's routes as the server really has them (read from `create_app`, so routes added later are covered)."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from browser_helpers import PHONE, analyse, job_id, launch, open_ui, screenshot
-from e2e_helpers import REPO, Server, recv_until
+from e2e_helpers import REPO, Server
 from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
@@ -83,31 +83,6 @@ def page(browser: BrowserContext) -> Iterator[Page]:
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     yield page
     assert not errors, f"uncaught JavaScript errors: {errors}"
-
-
-def server_supports_generation(server: Server) -> bool:
-    """Ask the server over its WebSocket: an `error` naming the unknown type means no generation yet."""
-    with server.ws() as ws:
-        ws.send(
-            json.dumps(
-                {
-                    "type": "generate",
-                    "text": "Hi",
-                    "options": {"max_new_tokens": 1},
-                    "client_request_id": "probe",
-                }
-            )
-        )
-        terminal = {
-            "error",
-            "generation_complete",
-            "generate_complete",
-            "generation_error",
-            "request_cancelled",
-        }
-        msgs = recv_until(ws, lambda m: m.get("client_request_id") == "probe" and m["type"] in terminal, 300)
-    last = msgs[-1]
-    return not (last["type"] == "error" and "unknown message type" in str(last.get("error")))
 
 
 # -- serving ---------------------------------------------------------------------------------------------------------
@@ -264,10 +239,6 @@ def test_generate_streams_completions_then_analyse_one(page: Page, server: Serve
     page.fill("#gen-completions", "2")
     page.locator("#gen-completions").blur()
     screenshot(page, tmp_path, "generate-form.png")
-    if not server_supports_generation(server):
-        pytest.skip(
-            "the server has no WebSocket `generate` yet (issue 5); the UI is built against its shapes"
-        )
     page.click("#generate-run")
     expect(page.locator("#generate-status")).to_contain_text("Done", timeout=120_000)
     completions = page.locator("#generate-completions .completion .generated")

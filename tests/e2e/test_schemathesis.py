@@ -1,6 +1,6 @@
-"""Schemathesis over the server's own /openapi.json, against a real tiny-model server: every operation (issue-5
-ones included as they land), generated valid and invalid requests, no 5xx, every status, header, content type and
-body as documented, and invalid input refused.
+"""Schemathesis over the server's own /openapi.json, against a real tiny-model server: every operation, generated
+valid and invalid requests, no 5xx, every status, header, content type and body as documented, and invalid input
+refused.
 
 Bounded to a few dozen examples per operation so that the file runs in a minute or two; the server caps the
 work generated requests can queue (MAX_QUEUE_SIZE, REQUEST_TIMEOUT) so that refusals are 429, never a pile-up."""

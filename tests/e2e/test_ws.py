@@ -146,7 +146,9 @@ def test_finished_jobs_outlive_the_connection_and_subscribe_picks_them_up(tiny_s
     with tiny_server.ws() as ws:
         _send(ws, type="analyze", text="picked up later", options=FAST, client_request_id="later")
         rid = recv_until(ws, lambda m: m["type"] == "queued")[-1]["request_id"]
-        recv_until(ws, lambda m: m["type"] == "result")  # unfinished jobs are cancelled on close (issue 4)
+        recv_until(
+            ws, lambda m: m["type"] == "result"
+        )  # a closed connection's unfinished jobs are cancelled: nobody is left to read them
     done = tiny_server.wait(rid)
     assert done["status"] == "completed"
     with tiny_server.ws() as ws:
