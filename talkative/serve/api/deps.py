@@ -156,7 +156,7 @@ def catalog_state(svc: Service, who: ClientIdentity) -> CatalogState:
         on_device=sched.loaded_groups(),
         cached_groups=svc.residency.cached_groups(),
         cached_models=svc.residency.cached_models(),
-        loaded_models=frozenset(m for m in svc.registry.models if sched.runtime_for(m) is not None),
+        loaded_models=frozenset(m for m in svc.registry.models if sched.is_loaded(m)),
         current=sched.current_for(who.key),
         own=sched.client_models.get(who.key),
         switching=sched.is_switching(),

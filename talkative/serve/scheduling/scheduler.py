@@ -32,10 +32,8 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from ...nla.checkpoint import NLA
 from ...nla.options import resolve
 from ..catalog.registry import Registry
-from ..catalog.residency import GroupRuntime
 from ..jobs.kinds import SWITCH, JobKind, final_message
 from ..jobs.record import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Job, UnknownRequest, new_id
 from ..jobs.store import JobStore
@@ -53,7 +51,7 @@ from .policy import (
 )
 from .queue import JobQueue
 from .types import MAX_ATTEMPTS, DeviceState, EventSink, Monitor, SchedulerError
-from .workers import LoadFailed, Worker
+from .workers import Loaded, LoadFailed, Worker
 
 log = logging.getLogger("talkative.serve.scheduling.scheduler")
 
@@ -403,11 +401,18 @@ class Scheduler:
         """group id -> device, for groups resident on a device."""
         return {d.group_id: d.name for d in self.devices if d.group_id is not None}
 
-    def runtime_for(self, model_id: str) -> tuple[GroupRuntime, NLA] | None:
-        """A loaded NLA of the model on some device, whose facts the API shows (None when not loaded)."""
+    def is_loaded(self, model_id: str) -> bool:
+        """Whether a device holds the model (loaded, not only its group)."""
+        return any(d.loaded is not None and model_id in d.loaded.models for d in self.devices)
+
+    def loaded_model(self, model_id: str) -> tuple[Loaded, dict[str, Any]] | None:
+        """The group a device holds with the model in it, and the model's facts (its NLA's), or None when no
+        device holds the model."""
         for dev in self.devices:
             if dev.loaded is not None and model_id in dev.loaded.models:
-                return dev.worker.model(model_id)
+                facts = dev.worker.model_facts(model_id)
+                if facts is not None:
+                    return dev.loaded, facts
         return None
 
     def model_info(self, model_id: str) -> dict[str, Any]:
@@ -420,7 +425,7 @@ class Scheduler:
             "auto_batch_size_max": self.registry.model_setting(
                 self.settings, "auto_batch_size_max", model_id=m.id
             ),
-            "is_loaded": self.runtime_for(m.id) is not None,
+            "is_loaded": self.is_loaded(m.id),
             "generation_config": m.generation_config,
         }
 

@@ -27,6 +27,7 @@ from ...nla import analysis as nla_analysis
 from ...nla.analysis import AnalysisError, Cancelled
 from ...nla.checkpoint import NLA
 from ...nla.options import Resolved
+from ...nla.vectors import reads_current_token
 from ..catalog.residency import GroupRuntime
 from ..jobs.record import Job
 
@@ -98,8 +99,8 @@ class LoadFailed(Exception):
 
 
 class Worker(Protocol):
-    """What the scheduler asks of a device. Every method but `describe`, `model` and `cached_groups` may block
-    the worker's own threads, never the event loop."""
+    """What the scheduler asks of a device. The async methods may block the worker's own threads, never the event
+    loop; the others answer from what the worker holds."""
 
     name: str
     cache_capacity: int  # groups its host's CPU cache holds (0: disabled)
@@ -141,7 +142,7 @@ class Worker(Protocol):
     ) -> dict[str, Any]: ...
     async def preload(self, group_id: str) -> bool: ...
     def cached_groups(self) -> list[str]: ...
-    def model(self, model_id: str) -> tuple[GroupRuntime, NLA] | None: ...
+    def model_facts(self, model_id: str) -> dict[str, Any] | None: ...
     def describe(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -254,12 +255,23 @@ class LocalWorker:
     def cached_groups(self) -> list[str]:
         return self.residency.cached_groups()
 
-    def model(self, model_id: str) -> tuple[GroupRuntime, NLA] | None:
-        """The loaded NLA of a model held here (the API reads its facts), or None."""
+    def model_facts(self, model_id: str) -> dict[str, Any] | None:
+        """What the API shows of a model held here (its NLA's own facts), or None when it is not held here."""
         rt = self.runtime
         if rt is None or model_id not in rt.nlas:
             return None
-        return rt, rt.nlas[model_id]
+        nla = rt.nlas[model_id]
+        return {
+            "name": nla.name,
+            "subject": nla.subject_source,
+            "d_model": nla.d_model,
+            "t_text": nla.t_text,
+            "verbalizer_mode": nla.verbalizer.mode,
+            "reconstructor_mode": nla.reconstructor.mode,
+            "objective": nla.objective,
+            "fve_variance": nla.fve_variance,
+            "reads_current_token": reads_current_token(nla),
+        }
 
     def describe(self) -> dict[str, Any]:
         rt = self.runtime

@@ -86,9 +86,9 @@ def _finite_number(x: Any) -> bool:
 def _check_dimension(svc: Service, model_id: str, value: Any, what: str) -> int | None:
     """The declared number of vectors; a dimension mismatch is refused at once when the model is loaded."""
     shape = V.declared_shape(value)
-    loaded = svc.scheduler.runtime_for(model_id)
+    loaded = svc.scheduler.loaded_model(model_id)
     if shape is not None and loaded is not None:
-        d = loaded[1].d_model
+        d = loaded[1]["d_model"]
         if shape[1] != d:
             raise HTTPException(
                 400, f"{what}: the vectors have {shape[1]} values but model {model_id}'s activations have {d}"
