@@ -131,9 +131,6 @@ class FifoGroupPhases:
         decisions: list[Decision] = []
         waiting: set[str] = set()  # groups with an older job still waiting: keep FIFO inside a group
 
-        def update(i: int, view: DeviceView) -> None:
-            devices[i] = view
-
         for queued in snapshot.queue:
             gid = queued.group_id
             if gid in waiting:
@@ -144,7 +141,7 @@ class FifoGroupPhases:
                 dev = devices[target]
                 if queued.takes_place:
                     dev = replace(dev, active_jobs=dev.active_jobs + 1, busy=True)
-                update(target, replace(dev, last_used=snapshot.now))
+                devices[target] = replace(dev, last_used=snapshot.now)
                 continue
             waiting.add(gid)
             if gid in snapshot.preloading:
@@ -155,7 +152,7 @@ class FifoGroupPhases:
             if idle:
                 i = min(idle, key=lambda i: (devices[i].group_id is not None, devices[i].last_used))
                 decisions.append(Switch(devices[i].name, gid))
-                update(i, replace(devices[i], loading=gid, draining_for=None, busy=True))
+                devices[i] = replace(devices[i], loading=gid, draining_for=None, busy=True)
                 continue
             if any(d.group_id == gid for d in devices):
                 continue  # its group is being served, just full; no switch needed
@@ -163,7 +160,7 @@ class FifoGroupPhases:
             if candidates:
                 i = min(candidates, key=lambda i: devices[i].remaining_rows)
                 decisions.append(Drain(devices[i].name, gid))
-                update(i, replace(devices[i], draining_for=gid))
+                devices[i] = replace(devices[i], draining_for=gid)
         return decisions
 
     @staticmethod
