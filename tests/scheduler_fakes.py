@@ -103,8 +103,11 @@ class FakeResidency:
     def release(self, rt: GroupRuntime) -> None:
         self.log.append(("release", rt.group_id))
 
-    def unload_all(self, runtimes: list[GroupRuntime]) -> list[str]:
+    def drop(self, runtimes: list[GroupRuntime]) -> list[str]:
         return [rt.group_id for rt in runtimes]
+
+    def clear_cache(self) -> list[str]:
+        return []
 
     def preload(self, gid: str) -> bool:
         return False

@@ -180,21 +180,24 @@ class Residency:
             self._cache[group_id] = rt
         return True
 
-    def unload_all(self, runtimes: list[GroupRuntime]) -> list[str]:
-        """Drop the given device runtimes and every parked group (a reset), freeing their memory; their ids."""
-        with self._lock:
-            parked = list(self._cache.values())
-            self._cache.clear()
-        dropped = [*runtimes, *parked]
-        devices = {rt.device for rt in dropped} | {CPU}
-        for rt in dropped:
+    def drop(self, runtimes: list[GroupRuntime]) -> list[str]:
+        """Drop groups for good (a reset), freeing their memory, without parking them; their ids."""
+        devices = {rt.device for rt in runtimes} | {CPU}
+        for rt in runtimes:
             rt.nlas.clear()
             rt.tuned.clear()
             # the pool held the last references to the weights
             rt.pool = LMPool(dtype=rt.pool.dtype, device=CPU)
         for device in devices:
             _free_device_memory(device)
-        return [rt.group_id for rt in dropped]
+        return [rt.group_id for rt in runtimes]
+
+    def clear_cache(self) -> list[str]:
+        """Drop every parked group (a reset); their ids."""
+        with self._lock:
+            parked = list(self._cache.values())
+            self._cache.clear()
+        return self.drop(parked)
 
     # -- state ----------------------------------------------------------------------------------------------------
     def cached_groups(self) -> list[str]:

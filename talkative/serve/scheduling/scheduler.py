@@ -725,6 +725,7 @@ class Scheduler:
             for dev in self.devices:
                 dev.loaded, dev.draining_for = None, None
                 unloaded += await dev.worker.unload()
+            unloaded += await self.host.clear_cache()
             loaded = None
             if self.default_group is not None:
                 dev = self.devices[0]

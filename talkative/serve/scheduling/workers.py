@@ -107,6 +107,7 @@ class Worker(Protocol):
 
     async def load(self, group_id: str) -> Loaded: ...
     async def unload(self) -> list[str]: ...
+    async def clear_cache(self) -> list[str]: ...
     async def check(self, model_id: str, options: Resolved) -> None: ...
     async def prepare(
         self,
@@ -243,10 +244,14 @@ class LocalWorker:
         return loaded
 
     async def unload(self) -> list[str]:
-        """Drop the group held here and every group parked in the host's CPU cache (a reset); their ids."""
+        """Drop the group held here for good, not parking it (a reset); its id, if it held one."""
         runtimes = [self.runtime] if self.runtime is not None else []
         self.runtime = None
-        return await asyncio.to_thread(self.residency.unload_all, runtimes)
+        return await asyncio.to_thread(self.residency.drop, runtimes)
+
+    async def clear_cache(self) -> list[str]:
+        """Drop every group parked in the host's CPU cache (a reset); their ids."""
+        return await asyncio.to_thread(self.residency.clear_cache)
 
     async def preload(self, group_id: str) -> bool:
         """Load a group into the host's CPU cache ahead of use; False when the cache has no room for it."""
