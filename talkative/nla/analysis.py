@@ -30,11 +30,11 @@ from .lm import sequence_bos_id
 from .metrics import METRICS, MetricTable
 from .options import AnalyzeOptions, ChatMessage, Resolved, resolve
 from .prompts import encode_piece
-from .reconstructor import SoftPromptReconstructor, TemplateReconstructor
+from .reconstructor import Reconstructor
 from .sampling import step_seeds
 from .stopping import Cancelled as Cancelled  # re-exported: callers catch it from here
 from .stopping import Check, stop_if
-from .verbalizer import Explanation, LayerReplacementVerbalizer, PromptOverrides
+from .verbalizer import Explanation, PromptOverrides, Verbalizer
 
 DEFAULT_ROW_BUDGET = 256
 # Rows × tokens per engine forward. Memory (keys and values of every block, attention) and time grow with both, and
@@ -288,13 +288,14 @@ def overrides_for(nla: NLA, opts: Resolved) -> PromptOverrides:
         _bound_piece("add_tokens", add_ids)
     if (
         opts.replace_left is not None or opts.replace_right is not None or opts.hard_tokens
-    ) and not isinstance(nla.verbalizer, LayerReplacementVerbalizer):
+    ) and not nla.verbalizer.edits_prompt:
         raise AnalysisError(
             "replace_left, replace_right and do_hard_tokens need a layer-replacement (soft prompt) verbalizer"
         )
-    if isinstance(nla.verbalizer, LayerReplacementVerbalizer) and len(add_ids) > nla.verbalizer.t_text:
+    most = nla.verbalizer.max_added_tokens()
+    if most is not None and len(add_ids) > most:
         raise AnalysisError(
-            f"add_tokens gives {len(add_ids)} tokens; explanations here are {nla.verbalizer.t_text} tokens long"
+            f"add_tokens gives {len(add_ids)} tokens; explanations here are {most} tokens long"
         )
     left = (
         None
@@ -327,28 +328,19 @@ def check_options(nla: NLA, opts: Resolved, tuned: TunedLens | None = None) -> N
 
 
 def _steps(nla: NLA, overrides: PromptOverrides) -> int:
-    v = nla.verbalizer
-    if isinstance(v, LayerReplacementVerbalizer):
-        return max(v.t_text - len(overrides.add_ids), 1)
-    return v.max_new_tokens
+    return nla.verbalizer.steps(overrides)
 
 
 def verbalizer_row_tokens(nla: NLA, overrides: PromptOverrides) -> int:
     """Tokens one verbalizer row holds at its longest (prompt, forced start, every sampled token): what its keys
     and values and its attention cost grow with."""
-    v = nla.verbalizer
-    if isinstance(v, LayerReplacementVerbalizer):
-        left = len(v.left_ids if overrides.replace_left_ids is None else overrides.replace_left_ids)
-        right = len(v.right_ids if overrides.replace_right_ids is None else overrides.replace_right_ids)
-        return left + 1 + right + max(v.t_text, len(overrides.add_ids))
-    return len(v.prompt_ids) + len(overrides.add_ids) + v.max_new_tokens
+    return nla.verbalizer.row_tokens(overrides)
 
 
-def reconstructor_row_tokens(rec: Any, n_units: int) -> int:
+def reconstructor_row_tokens(rec: Reconstructor, n_units: int) -> int:
     """Tokens one reconstructor row holds for an explanation of `n_units` units (shared prefix included: every
     row carries its own copy of the prefix's keys)."""
-    extra = len(rec.post_ids) + 1 if isinstance(rec, SoftPromptReconstructor) else 0
-    return len(rec.pre_ids) + n_units + extra
+    return rec.row_tokens(n_units)
 
 
 def max_positions(
@@ -367,14 +359,11 @@ def max_positions(
 
 
 def _units(nla: NLA, expl: Explanation) -> list[int]:
-    r = nla.reconstructor
-    if isinstance(r, SoftPromptReconstructor):
-        if r.lm.tokenizer is nla.verbalizer.lm.tokenizer or isinstance(
-            nla.verbalizer, LayerReplacementVerbalizer
-        ):
-            return list(expl.ids)
-        return encode_piece(r.lm, expl.text)
-    return r.units(expl.text)
+    r: Reconstructor = nla.reconstructor
+    v: Verbalizer = nla.verbalizer
+    if r.keeps_verbalizer_ids and (v.fixed_length or r.lm.tokenizer is v.lm.tokenizer):
+        return list(expl.ids)
+    return r.text_units(expl.text)
 
 
 def objective_score(nla: NLA, a: Tensor, b: Tensor) -> Tensor:
@@ -398,7 +387,7 @@ def reported_reconstruction(nla: NLA, A: Tensor, hats: Tensor) -> Tensor:
 def _truncated(nla: NLA, explanations: Sequence[Explanation]) -> Tensor:
     """Which samples hit the token budget. Fixed-length verbalizers always stop there by design; for free-length
     ones a sample that did not end on its own is a failed sample in the reference recipe."""
-    if isinstance(nla.verbalizer, LayerReplacementVerbalizer):
+    if nla.verbalizer.fixed_length:
         return torch.zeros(len(explanations), dtype=torch.bool)
     return torch.tensor([e.finish_reason == "length" for e in explanations], dtype=torch.bool)
 
@@ -539,8 +528,8 @@ def _run_batch(
     if need_ar:
         budget.check()
         one_pass = len(units) * reconstructor_row_tokens(rec, max(map(len, units))) <= budget.row_tokens
-        if isinstance(rec, SoftPromptReconstructor) and len({len(u) for u in units}) == 1 and one_pass:
-            hats, ar_cache = rec.reconstruct_cached(units, current)  # its keys serve the salience ablations
+        if len({len(u) for u in units}) == 1 and one_pass:
+            hats, ar_cache = rec.reconstruct_cached(units, current)  # its keys (if any) serve the ablations
         else:
             hats = reconstruct_grouped(rec, units, current, budget)
         scores = objective_score(nla, A.repeat_interleave(k, 0), hats).view(G, k)
@@ -599,9 +588,9 @@ def _run_batch(
                 "flags": p.flags.get(q, []),
                 "layer": nla.layer,
             }
-            if e.finish_reason != "length" or not isinstance(nla.verbalizer, LayerReplacementVerbalizer):
+            if e.finish_reason != "length" or not nla.verbalizer.fixed_length:
                 row["finish_reason"] = e.finish_reason
-            if not isinstance(nla.verbalizer, LayerReplacementVerbalizer):
+            if not nla.verbalizer.fixed_length:
                 row["all_samples_truncated"] = bool(truncated[g].all())
                 row["explanation_parse"] = e.parse
             if M.KL in row:
@@ -653,20 +642,9 @@ def token_salience(
     if not owner:
         return [[] for _ in best_units]
     idx = torch.tensor(owner)
-    if cache is not None and cache_rows is not None and isinstance(rec, SoftPromptReconstructor):
-        step = budget.rows(reconstructor_row_tokens(rec, len(best_units[0])))
-        chunks = []
-        for g in range(0, len(best_units), step):
-            budget.check()
-            sl = slice(g, g + step)
-            chunks.append(rec.ablations(best_units[sl], current[sl], cache, cache_rows[sl]))
-        hats = torch.cat(chunks)  # rows g·T + i, as `owner`
-    elif isinstance(rec, TemplateReconstructor):
-        chunks = []
-        for sl in budget.runs([reconstructor_row_tokens(rec, len(u)) for u in best_units]):
-            budget.check()
-            chunks.append(rec.ablations(best_units[sl], spans[sl], budget.cancelled))
-        hats = torch.cat(chunks)  # rows in `owner` order
+    fast = rec.ablate(best_units, spans, current, budget, cache, cache_rows)  # rows in `owner` order
+    if fast is not None:
+        hats = fast
     else:
         ablated = []
         for u, (start, stop) in zip(best_units, spans, strict=True):
@@ -686,14 +664,14 @@ def token_salience(
 
 
 def reconstruct_grouped(
-    rec: Any, units: list[list[int]], current: Tensor, budget: Budget | None = None
+    rec: Reconstructor, units: list[list[int]], current: Tensor, budget: Budget | None = None
 ) -> Tensor:
     """Reconstruct rows of possibly different lengths in passes of at most `budget` rows × tokens: soft-prompt ARs
     need one length per pass; template ARs pad to the longest row of a pass, so rows go in order of length."""
     budget = budget or Budget()
     if not units:
         return torch.empty(0, rec.lm.d_model)
-    if isinstance(rec, SoftPromptReconstructor):
+    if rec.one_length_per_pass:
         groups: dict[int, list[int]] = {}
         for i, u in enumerate(units):
             groups.setdefault(len(u), []).append(i)

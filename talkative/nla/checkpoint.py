@@ -17,12 +17,17 @@ import torch
 
 from .lm import LM, LMPool
 from .metrics import METRICS, MetricTable
-from .reconstructor import DEFAULT_AR_PROMPT, Reconstructor, SoftPromptReconstructor, TemplateReconstructor
+from .reconstructor import (
+    DEFAULT_AR_PROMPT,
+    ReconstructorModule,
+    SoftPromptReconstructor,
+    TemplateReconstructor,
+)
 from .verbalizer import (
     DEFAULT_AV_PROMPT,
     EmbeddingReplacementVerbalizer,
     LayerReplacementVerbalizer,
-    Verbalizer,
+    VerbalizerModule,
 )
 
 FORMAT = "talkative-nla"
@@ -38,8 +43,8 @@ class CheckpointError(ValueError):
 class NLA:
     subject: LM
     layer: int
-    verbalizer: Verbalizer
-    reconstructor: Reconstructor
+    verbalizer: VerbalizerModule
+    reconstructor: ReconstructorModule
     subject_source: str
     fve_variance: float | None = None
     objective: str = "mse"  # what best-of-k and salience minimise: "mse" (raw) or "nmse" (direction only)
@@ -209,7 +214,7 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
-def build_verbalizer(cfg: dict[str, Any], lm: LM) -> Verbalizer:
+def build_verbalizer(cfg: dict[str, Any], lm: LM) -> VerbalizerModule:
     mode = cfg.get("mode")
     if mode == "layer_replacement":
         return LayerReplacementVerbalizer(
@@ -234,7 +239,7 @@ def build_verbalizer(cfg: dict[str, Any], lm: LM) -> Verbalizer:
     raise CheckpointError(f"unknown verbalizer mode {mode!r} (layer_replacement or embedding_replacement)")
 
 
-def build_reconstructor(cfg: dict[str, Any], lm: LM) -> Reconstructor:
+def build_reconstructor(cfg: dict[str, Any], lm: LM) -> ReconstructorModule:
     mode = cfg.get("mode")
     if mode == "soft_prompt":
         return SoftPromptReconstructor(

@@ -4,8 +4,10 @@ tokenised, which tokens end a turn, and the memo that keeps a shared prompt pref
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from torch import Tensor
+from transformers import GenerationConfig
 
 from .kvcache import KVCache
 from .lm import LM
@@ -28,7 +30,8 @@ def end_of_turn_ids(lm: LM) -> set[int]:
         tid = tok.convert_tokens_to_ids(name)
         if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
             ids.add(tid)
-    config = lm.model.generation_config  # None for a model that cannot generate
+    # every transformers model has one (None when it cannot generate); torch's Module typing cannot tell
+    config = cast(GenerationConfig | None, lm.model.generation_config)
     gen_eos = None if config is None else config.eos_token_id
     if isinstance(gen_eos, int):
         ids.add(gen_eos)

@@ -14,6 +14,7 @@ rows is computed once and reused while the weights stay the same.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,68 @@ from .stopping import Check, stop_if
 TEXT_PLACEHOLDER = "<text>"
 DEFAULT_AR_PROMPT = "Summary of the text, encapsulating the main points and message, style and details:<text>"
 OFFICIAL_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
+
+
+class PassBudget(Protocol):
+    """How much one forward pass may hold, and when to stop (the engine's `analysis.Budget`)."""
+
+    @property
+    def cancelled(self) -> Check | None: ...
+
+    def rows(self, tokens_per_row: int) -> int: ...
+
+    def runs(self, row_tokens: Sequence[int]) -> list[slice]: ...
+
+    def check(self) -> None: ...
+
+
+class Reconstructor(Protocol):
+    """What the engine (analysis, vectors) asks of a reconstructor, whichever design it is.
+
+    The two designs differ in how they read an explanation (the verbalizer's own token ids, or the text
+    re-tokenised inside a template), in whether rows of different lengths can share a pass, and in how salience
+    ablations are computed fast; each answers for itself here, so callers never ask which class they hold."""
+
+    mode: str
+    lm: LM
+    space_id: int  # the unit an ablated explanation unit is replaced with
+    add_current_token: bool  # whether Â depends on the token the activation was taken at
+    keeps_verbalizer_ids: bool  # reads the verbalizer's token ids as they are (when both share a tokenizer)
+    one_length_per_pass: bool  # rows of one pass must have one length (else shorter rows are padded)
+
+    def row_tokens(self, n_units: int) -> int:
+        """Tokens one row holds for an explanation of `n_units` units, its copy of the shared prefix included."""
+        ...
+
+    def text_units(self, text: str) -> list[int]:
+        """The units of a free-text explanation."""
+        ...
+
+    def explanation_span(self, units: Sequence[int]) -> tuple[int, int]: ...
+
+    def reconstruct(
+        self, units: Sequence[Sequence[int]], current: Sequence[int] | Tensor | None
+    ) -> Tensor: ...
+
+    def reconstruct_cached(
+        self, units: Sequence[Sequence[int]], current: Sequence[int] | Tensor | None
+    ) -> tuple[Tensor, KVCache | None]:
+        """`reconstruct` of rows of one length in one pass, with the per-row keys `ablate` can reuse (None for a
+        design whose ablations make their own pass)."""
+        ...
+
+    def ablate(
+        self,
+        units: Sequence[Sequence[int]],
+        spans: Sequence[tuple[int, int]],
+        current: Tensor,
+        budget: PassBudget,
+        cache: KVCache | None = None,
+        cache_rows: Sequence[int] | None = None,
+    ) -> Tensor | None:
+        """Â for every explanation unit in `spans` replaced by `space_id` in turn (rows in span order), in passes
+        within `budget`; None when this design has no faster way than reconstructing each ablated row."""
+        ...
 
 
 def space_token_id(lm: LM) -> int:
@@ -58,7 +121,11 @@ def _pad(units: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
 
 
 class SoftPromptReconstructor(nn.Module):
+    """Upstream AR: a trained soft prompt around the verbalizer's own token ids, the shared frozen base."""
+
     mode = "soft_prompt"
+    keeps_verbalizer_ids = True
+    one_length_per_pass = True  # rows are not padded: a pass holds explanations of one length
 
     def __init__(
         self,
@@ -105,6 +172,12 @@ class SoftPromptReconstructor(nn.Module):
 
     def units(self, ids: Sequence[int]) -> list[int]:
         return list(ids)
+
+    def text_units(self, text: str) -> list[int]:
+        return encode_piece(self.lm, text)
+
+    def row_tokens(self, n_units: int) -> int:
+        return len(self.pre_ids) + n_units + len(self.post_ids) + 1  # + the current token (or its slot)
 
     def explanation_span(self, units: Sequence[int]) -> tuple[int, int]:
         """[start, stop) of the units that are explanation tokens (what salience ablates): all of them here."""
@@ -203,6 +276,27 @@ class SoftPromptReconstructor(nn.Module):
         assert cache is not None
         return out, cache
 
+    def ablate(
+        self,
+        units: Sequence[Sequence[int]],
+        spans: Sequence[tuple[int, int]],
+        current: Tensor,
+        budget: PassBudget,
+        cache: KVCache | None = None,
+        cache_rows: Sequence[int] | None = None,
+    ) -> Tensor | None:
+        """With the rows' keys from `reconstruct_cached`, only the units from the ablated one on are recomputed
+        (`ablations`), in chunks of positions within `budget`; without them there is no shortcut (None)."""
+        if cache is None or cache_rows is None:
+            return None
+        step = budget.rows(self.row_tokens(len(units[0])))
+        chunks = []
+        for g in range(0, len(units), step):
+            budget.check()
+            sl = slice(g, g + step)
+            chunks.append(self.ablations(units[sl], current[sl], cache, cache_rows[sl]))
+        return torch.cat(chunks)  # rows g·T + i
+
     @torch.no_grad()
     def ablations(
         self,
@@ -240,6 +334,8 @@ class TemplateReconstructor(nn.Module):
     """Official AR: its own backbone (blocks 0..K only), a text template, a value head."""
 
     mode = "template"
+    keeps_verbalizer_ids = False  # it re-tokenises the explanation inside its template
+    one_length_per_pass = False  # rows are padded to the longest of their pass
 
     def __init__(
         self,
@@ -291,9 +387,38 @@ class TemplateReconstructor(nn.Module):
             raise ValueError("this explanation changes how the AR template's prefix tokenizes")
         return full[start:]
 
+    def text_units(self, text: str) -> list[int]:
+        return self.units(text)
+
+    def row_tokens(self, n_units: int) -> int:
+        return len(self.pre_ids) + n_units
+
     def explanation_span(self, units: Sequence[int]) -> tuple[int, int]:
         """[start, stop) of the units that belong to the explanation (salience ablates only those)."""
         return 1, len(units) - _common_suffix(units, self.post_ids)
+
+    @torch.no_grad()
+    def reconstruct_cached(
+        self, units: Sequence[Sequence[int]], current: object = None
+    ) -> tuple[Tensor, None]:
+        """`reconstruct`; no per-row keys are kept, since `ablate` makes its own unablated pass per chunk."""
+        return self.reconstruct(units, current), None
+
+    def ablate(
+        self,
+        units: Sequence[Sequence[int]],
+        spans: Sequence[tuple[int, int]],
+        current: Tensor,
+        budget: PassBudget,
+        cache: KVCache | None = None,
+        cache_rows: Sequence[int] | None = None,
+    ) -> Tensor:
+        """`ablations` over runs of explanations within `budget` (rows padded to the widest of a run)."""
+        chunks = []
+        for sl in budget.runs([self.row_tokens(len(u)) for u in units]):
+            budget.check()
+            chunks.append(self.ablations(units[sl], spans[sl], budget.cancelled))
+        return torch.cat(chunks)  # rows in span order
 
     def _prefix(self) -> KVCache:
         key = tensor_key(self.lm.embed_tokens.weight)
@@ -398,4 +523,5 @@ def _common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-Reconstructor = SoftPromptReconstructor | TemplateReconstructor
+#: the reconstructor designs a checkpoint can hold (each a `Reconstructor`)
+ReconstructorModule = SoftPromptReconstructor | TemplateReconstructor

@@ -46,7 +46,6 @@ from .checkpoint import NLA
 from .lens import TunedLens
 from .options import ChatMessage, Resolved
 from .prompts import encode_piece
-from .reconstructor import SoftPromptReconstructor
 
 MAX_VECTORS = 256  # vectors per describe request
 MAX_EXPLANATIONS = 64  # explanations per score request
@@ -175,8 +174,7 @@ def encode_vectors(t: Tensor, encoding: str) -> Any:
 # -- current tokens -----------------------------------------------------------------------------------------------
 def reads_current_token(nla: NLA) -> bool:
     """Whether the reconstructor's output depends on the token the activation was taken at."""
-    rec = nla.reconstructor
-    return isinstance(rec, SoftPromptReconstructor) and rec.add_current_token
+    return nla.reconstructor.add_current_token
 
 
 @dataclass
@@ -282,10 +280,7 @@ def describe(
 # -- score --------------------------------------------------------------------------------------------------------
 def explanation_units(nla: NLA, text: str) -> list[int]:
     """The reconstructor's units of a free-text explanation (what it reads and salience ablates)."""
-    rec = nla.reconstructor
-    if isinstance(rec, SoftPromptReconstructor):
-        return encode_piece(rec.lm, text)
-    return rec.units(text)
+    return nla.reconstructor.text_units(text)
 
 
 def score(

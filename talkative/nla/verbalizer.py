@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -66,10 +67,37 @@ def _tup(x: list[int] | None) -> tuple[int, ...] | None:
     return None if x is None else tuple(x)
 
 
+class Verbalizer(Protocol):
+    """What the engine (analysis) asks of a verbalizer, whichever design it is.
+
+    The designs differ in how long an explanation is (exactly `t_text` tokens, or free until a stop string, an
+    end-of-turn token or a budget) and in which prompt edits they accept; each answers for itself here, so
+    callers never ask which class they hold."""
+
+    mode: str
+    lm: LM
+    fixed_length: bool  # exactly t_text tokens: no stop, nothing to parse, the budget is no failure
+    edits_prompt: bool  # accepts replace_left / replace_right / hard tokens (a soft prompt around A)
+
+    def max_added_tokens(self) -> int | None:
+        """The most forced tokens (`add_tokens`) an explanation can hold, None for no limit but the budget."""
+        ...
+
+    def steps(self, overrides: PromptOverrides) -> int:
+        """Decode steps one explanation takes at most."""
+        ...
+
+    def row_tokens(self, overrides: PromptOverrides) -> int:
+        """Tokens one row holds at its longest (prompt, forced start, every sampled token)."""
+        ...
+
+
 class LayerReplacementVerbalizer(nn.Module):
     """Upstream design: trained soft prompt + per-layer projections of A, frozen shared base."""
 
     mode = "layer_replacement"
+    fixed_length = True
+    edits_prompt = True
 
     def __init__(
         self,
@@ -184,6 +212,18 @@ class LayerReplacementVerbalizer(nn.Module):
             self._memo.put(key, cache)
         return n, cache
 
+    # -- sizes -----------------------------------------------------------------------------------------------------
+    def max_added_tokens(self) -> int | None:
+        return self.t_text
+
+    def steps(self, overrides: PromptOverrides) -> int:
+        return max(self.t_text - len(overrides.add_ids), 1)
+
+    def row_tokens(self, overrides: PromptOverrides) -> int:
+        left = len(self.left_ids if overrides.replace_left_ids is None else overrides.replace_left_ids)
+        right = len(self.right_ids if overrides.replace_right_ids is None else overrides.replace_right_ids)
+        return left + 1 + right + max(self.t_text, len(overrides.add_ids))
+
     # -- inference -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -273,6 +313,8 @@ class EmbeddingReplacementVerbalizer(nn.Module):
     """Official design: the AV's own chat prompt, marker embedding replaced by A rescaled to `injection_scale`."""
 
     mode = "embedding_replacement"
+    fixed_length = False
+    edits_prompt = False
 
     def __init__(
         self,
@@ -326,6 +368,15 @@ class EmbeddingReplacementVerbalizer(nn.Module):
             raise ValueError("d_model differs from the embedding width")
         self.eos_ids = end_of_turn_ids(lm)
         self._memo = PrefixMemo()
+
+    def max_added_tokens(self) -> int | None:
+        return None
+
+    def steps(self, overrides: PromptOverrides) -> int:
+        return self.max_new_tokens
+
+    def row_tokens(self, overrides: PromptOverrides) -> int:
+        return len(self.prompt_ids) + len(overrides.add_ids) + self.max_new_tokens
 
     def render(self, content: str) -> list[int]:
         """Chat-templated user turn with the generation prompt, exactly one BOS (render, then encode plain)."""
@@ -454,4 +505,5 @@ def read_explanation(raw: str) -> tuple[str, str]:
     return raw, "unclosed" if "<explanation>" in raw else "untagged"
 
 
-Verbalizer = LayerReplacementVerbalizer | EmbeddingReplacementVerbalizer
+#: the verbalizer designs a checkpoint can hold (each a `Verbalizer`)
+VerbalizerModule = LayerReplacementVerbalizer | EmbeddingReplacementVerbalizer

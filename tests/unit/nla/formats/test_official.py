@@ -522,6 +522,9 @@ class _ExactTimes:
     uses."""
 
     mode = "template"
+    keeps_verbalizer_ids = False
+    one_length_per_pass = False
+    add_current_token = False
 
     def __init__(self, real, by_token: dict[int, torch.Tensor], factor: float) -> None:
         self.real, self.by_token, self.factor = real, by_token, factor
@@ -529,6 +532,18 @@ class _ExactTimes:
 
     def units(self, text):
         return self.real.units(text)
+
+    def text_units(self, text):
+        return self.real.units(text)
+
+    def row_tokens(self, n_units):
+        return len(self.pre_ids) + n_units
+
+    def reconstruct_cached(self, units, current=None):
+        return self.reconstruct(units, current), None
+
+    def ablate(self, units, spans, current, budget, cache=None, cache_rows=None):
+        return None  # no shortcut: every ablated row is reconstructed on its own
 
     def explanation_span(self, units):
         return self.real.explanation_span(units)
@@ -572,9 +587,20 @@ class _ScriptedAV:
     """A verbalizer double whose k samples per position are given: (text, finish_reason) for sample j."""
 
     mode = "embedding_replacement"
+    fixed_length = False
+    edits_prompt = False
 
     def __init__(self, real, samples: list[tuple[str, str]]) -> None:
         self.lm, self.prompt_ids, self.max_new_tokens, self.samples = real.lm, real.prompt_ids, 4, samples
+
+    def max_added_tokens(self):
+        return None
+
+    def steps(self, overrides):
+        return self.max_new_tokens
+
+    def row_tokens(self, overrides):
+        return len(self.prompt_ids) + len(overrides.add_ids) + self.max_new_tokens
 
     def generate(self, A, k, seeds, temperature, overrides=None, cancelled=None):
         from talkative.nla.verbalizer import Explanation, read_explanation
@@ -600,8 +626,24 @@ class _ScoredAR:
         acts = next(iter(by_token.values())).unsqueeze(0)
         self.direction = torch.randn(acts.shape[1], generator=torch.Generator().manual_seed(0))
 
+    keeps_verbalizer_ids = False
+    one_length_per_pass = False
+    add_current_token = False
+
     def units(self, text):
         return [ord(c) for c in text]
+
+    def text_units(self, text):
+        return self.units(text)
+
+    def row_tokens(self, n_units):
+        return len(self.pre_ids) + n_units
+
+    def reconstruct_cached(self, units, current=None):
+        return self.reconstruct(units, current), None
+
+    def ablate(self, units, spans, current, budget, cache=None, cache_rows=None):
+        return None  # no shortcut: every ablated row is reconstructed on its own
 
     def explanation_span(self, units):
         return 0, len(units)
