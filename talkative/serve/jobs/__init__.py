@@ -1,1 +1,1 @@
-"""."""
+"""Jobs: the record and its store, and the kinds of work (analysis, generation, vector jobs) behind one interface."""

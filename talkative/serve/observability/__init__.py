@@ -1,1 +1,1 @@
-"""."""
+"""What the server tells its operators: metrics, structured logs, request ids, and machine figures."""
