@@ -12,11 +12,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+import talkative
+
 from ...catalog import visibility
 from ..deps import ServiceDep
 from ..schemas import RootResponse
 
-WEB_DIR = Path(__file__).resolve().parent.parent.parent.parent / "web"
+WEB_DIR = Path(talkative.__file__).resolve().parent / "web"  # the UI ships inside the package
 
 router = APIRouter()
 
