@@ -1,4 +1,4 @@
-"""Independent references for the checkpoint-format tests, written from the format specs with plain HF calls.
+"""Independent references for the checkpoint-format tests, written from the formats' descriptions with plain HF calls.
 
 They read the checkpoint's own data (upstream state dicts, official AV/AR directories), never our modules: HF
 forwards over the whole sequence with `inputs_embeds` (no KV cache), forward hooks on HF blocks only where the
@@ -98,7 +98,7 @@ def upstream_decoder_logits(
 ) -> Tensor:
     """Raw (un-softcapped) next-token logits after the prompt and each of `tokens`: [len(tokens)+1, V].
 
-    §3.4/§11: [left soft prompt, P_0(A), right soft prompt] × √d (Gemma), then the residual at the placeholder is
+    Upstream decoder: [left soft prompt, P_0(A), right soft prompt] × √d (Gemma), then the residual at the placeholder is
     replaced by P_i(A) = W_i A + b_i at the input of blocks 0..N-1; sampled tokens are fed back as embedding
     rows × √d (Gemma); logits = lm_head(final_norm(h)) with no softcap.
     """
@@ -126,7 +126,7 @@ def upstream_sample(
 
 
 def upstream_encode(model, enc: dict[str, Tensor], flags: dict, expl: Sequence[int], current: int) -> Tensor:
-    """§4.3: [soft prefix, explanation rows, soft postfix, current-token row + learned vector] × √d (Gemma) →
+    """Upstream encoder: [soft prefix, explanation rows, soft postfix, current-token row + learned vector] × √d (Gemma) →
     output of block `output_layer` at the last position → optional affine."""
     s = scale_of(model)
     parts = [enc["soft_prompt_embeddings"].float(), rows(model, expl)]
@@ -165,7 +165,7 @@ def official_av_sample(
     stop: str = "</explanation>",
     eos: Sequence[int] = (),
 ) -> tuple[list[int], str]:
-    """§2.2: embeddings of the chat prompt (the HF embedding module: ×√d for Gemma), the marker's row replaced by v
+    """Official AV: embeddings of the chat prompt (the HF embedding module: ×√d for Gemma), the marker's row replaced by v
     rescaled to norm `injection_scale`; sample until EOS, the stop string or the budget (model logits as the
     model computes them)."""
     emb = av_model.get_input_embeddings()
@@ -190,7 +190,7 @@ def official_av_sample(
 
 
 def official_ar(ar_model, tokenizer, head: dict[str, Tensor], explanation: str, template: str) -> Tensor:
-    """§3: BOS + template (add_special_tokens=True), K+1 blocks with the final norm as identity, last token,
+    """Official AR: BOS + template (add_special_tokens=True), K+1 blocks with the final norm as identity, last token,
     value head."""
     ids = tokenizer(template.replace("{explanation}", explanation), add_special_tokens=True)["input_ids"]
     with torch.no_grad():

@@ -101,7 +101,7 @@ def render_messages(nla: NLA, messages: Sequence[ChatMessage | dict[str, str]]) 
     if not msgs:
         raise AnalysisError("messages is empty")
     tok = nla.subject.tokenizer
-    if not getattr(tok, "chat_template", None):
+    if not tok.chat_template:
         raise AnalysisError(f"{nla.subject_source} has no chat template; send text instead of messages")
     last_user = msgs[-1]["role"] == "user"
     return str(

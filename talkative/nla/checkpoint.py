@@ -62,7 +62,7 @@ class NLA:
 
     @property
     def t_text(self) -> int | None:
-        return getattr(self.verbalizer, "t_text", None)
+        return self.verbalizer.t_text
 
     @classmethod
     def init(

@@ -65,7 +65,7 @@ def prompt_text(lm: LM, req: GenerationRequest) -> str:
     msgs = [dict(m) for m in req.messages or []]
     if not msgs:
         raise GenerationError("messages is empty")
-    if not getattr(lm.tokenizer, "chat_template", None):
+    if not lm.tokenizer.chat_template:
         raise GenerationError("this model has no chat template; send text instead of messages")
     cont = msgs[-1]["role"] == "assistant"
     return str(

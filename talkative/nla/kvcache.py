@@ -117,12 +117,6 @@ class KVCache:
             raise ValueError("broadcast needs a one-row cache")
         return self.select(torch.zeros(batch, dtype=torch.long, device=self.device), extra_capacity)
 
-    def detach_(self) -> KVCache:
-        for store in (self.keys, self.values):
-            for idx in store:
-                store[idx] = store[idx].detach()
-        return self
-
 
 class PrefixView:
     """A read-only one-row cache seen by many rows, each with its own visible slots; new keys are not stored.

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from torch import Tensor, nn
 from .kvcache import Cache, attention_mask
 from .sources import ModelSourceError, resolve_source
 from .sources import adapter_base as adapter_base_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -133,7 +136,7 @@ class LM:
             self.wpe = None
             self.rotary = body.rotary_emb
         self.lm_head: Any = getattr(model, "lm_head", None)
-        self.attn_impl = getattr(text_config(model.config), "_attn_implementation", "sdpa")
+        self.attn_impl = text_config(model.config)._attn_implementation
 
     # -- properties --------------------------------------------------------------------------------------------
     @property
@@ -261,17 +264,16 @@ class LM:
         return self.forward(h, positions, stop=layer + 1)
 
 
-def sequence_bos_id(tokenizer: Any) -> int | None:
+def sequence_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The tokenizer's BOS id when it is a real start-of-sequence token, None otherwise.
 
     Some tokenizers declare as BOS a token their chat template opens every turn with (SmolLM2: `<|im_start|>`,
     never added when encoding); such a token is a turn marker, not a BOS, and no prompt must start with it.
     """
-    bos = getattr(tokenizer, "bos_token", None)
-    bos_id = getattr(tokenizer, "bos_token_id", None)
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
     if not bos or bos_id is None:
         return None
-    if getattr(tokenizer, "chat_template", None):
+    if tokenizer.chat_template:
         try:
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tokenize=False

@@ -6,7 +6,7 @@ and then ignored (upstream silently dropped several of these).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -172,7 +172,6 @@ class Resolved:
     hard_tokens: bool = False
     last_n_messages: int | None = None
     chat_format: bool | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def merge_key(self) -> tuple[object, ...]:
         """Jobs whose options agree on everything that shapes the engine batch can be merged (seeds may differ)."""

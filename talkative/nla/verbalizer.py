@@ -315,6 +315,7 @@ class EmbeddingReplacementVerbalizer(nn.Module):
     mode = "embedding_replacement"
     fixed_length = False
     edits_prompt = False
+    t_text = None  # explanations have no fixed length
 
     def __init__(
         self,

@@ -12,8 +12,8 @@ On disk, Talkative accepts (see `docs/checkpoints.md`):
 2. the AV (or AR) directory itself when its partner sits beside it under the release naming (`…-av` / `…-ar`,
    `…actor…` / `…critic…`).
 
-The sidecar keys are read leniently (old and new role names, §1.4 of the format spec), and every startup check of
-the reference implementation is made with a message saying what does not match.
+The sidecar keys are read leniently (releases name the roles av/ar, actor/critic or verbalizer/reconstructor),
+and every startup check of the reference implementation is made with a message saying what does not match.
 """
 
 from __future__ import annotations

@@ -49,9 +49,6 @@ ENCODER_KEYS = {
 # upstream keys that hold no trained behaviour
 DECODER_IGNORED = {"prompt_ids"}  # left + [eos] + right token ids, for logging; checked against our tokenizer
 COMPILE_PREFIX = "_orig_mod."
-DEFAULT_ENCODER_PROMPT = (
-    "Summary of the text, encapsulating the main points and message, style and details:<text>"
-)
 
 
 class _SafeLoadRefused(CheckpointError):

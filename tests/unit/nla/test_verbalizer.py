@@ -274,7 +274,7 @@ def test_embedding_replacement_refuses_bad_markers(make_tiny):
 
 
 def _reference_client_text(server_text: str) -> str:
-    """The official reference client (format spec §2.4): the first tagged body, stripped; without a match, the
+    """How the official reference client reads a sample: the first tagged body, stripped; without a match, the
     server's text exactly as it came (the server leaves out the end-of-turn token that stopped the sample)."""
     m = re.search(r"<explanation>(.*?)</explanation>", server_text, re.DOTALL)
     return server_text if m is None else m.group(1).strip()

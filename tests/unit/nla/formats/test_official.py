@@ -1,4 +1,4 @@
-"""Official AV/AR checkpoints: built here as the release describes them (§1 of the format spec), loaded by us, and
+"""Official AV/AR checkpoints: built here as the release ships them (AV and AR model directories with sidecars), loaded by us, and
 compared against the reference in `tests/formats_ref.py`, which runs the saved HF directories directly."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SCALE = 40.0
 
 
 def _truncated_ar(full, layer: int, out: Path) -> None:
-    """AR directory per §1.3: config.num_hidden_layers = K+1 (per-layer arrays sliced), blocks 0..K, no final norm,
+    """An AR directory as the release ships it: config.num_hidden_layers = K+1 (per-layer arrays sliced), blocks 0..K, no final norm,
     no lm_head, tokenizer beside it."""
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +138,7 @@ def _reference_models(root: Path):
 
 
 def _ref_parse(tok, ids, reason) -> str:
-    """The reference client's reading (§2.4): its server returns the text without the end-of-turn token that
+    """The reference client's reading: its server returns the text without the end-of-turn token that
     stopped the sample; the first tagged body, stripped, else that whole text as it is."""
     raw = tok.decode(ids[:-1] if reason == "eos" else ids, skip_special_tokens=False)
     m = re.search(r"<explanation>(.*?)</explanation>", raw, re.DOTALL)
@@ -589,6 +589,7 @@ class _ScriptedAV:
     mode = "embedding_replacement"
     fixed_length = False
     edits_prompt = False
+    t_text = None
 
     def __init__(self, real, samples: list[tuple[str, str]]) -> None:
         self.lm, self.prompt_ids, self.max_new_tokens, self.samples = real.lm, real.prompt_ids, 4, samples

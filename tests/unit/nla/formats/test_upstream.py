@@ -1,4 +1,4 @@
-"""Upstream `.pt` checkpoints: built here the way upstream writes them (§7.1 of the model spec), loaded by us, and
+"""Upstream `.pt` checkpoints: built here the way upstream's trainer saves them, loaded by us, and
 compared against the reference in `tests/formats_ref.py`, which reads the file's tensors directly."""
 
 from __future__ import annotations
