@@ -162,7 +162,15 @@ createGenerate({
     form.submit();
   },
 });
-const historyView = createHistory({ api, analyses, notify, onOpen: openJob, permalink, legend: () => store.get('legend') });
+const historyView = createHistory({
+  api,
+  analyses,
+  notify,
+  onOpen: openJob,
+  permalink,
+  legend: () => store.get('legend'),
+  metric: () => store.get('legend').get(store.get('metric')),
+});
 
 async function openJob(requestId) {
   tabs.select('analyse');

@@ -7,7 +7,7 @@ import { exactTime, num, plural, when } from '../format.js';
 const PAGE = 20;
 const STATUS_WORDS = { queued: 'queued', processing: 'running', completed: 'done', failed: 'failed', cancelled: 'cancelled' };
 
-export function createHistory({ api, analyses, notify, onOpen, permalink, legend }) {
+export function createHistory({ api, analyses, notify, onOpen, permalink, legend, metric }) {
   const list = document.getElementById('history-list');
   const more = document.getElementById('history-more');
   const refresh = document.getElementById('history-refresh');
@@ -36,12 +36,13 @@ export function createHistory({ api, analyses, notify, onOpen, permalink, legend
   }
 
   function entry(item) {
-    const mean = item.summary?.mean_relative_rmse;
+    const m = metric(); // the metric results are coloured by (its legend entry), once the legend is known
+    const mean = m ? item.summary?.[m.summary_key] : null;
     const facts = [
       item.model_id,
       item.n_tokens ? plural(item.n_tokens, 'token') : null,
       item.input === 'messages' ? plural(item.n_messages, 'message') : null,
-      mean !== null && mean !== undefined ? `mean rel. RMSE ${num(mean)}` : null,
+      mean !== null && mean !== undefined ? `mean ${m.short} ${num(mean)}` : null,
     ].filter(Boolean);
     const open = h('button', { type: 'button', class: 'secondary small', onclick: () => onOpen(item.request_id) }, 'Open');
     const link = h('a', { href: permalink(item.request_id), class: 'small-link', 'aria-label': `Link to “${item.preview.slice(0, 40)}”` }, 'Link');
