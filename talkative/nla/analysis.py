@@ -629,11 +629,11 @@ def token_salience(
 ) -> list[list[float] | None]:
     """(score with unit i replaced by a space − score) / score for every unit of every position.
 
-    The keys before unit i do not change when unit i is ablated, so they are reused and one pass per index i
-    recomputes units i.. of the positions of a chunk (soft-prompt ARs reuse the keys of the best explanations' own
-    reconstructor pass, template ARs make one unablated pass per chunk); any other reconstructor takes every
-    ablation as a row of its own, reconstructed in chunks. Either way a pass holds at most `budget` rows × tokens,
-    whatever the explanations' length.
+    The keys before unit i do not change when unit i is ablated, so the reconstructor's `ablate` reuses them: one
+    pass per index i recomputes units i.. of the positions of a chunk (soft-prompt ARs reuse the keys of the best
+    explanations' own reconstructor pass, template ARs make one unablated pass per chunk). Without that shortcut
+    (a soft-prompt AR whose rows' keys were not kept) every ablation is a row of its own, reconstructed in chunks.
+    Either way a pass holds at most `budget` rows × tokens, whatever the explanations' length.
     """
     budget = budget or Budget()
     rec = nla.reconstructor
