@@ -516,25 +516,17 @@ def test_the_vector_endpoints_use_the_same_scale(make_tiny, tmp_path):
                 assert math.isclose(ra[name], rb[name], rel_tol=1e-4, abs_tol=1e-6), name
 
 
-class _ExactTimes:
-    """A reconstructor double that returns `factor` × the true activation of the position each row belongs to
-    (told by the row's current token: the test's positions have distinct tokens), to pin down what the KL patch
-    uses."""
+class _ReconstructorDouble:
+    """What the engine asks of a reconstructor, for doubles that only say how they read and reconstruct: a
+    template-style reader with no shortcut for salience ablations."""
 
     mode = "template"
     keeps_verbalizer_ids = False
     one_length_per_pass = False
     add_current_token = False
 
-    def __init__(self, real, by_token: dict[int, torch.Tensor], factor: float) -> None:
-        self.real, self.by_token, self.factor = real, by_token, factor
-        self.lm, self.space_id, self.pre_ids = real.lm, real.space_id, real.pre_ids
-
-    def units(self, text):
-        return self.real.units(text)
-
     def text_units(self, text):
-        return self.real.units(text)
+        return self.units(text)
 
     def row_tokens(self, n_units):
         return len(self.pre_ids) + n_units
@@ -544,6 +536,19 @@ class _ExactTimes:
 
     def ablate(self, units, spans, current, budget, cache=None, cache_rows=None):
         return None  # no shortcut: every ablated row is reconstructed on its own
+
+
+class _ExactTimes(_ReconstructorDouble):
+    """A reconstructor double that returns `factor` × the true activation of the position each row belongs to
+    (told by the row's current token: the test's positions have distinct tokens), to pin down what the KL patch
+    uses."""
+
+    def __init__(self, real, by_token: dict[int, torch.Tensor], factor: float) -> None:
+        self.real, self.by_token, self.factor = real, by_token, factor
+        self.lm, self.space_id, self.pre_ids = real.lm, real.space_id, real.pre_ids
+
+    def units(self, text):
+        return self.real.units(text)
 
     def explanation_span(self, units):
         return self.real.explanation_span(units)
@@ -615,11 +620,9 @@ class _ScriptedAV:
         return out
 
 
-class _ScoredAR:
+class _ScoredAR(_ReconstructorDouble):
     """A reconstructor double: explanation text → the activation of the row's position (told by its current token)
     plus a text-dependent error."""
-
-    mode = "template"
 
     def __init__(self, real, by_token: dict[int, torch.Tensor], error: dict[str, float]) -> None:
         self.lm, self.space_id, self.pre_ids = real.lm, real.space_id, real.pre_ids
@@ -627,24 +630,8 @@ class _ScoredAR:
         acts = next(iter(by_token.values())).unsqueeze(0)
         self.direction = torch.randn(acts.shape[1], generator=torch.Generator().manual_seed(0))
 
-    keeps_verbalizer_ids = False
-    one_length_per_pass = False
-    add_current_token = False
-
     def units(self, text):
         return [ord(c) for c in text]
-
-    def text_units(self, text):
-        return self.units(text)
-
-    def row_tokens(self, n_units):
-        return len(self.pre_ids) + n_units
-
-    def reconstruct_cached(self, units, current=None):
-        return self.reconstruct(units, current), None
-
-    def ablate(self, units, spans, current, budget, cache=None, cache_rows=None):
-        return None  # no shortcut: every ablated row is reconstructed on its own
 
     def explanation_span(self, units):
         return 0, len(units)
