@@ -1,4 +1,4 @@
-"""`talkative` command line: serve | analyze | models | train | eval | convert | inspect | bench.
+"""`talkative` command line: serve | analyze | models | train | eval | convert | inspect | bench | mcp.
 
 Subcommands live in their own modules and are imported only when used, so `talkative --help` stays fast and
 `talkative analyze` never imports the web stack.
@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("talkative.commands.convert", "convert a checkpoint between formats"),
     "inspect": ("talkative.commands.inspect", "describe a checkpoint of any format"),
     "bench": ("talkative.commands.bench", "run a benchmark from bench/"),
+    "mcp": ("talkative.commands.mcp", "give an agent Talkative's tools over stdio (MCP), via a server"),
 }
 
 

@@ -12,8 +12,8 @@ attached or registered afterwards. Two steps, because two lifetimes:
 
 Routes: the public root, `/health` and `/ready`; the API (`/analyze`, `/status/{id}`, `/cancel/{id}`,
 `/api/v2/models`, `/api/v2/models/switch`, the UI's `/api/history`) behind `api.deps.client_identity`; the
-WebSocket `/ws`; `/docs` when ENABLE_DOCS; and the web UI's static files at `/` when `talkative/web/index.html`
-exists.
+WebSocket `/ws`; the MCP tools at `/mcp` (its session manager runs in the lifespan); `/docs` when ENABLE_DOCS;
+and the web UI's static files at `/` when `talkative/web/index.html` exists.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from . import errors
-from .api import openapi
+from .api import mcp, openapi
 from .api.routes import include_routes
 from .api.ws.hub import Hub
 from .auth.middleware import Guard
@@ -157,6 +157,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     access = AccessPolicy(settings)
     limiter = RateLimiter(settings.rate_limit_per_minute)
     metrics = Metrics()
+    mcp_endpoint = mcp.build_endpoint(max_body=settings.max_request_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -172,7 +173,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             settings.data_dir,
         )
         try:
-            yield
+            async with mcp_endpoint.running():
+                yield
         finally:
             await serving.stop()
 
@@ -194,6 +196,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     errors.register(app)
     protect(app, settings, access, limiter, metrics)
     openapi.install(app, keyed=bool(access.keys))
+    app.router.routes.append(mcp.route(mcp_endpoint))  # before include_routes' catch-all web UI
     include_routes(app)
     return app
 

@@ -1,0 +1,137 @@
+"""What the tools take and give back, as plain data: the input types of their schemas, compact analysis rows, and
+vectors in the wire's two forms.
+
+An agent reads every byte a tool returns, so a row is cut down to what an investigation reads (the token, its
+explanation, the main metrics, the flags and the few most salient words), and vectors travel as base64 float32
+by default: exact, and about a quarter of the size of a JSON list. The bounds below restate the server's own
+(`nla/options.py`, `nla/vectors.py`, `serve/settings.py`) so that a tool's schema shows them without importing
+the engine; the server checks every request again, and a unit test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_BEST_OF_K = 64
+MAX_VECTORS = 256  # vectors per describe request
+MAX_EXPLANATIONS = 64  # explanations per score request
+MAX_EXPLANATION_CHARS = 8192
+MAX_POSITIONS = 512  # positions per extract request
+MAX_TEXT_CHARS = (
+    200_000  # the server's MAX_TEXT_LENGTH is lower by default (20,000) and says so when exceeded
+)
+MAX_MESSAGES = 10_000
+MAX_ID_CHARS = 200
+MAX_TOKEN_CHARS = 256
+
+#: the metrics a compact row keeps, in this order (the others stay on the server's full rows)
+MAIN_METRICS = ("mse", "relative_rmse", "fve", "cosine", "kl_divergence")
+#: how many of an explanation's words a compact row names as the most salient
+SALIENT_WORDS = 3
+
+
+class Message(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class PackedVectors(BaseModel):
+    """Vectors as the server sends them with `encoding: "base64"`: little-endian float32, row after row."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: str = Field(description="base64 of the little-endian float32 values, row after row")
+    shape: list[int] = Field(min_length=1, max_length=2, description="[n, d] (or [d] for one vector)")
+    dtype: Literal["float32"] = "float32"
+
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+Messages = Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+ModelId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+Vector = Annotated[list[float], Field(min_length=1)]
+Vectors = Annotated[list[Vector], Field(min_length=1, max_length=MAX_VECTORS)] | PackedVectors
+Explanation = Annotated[str, Field(min_length=1, max_length=MAX_EXPLANATION_CHARS)]
+TokenRef = Annotated[str, Field(max_length=MAX_TOKEN_CHARS)] | int
+
+
+def message_dicts(messages: Sequence[Message] | None) -> list[dict[str, str]] | None:
+    return None if messages is None else [m.model_dump() for m in messages]
+
+
+# -- vectors --------------------------------------------------------------------------------------------------------
+def unpack(value: PackedVectors | Sequence[Sequence[float]]) -> list[list[float]]:
+    """Rows of floats from either form; a malformed base64 payload is a ValueError that names the problem."""
+    if not isinstance(value, PackedVectors):
+        return [list(map(float, row)) for row in value]
+    n, d = value.shape if len(value.shape) == 2 else (1, value.shape[0])
+    try:
+        raw = base64.b64decode(value.data, validate=True)
+    except ValueError as error:
+        raise ValueError(f"vectors.data is not valid base64: {error}") from None
+    if n < 1 or d < 1 or len(raw) != 4 * n * d:
+        raise ValueError(f"vectors.data holds {len(raw)} bytes, but shape {value.shape} needs {4 * n * d}")
+    flat = struct.unpack(f"<{n * d}f", raw)
+    return [list(flat[i * d : (i + 1) * d]) for i in range(n)]
+
+
+def pack(rows: Sequence[Sequence[float]]) -> dict[str, Any]:
+    flat = [float(x) for row in rows for x in row]
+    width = len(rows[0]) if rows else 0
+    return {
+        "data": base64.b64encode(struct.pack(f"<{len(flat)}f", *flat)).decode("ascii"),
+        "shape": [len(rows), width],
+        "dtype": "float32",
+    }
+
+
+# -- compact rows ---------------------------------------------------------------------------------------------------
+def salient_words(row: dict[str, Any], n: int = SALIENT_WORDS) -> list[str] | None:
+    """The explanation's words whose removal hurts the reconstruction most (None without salience)."""
+    scores, words = row.get("token_salience"), row.get("explanation_structured")
+    if not scores or not words or len(scores) != len(words):
+        return None
+    ranked = sorted(zip(scores, words, strict=True), key=lambda pair: pair[0], reverse=True)
+    return [word.strip() for score, word in ranked[:n] if word.strip() and score is not None]
+
+
+def metrics_of(row: dict[str, Any]) -> dict[str, float]:
+    """The main metrics the row has values for (one the request turned off, like KL, is left out), to four
+    significant digits: what a comparison between tokens needs, in a third of the characters."""
+    return {name: float(f"{float(row[name]):.4g}") for name in MAIN_METRICS if row.get(name) is not None}
+
+
+def compact_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One analysed token: position, token, explanation, the main metrics, flags, salient words."""
+    flags = list(row.get("flags") or [])
+    if row.get("outlier") and "outlier" not in flags:
+        flags.append("outlier")
+    out: dict[str, Any] = {
+        "position": row["position"],
+        "token": row["token"],
+        "explanation": row["explanation"],
+        **metrics_of(row),
+        "flags": flags,
+    }
+    words = salient_words(row)
+    if words is not None:
+        out["salient_words"] = words
+    return out
+
+
+def compact_analysis(request_id: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "model_id": meta.get("model_id"),
+        "layer": meta.get("layer"),
+        "n_tokens": meta.get("n_tokens"),
+        "best_of_k": meta.get("best_of_k"),
+        "rows": [compact_row(r) for r in rows],
+        "summary": meta.get("summary"),
+    }
