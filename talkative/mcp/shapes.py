@@ -101,10 +101,14 @@ def salient_words(row: dict[str, Any], n: int = SALIENT_WORDS) -> list[str] | No
     return [word.strip() for score, word in ranked[:n] if word.strip() and score is not None]
 
 
-def metrics_of(row: dict[str, Any]) -> dict[str, float]:
-    """The main metrics the row has values for (one the request turned off, like KL, is left out), to four
-    significant digits: what a comparison between tokens needs, in a third of the characters."""
-    return {name: float(f"{float(row[name]):.4g}") for name in MAIN_METRICS if row.get(name) is not None}
+def rounded(value: Any) -> float | None:
+    """Four significant digits: what a comparison between tokens needs, in a third of the characters."""
+    return None if value is None else float(f"{float(value):.4g}")
+
+
+def metrics_of(row: dict[str, Any]) -> dict[str, float | None]:
+    """The main metrics the row has values for (one the request turned off, like KL, is left out)."""
+    return {name: rounded(row[name]) for name in MAIN_METRICS if row.get(name) is not None}
 
 
 def compact_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ uses. Failures leave a tool as `ToolError`s whose text is the server's own reaso
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, Protocol
@@ -302,7 +303,7 @@ class Tools:
                 "token_assumed": r.get("token_assumed"),
                 "explanation": r["explanation"],
                 **S.metrics_of(r),
-                "norm": r.get("norm"),
+                "norm": S.rounded(r.get("norm")),
             }
             words = S.salient_words(r)
             if words is not None:
@@ -377,7 +378,7 @@ class Tools:
             head |= {"position": where["position"], "token": where["token"]}
         else:
             head |= {"token": scored.raw.get("token"), "token_assumed": scored.raw.get("token_assumed")}
-        return {**head, "norm": scored.raw.get("norm"), "results": results}
+        return {**head, "norm": S.rounded(scored.raw.get("norm")), "results": results}
 
 
 def build_server(connect: Connector, *, name: str = "talkative", poll: float = 0.5) -> MCPServer:
@@ -392,5 +393,5 @@ def build_server(connect: Connector, *, name: str = "talkative", poll: float = 0
         tools.describe,
         tools.score,
     ):
-        server.add_tool(tool, annotations=READ_ONLY)
+        server.add_tool(tool, description=inspect.cleandoc(tool.__doc__ or ""), annotations=READ_ONLY)
     return server
