@@ -114,49 +114,11 @@ class NLA:
     # -- config ---------------------------------------------------------------------------------------------------
     def verbalizer_config(self) -> dict[str, Any]:
         v = self.verbalizer
-        base = self.bases.get("verbalizer", "subject")
-        if isinstance(v, LayerReplacementVerbalizer):
-            return {
-                "mode": v.mode,
-                "base": base,
-                "prompt": v.prompt,
-                "patch_layers": v.patch_layers,
-                "t_text": v.t_text,
-                "softcap_sampling": v.softcap_sampling,
-            }
-        return {
-            "mode": v.mode,
-            "base": base,
-            "template": v.template,
-            "marker": v.marker,
-            "marker_id": v.marker_id,
-            "left_neighbor_id": v.prompt_ids[v.inject_pos - 1],
-            "right_neighbor_id": v.prompt_ids[v.inject_pos + 1],
-            "injection_scale": v.injection_scale,
-            "max_new_tokens": v.max_new_tokens,
-            "stop": v.stop,
-        }
+        return {"mode": v.mode, "base": self.bases.get("verbalizer", "subject"), **v.settings()}
 
     def reconstructor_config(self) -> dict[str, Any]:
         r = self.reconstructor
-        base = self.bases.get("reconstructor", "subject")
-        if isinstance(r, SoftPromptReconstructor):
-            return {
-                "mode": r.mode,
-                "base": base,
-                "prompt": r.prompt,
-                "output_layer": r.output_layer,
-                "add_current_token": r.add_current_token,
-                "special_last_token_vector": r.special_vector is not None,
-                "head": r.head_kind,
-            }
-        return {
-            "mode": r.mode,
-            "base": base,
-            "template": r.template,
-            "output_layer": r.output_layer,
-            "head_bias": r.head.bias is not None,
-        }
+        return {"mode": r.mode, "base": self.bases.get("reconstructor", "subject"), **r.settings()}
 
     def config(self) -> dict[str, Any]:
         return {
@@ -214,51 +176,31 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
+#: the designs by the `mode` a config names
+VERBALIZER_MODES: dict[str, type[VerbalizerModule]] = {
+    cls.mode: cls for cls in (LayerReplacementVerbalizer, EmbeddingReplacementVerbalizer)
+}
+RECONSTRUCTOR_MODES: dict[str, type[ReconstructorModule]] = {
+    cls.mode: cls for cls in (SoftPromptReconstructor, TemplateReconstructor)
+}
+
+
 def build_verbalizer(cfg: dict[str, Any], lm: LM) -> VerbalizerModule:
-    mode = cfg.get("mode")
-    if mode == "layer_replacement":
-        return LayerReplacementVerbalizer(
-            lm,
-            prompt=cfg.get("prompt", DEFAULT_AV_PROMPT),
-            patch_layers=int(cfg.get("patch_layers", 5)),
-            t_text=int(cfg.get("t_text", 8)),
-            softcap_sampling=bool(cfg.get("softcap_sampling", False)),
+    design = VERBALIZER_MODES.get(str(cfg.get("mode")))
+    if design is None:
+        raise CheckpointError(
+            f"unknown verbalizer mode {cfg.get('mode')!r} ({' or '.join(VERBALIZER_MODES)})"
         )
-    if mode == "embedding_replacement":
-        return EmbeddingReplacementVerbalizer(
-            lm,
-            template=cfg["template"],
-            marker=cfg["marker"],
-            injection_scale=None if cfg["injection_scale"] is None else float(cfg["injection_scale"]),
-            marker_id=cfg.get("marker_id"),
-            left_neighbor_id=cfg.get("left_neighbor_id"),
-            right_neighbor_id=cfg.get("right_neighbor_id"),
-            max_new_tokens=int(cfg.get("max_new_tokens", 200)),
-            stop=cfg.get("stop", "</explanation>"),
-        )
-    raise CheckpointError(f"unknown verbalizer mode {mode!r} (layer_replacement or embedding_replacement)")
+    return design.from_settings(cfg, lm)
 
 
 def build_reconstructor(cfg: dict[str, Any], lm: LM) -> ReconstructorModule:
-    mode = cfg.get("mode")
-    if mode == "soft_prompt":
-        return SoftPromptReconstructor(
-            lm,
-            prompt=cfg.get("prompt", DEFAULT_AR_PROMPT),
-            output_layer=int(cfg["output_layer"]),
-            add_current_token=bool(cfg.get("add_current_token", True)),
-            special_last_token_vector=bool(cfg.get("special_last_token_vector", True)),
-            head=cfg.get("head", "none"),
+    design = RECONSTRUCTOR_MODES.get(str(cfg.get("mode")))
+    if design is None:
+        raise CheckpointError(
+            f"unknown reconstructor mode {cfg.get('mode')!r} ({' or '.join(RECONSTRUCTOR_MODES)})"
         )
-    if mode == "template":
-        kwargs: dict[str, Any] = {
-            "output_layer": cfg.get("output_layer"),
-            "head_bias": bool(cfg.get("head_bias", False)),
-        }
-        if "template" in cfg:
-            kwargs["template"] = cfg["template"]
-        return TemplateReconstructor(lm, **kwargs)
-    raise CheckpointError(f"unknown reconstructor mode {mode!r} (soft_prompt or template)")
+    return design.from_settings(cfg, lm)
 
 
 def detect_format(path: str | Path) -> str:

@@ -14,7 +14,7 @@ rows is computed once and reused while the weights stay the same.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -169,6 +169,28 @@ class SoftPromptReconstructor(nn.Module):
     def _scale(self, x: Tensor) -> Tensor:
         s = self.lm.arch.embed_scale
         return x if s == 1.0 else x * torch.tensor(s, dtype=x.dtype)
+
+    @classmethod
+    def from_settings(cls, cfg: dict[str, Any], lm: LM) -> SoftPromptReconstructor:
+        """The reconstructor a native `nla.json` describes (`settings` read back; absent keys take the defaults)."""
+        return cls(
+            lm,
+            prompt=cfg.get("prompt", DEFAULT_AR_PROMPT),
+            output_layer=int(cfg["output_layer"]),
+            add_current_token=bool(cfg.get("add_current_token", True)),
+            special_last_token_vector=bool(cfg.get("special_last_token_vector", True)),
+            head=cfg.get("head", "none"),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """What a native `nla.json` records of it, besides its mode and base."""
+        return {
+            "prompt": self.prompt,
+            "output_layer": self.output_layer,
+            "add_current_token": self.add_current_token,
+            "special_last_token_vector": self.special_vector is not None,
+            "head": self.head_kind,
+        }
 
     def units(self, ids: Sequence[int]) -> list[int]:
         return list(ids)
@@ -371,6 +393,24 @@ class TemplateReconstructor(nn.Module):
         self.space_id = space_token_id(lm)
         self.add_current_token = False
         self._memo = PrefixMemo()
+
+    @classmethod
+    def from_settings(cls, cfg: dict[str, Any], lm: LM) -> TemplateReconstructor:
+        """The reconstructor a native `nla.json` describes (`settings` read back; absent keys take the defaults)."""
+        return cls(
+            lm,
+            template=cfg.get("template", OFFICIAL_AR_TEMPLATE),
+            output_layer=cfg.get("output_layer"),
+            head_bias=bool(cfg.get("head_bias", False)),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """What a native `nla.json` records of it, besides its mode and base."""
+        return {
+            "template": self.template,
+            "output_layer": self.output_layer,
+            "head_bias": self.head.bias is not None,
+        }
 
     def _encode_full(self, text: str) -> list[int]:
         return list(self.lm.tokenizer(text, add_special_tokens=True)["input_ids"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -212,6 +212,27 @@ class LayerReplacementVerbalizer(nn.Module):
             self._memo.put(key, cache)
         return n, cache
 
+    # -- configuration ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, cfg: dict[str, Any], lm: LM) -> LayerReplacementVerbalizer:
+        """The verbalizer a native `nla.json` describes (`settings` read back; absent keys take the defaults)."""
+        return cls(
+            lm,
+            prompt=cfg.get("prompt", DEFAULT_AV_PROMPT),
+            patch_layers=int(cfg.get("patch_layers", 5)),
+            t_text=int(cfg.get("t_text", 8)),
+            softcap_sampling=bool(cfg.get("softcap_sampling", False)),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """What a native `nla.json` records of it, besides its mode and base."""
+        return {
+            "prompt": self.prompt,
+            "patch_layers": self.patch_layers,
+            "t_text": self.t_text,
+            "softcap_sampling": self.softcap_sampling,
+        }
+
     # -- sizes -----------------------------------------------------------------------------------------------------
     def max_added_tokens(self) -> int | None:
         return self.t_text
@@ -369,6 +390,35 @@ class EmbeddingReplacementVerbalizer(nn.Module):
             raise ValueError("d_model differs from the embedding width")
         self.eos_ids = end_of_turn_ids(lm)
         self._memo = PrefixMemo()
+
+    @classmethod
+    def from_settings(cls, cfg: dict[str, Any], lm: LM) -> EmbeddingReplacementVerbalizer:
+        """The verbalizer a native `nla.json` describes (`settings` read back; absent keys take the defaults)."""
+        return cls(
+            lm,
+            template=cfg["template"],
+            marker=cfg["marker"],
+            injection_scale=None if cfg["injection_scale"] is None else float(cfg["injection_scale"]),
+            marker_id=cfg.get("marker_id"),
+            left_neighbor_id=cfg.get("left_neighbor_id"),
+            right_neighbor_id=cfg.get("right_neighbor_id"),
+            max_new_tokens=int(cfg.get("max_new_tokens", 200)),
+            stop=cfg.get("stop", "</explanation>"),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """What a native `nla.json` records of it, besides its mode and base (the marker's neighbours too, so a
+        tokenizer that renders the template differently is caught at load)."""
+        return {
+            "template": self.template,
+            "marker": self.marker,
+            "marker_id": self.marker_id,
+            "left_neighbor_id": self.prompt_ids[self.inject_pos - 1],
+            "right_neighbor_id": self.prompt_ids[self.inject_pos + 1],
+            "injection_scale": self.injection_scale,
+            "max_new_tokens": self.max_new_tokens,
+            "stop": self.stop,
+        }
 
     def max_added_tokens(self) -> int | None:
         return None
