@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -31,6 +32,8 @@ from .types import (
     Accepted,
     Analysis,
     APIError,
+    BatchItemResult,
+    BatchRun,
     Extraction,
     JobStatus,
     ModelListing,
@@ -40,6 +43,8 @@ from .types import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+BATCHES = "/api/v1/batches"
+BATCH_OVER = frozenset({"completed", "cancelled"})
 R = TypeVar("R")
 
 
@@ -71,12 +76,19 @@ class Operations:
 
     # -- transport ----------------------------------------------------------------------------------------------
     def _send(
-        self, method: str, path: str, body: Any = None, *, stream: bool = False
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        stream: bool = False,
+        content: bytes | None = None,
+        content_type: str | None = None,
     ) -> Plan[httpx.Response]:
         """One request, retried on 429/503 (after Retry-After) and on connections that could not be opened."""
         for attempt in range(self.max_retries + 1):
             try:
-                response: httpx.Response = yield Request(method, path, body, stream)
+                response: httpx.Response = yield Request(method, path, body, stream, content, content_type)
             except httpx.ConnectError:
                 if attempt == self.max_retries:
                     raise
@@ -318,3 +330,83 @@ class Operations:
         return (
             yield from self._json("POST", "/api/v1/tokenize", W.analyze_body(text, messages, None, model_id))
         )
+
+    # -- batches ------------------------------------------------------------------------------------------------
+    @operation
+    def batch(
+        self,
+        items: Iterable[dict[str, Any] | str],
+        *,
+        options: dict[str, Any] | None = None,
+        model_id: str | None = None,
+    ) -> Plan[BatchRun]:
+        """Submit many analyses at once (`{id, text | messages, options?}` each; a plain string is a text whose id
+        is its index) and get the `BatchRun` at once: iterate it for the items' results as they finish, keep its
+        `batch_id` to resume later with `batch_results`. The items run as the server's interactive load allows."""
+        body: dict[str, Any] = {
+            "items": [
+                {"id": i, "text": item} if isinstance(item, str) else dict(item)
+                for i, item in enumerate(items)
+            ]
+        }
+        if options:
+            body["options"] = options
+        if model_id:
+            body["model_id"] = model_id
+        return BatchRun.of((yield from self._json("POST", BATCHES, body)), self)
+
+    @operation
+    def batch_jsonl(
+        self, jsonl: str | bytes, *, options: dict[str, Any] | None = None, model_id: str | None = None
+    ) -> Plan[BatchRun]:
+        """Submit a JSONL upload as it is (one item per line): a line that is not a valid item fails alone, with its
+        line number, and the others run."""
+        query = []
+        if options:
+            query.append("options=" + quote(json.dumps(options)))
+        if model_id:
+            query.append("model_id=" + quote(model_id))
+        path = BATCHES + ("?" + "&".join(query) if query else "")
+        content = jsonl.encode() if isinstance(jsonl, str) else jsonl
+        response = yield from self._send("POST", path, content=content, content_type="application/x-ndjson")
+        return BatchRun.of(response.json(), self)
+
+    @operation
+    def batch_status(self, batch_id: str) -> Plan[dict[str, Any]]:
+        """A batch's progress: `status`, `items` (total, done, completed, failed, cancelled, running, pending),
+        `positions_done`, `positions_per_second`, `eta_seconds`."""
+        return (yield from self._json("GET", f"{BATCHES}/{batch_id}"))
+
+    @operation
+    def batches(self, limit: int = 20, offset: int = 0) -> Plan[dict[str, Any]]:
+        return (yield from self._json("GET", f"{BATCHES}?limit={limit}&offset={offset}"))
+
+    @operation
+    def cancel_batch(self, batch_id: str) -> Plan[dict[str, Any]]:
+        return (yield from self._json("POST", f"{BATCHES}/{batch_id}/cancel"))
+
+    @operation
+    def delete_batch(self, batch_id: str) -> Plan[dict[str, Any]]:
+        return (yield from self._json("DELETE", f"{BATCHES}/{batch_id}"))
+
+    @iteration
+    def batch_results(self, batch_id: str, after: int = 0, *, poll: float = 0.5) -> Events[BatchItemResult]:
+        """The batch's item results in completion order as they finish, after the first `after` (to resume),
+        until the batch is over. Polls (each poll is a short request, so no proxy or timeout cuts a long batch)."""
+        seen, delay = after, poll
+        while True:
+            state = yield from self._json(
+                "GET", f"{BATCHES}/{batch_id}"
+            )  # before the lines: then none is missed
+            response = yield from self._send("GET", f"{BATCHES}/{batch_id}/results?after={seen}")
+            lines = [line for line in response.text.splitlines() if line]
+            for line in lines:
+                seen += 1
+                yield Emit(BatchItemResult.of(json.loads(line)))
+            if state["status"] in BATCH_OVER and not state["items"]["running"]:
+                return
+            if lines:
+                delay = poll
+            else:
+                yield Sleep(delay)
+                delay = min(delay * 1.5, 2.0)

@@ -42,8 +42,10 @@ class Request:
 
     method: str
     path: str
-    body: Any = None
+    body: Any = None  # sent as JSON
     stream: bool = False
+    content: bytes | None = None  # sent as it is, instead of a JSON body (a JSONL upload)
+    content_type: str | None = None
 
 
 @dataclass(frozen=True)

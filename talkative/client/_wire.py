@@ -87,6 +87,20 @@ def error_of(status: int, body: Any, retry: float | None = None) -> APIError:
 
 
 # -- bodies ---------------------------------------------------------------------------------------------------------
+def build(
+    http: httpx.Client | httpx.AsyncClient,
+    method: str,
+    path: str,
+    body: Any,
+    content: bytes | None,
+    content_type: str | None,
+) -> httpx.Request:
+    """The request of a `Request` effect: a JSON body, or raw content with its type (a JSONL upload)."""
+    if content is None:
+        return http.build_request(method, path, json=body)
+    return http.build_request(method, path, content=content, headers={"Content-Type": content_type or ""})
+
+
 def _input(text: str | None, messages: Sequence[dict[str, str]] | None) -> dict[str, Any]:
     if (text is None) == (messages is None):
         raise ValueError("give exactly one of text or messages")

@@ -114,8 +114,8 @@ class AsyncClient(Operations):
 
     async def _do(self, effect: Effect, scope: AsyncExitStack) -> Any:
         match effect:
-            case Request(method, path, body, stream):
-                request = self._http.build_request(method, path, json=body)
+            case Request(method, path, body, stream, content, content_type):
+                request = W.build(self._http, method, path, body, content, content_type)
                 response = await self._http.send(request, stream=stream)
                 if stream and response.is_error:
                     await response.aread()

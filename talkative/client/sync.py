@@ -117,8 +117,10 @@ class Client(Operations):
 
     def _do(self, effect: Effect, scope: ExitStack) -> Any:
         match effect:
-            case Request(method, path, body, stream):
-                response = self._http.send(self._http.build_request(method, path, json=body), stream=stream)
+            case Request(method, path, body, stream, content, content_type):
+                response = self._http.send(
+                    W.build(self._http, method, path, body, content, content_type), stream=stream
+                )
                 if stream and response.is_error:
                     response.read()
                     response.close()

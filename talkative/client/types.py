@@ -244,3 +244,55 @@ class Extraction:
     activations: list[list[float]]
     prompt: str
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class BatchItemResult:
+    """One item of a batch as it finished: `completed` with its rows and metadata, or `failed` with its error
+    (`line`: its line in a JSONL upload)."""
+
+    id: Any  # the item's id as submitted (a string or an integer; None for a JSONL line that had none)
+    status: str  # completed | failed
+    tokens: list[dict[str, Any]]
+    metadata: dict[str, Any]
+    error: str | None
+    line: int | None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> BatchItemResult:
+        return cls(
+            body.get("id"),
+            body["status"],
+            body.get("tokens", []),
+            body.get("metadata", {}),
+            body.get("error"),
+            body.get("line"),
+            body,
+        )
+
+
+@dataclass
+class BatchRun:
+    """A submitted batch: its id (to resume with `client.batch_results(batch_id, after=n)`), its size, and its
+    results as they finish: `for item in run` on a `Client`, `async for item in run` on an `AsyncClient`."""
+
+    batch_id: str
+    total: int
+    status: str
+    client: Any = field(repr=False)  # the Client or AsyncClient that submitted it
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, body: dict[str, Any], client: Any) -> BatchRun:
+        return cls(body["batch_id"], body["items"]["total"], body["status"], client, body)
+
+    def __iter__(self) -> Any:
+        return iter(self.client.batch_results(self.batch_id))
+
+    def __aiter__(self) -> Any:
+        return aiter(self.client.batch_results(self.batch_id))

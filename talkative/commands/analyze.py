@@ -1,4 +1,5 @@
-"""`talkative analyze "TEXT"`: a readable table of every token's explanation and metrics, or `--json` rows."""
+"""`talkative analyze "TEXT"`: a readable table of every token's explanation and metrics, or `--json` rows; with
+`--input items.jsonl --output rows.jsonl`, a file of items as one batch on a server (`analyze_batch.py`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype")
     p.add_argument("--json", action="store_true", help="print the rows (and metadata) as JSON")
     p.add_argument("--server", help="analyse on a running Talkative server at this URL instead of locally")
+    p.add_argument(
+        "--input",
+        type=Path,
+        help="a JSONL file of items ({id, text | messages, options?} per line) to analyse as one batch on a "
+        "server (--server, default http://127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        help="with --input: the JSONL file each item's result is appended to as it arrives (re-running the same "
+        "command skips the items already in it)",
+    )
     p.add_argument("--api-key", help="API key for --server (default: $TALKATIVE_API_KEY)")
     p.add_argument("--model-id", help="with --server: the model to use (default: the server's current model)")
     p.add_argument(
@@ -73,6 +86,14 @@ def _inputs(args: argparse.Namespace) -> tuple[str | None, list[dict[str, str]] 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.input is not None or args.output is not None:
+        if args.input is None or args.output is None:
+            raise SystemExit("give --input and --output together")
+        if args.text or args.messages:
+            raise SystemExit("give either TEXT / --messages or --input, not both")
+        from . import analyze_batch
+
+        return analyze_batch.run(args, _options(args))
     text, messages = _inputs(args)
     options = _options(args)
     if args.server:

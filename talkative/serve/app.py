@@ -37,6 +37,7 @@ from .auth.ratelimit import RateLimiter
 from .catalog.registry import Registry, load_registry
 from .catalog.residency import Residency
 from .jobs.analysis import AnalysisKind
+from .jobs.batches import Batches, BatchStore
 from .jobs.generation import GenerateKind, Generations, TokenLogs
 from .jobs.kinds import JobKind, final_message
 from .jobs.store import JobStore
@@ -62,16 +63,19 @@ WebSocket `/ws` streams progress and results. Errors are `{"detail": "..."}` wit
 
 @dataclass
 class Serving:
-    """What the lifespan built: the service the routes use and the generations front."""
+    """What the lifespan built: the service the routes use, the generations front and the batches."""
 
     service: Service
     generations: Generations
     logs: TokenLogs
+    batches: Batches
 
     async def start(self) -> None:
         await self.service.start()
+        await self.batches.start()  # after the scheduler has recovered the jobs of unfinished batch items
 
     async def stop(self) -> None:
+        await self.batches.stop()
         await self.generations.close()
         self.logs.close()
         await self.service.stop()
@@ -116,8 +120,11 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
     )
     service = Service(settings, registry, residency, store, scheduler, hub)
     generations = Generations(scheduler, registry, settings, logs, service.submit_analysis)
+    batches = Batches(
+        settings, BatchStore(settings.store_path()), scheduler, service.submit_analysis, devices=len(workers)
+    )
     metrics.bind(service)
-    return Serving(service, generations, logs)
+    return Serving(service, generations, logs, batches)
 
 
 def protect(
@@ -164,6 +171,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         serving = build_serving(settings, registry, access, metrics)
         app.state.service = serving.service
         app.state.generations = serving.generations
+        app.state.batches = serving.batches
         log_access(access)
         await serving.start()
         log.info(

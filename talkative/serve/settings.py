@@ -182,6 +182,18 @@ class Settings(BaseSettings):
         "GPUs yes, on the CPU no (engine time grows with rows there, so padding only delays the finishing job).",
     )
 
+    # -- batch jobs (docs/server.md, Batches) ----------------------------------------------------------------------
+    max_batch_items: int = Field(10000, ge=1, description="Items one batch may hold; more get 413.")
+    max_batches_in_flight: int = Field(
+        4, ge=1, description="Unfinished batches per key (or IP); another one gets 429."
+    )
+    max_active_batch_jobs: int = Field(
+        2,
+        ge=1,
+        description="Batch items admitted at once per device, on top of MAX_ACTIVE_JOBS interactive jobs: a batch "
+        "takes only what interactive requests leave, so they keep their latency.",
+    )
+
     # -- storage --------------------------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Job store (jobs.sqlite3) lives here.")
     result_retention_days: float = Field(7, gt=0, description="Finished jobs are purged after this long.")

@@ -10,6 +10,7 @@ against MAX_TEXT_LENGTH) and the `ModelId` / `ClientRequestId` limits.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ...nla import vectors as V
 from ...nla.options import MAX_MESSAGES, AnalyzeOptions, ChatMessage
 from ..jobs.record import text_length
-from .strict import StrictBody
+from .strict import StrictBody, loose_scalars
 
 MAX_ID_CHARS = 200  # model and group ids: registry keys, far shorter in practice
 MAX_CLIENT_ID_CHARS = 200  # a client's own request id, echoed back: bounded so echoes stay small
@@ -331,3 +332,105 @@ class ExtractRequest(TextOrMessages):
 
 class TokenizeRequest(TextOrMessages):
     """`POST /api/v1/tokenize`: a text's tokens, or a rendered chat's."""
+
+
+# -- batches ----------------------------------------------------------------------------------------------------------
+MAX_ITEM_ID_CHARS = 200  # an item's id is echoed on its result line: bounded so lines stay small
+ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ITEM_ID_CHARS)] | int
+
+
+class BatchItem(TextOrMessages):
+    """One item of a batch: the client's id, a text or chat messages, and options over the batch's defaults."""
+
+    id: ItemId = Field(description="The client's id of the item (a string or an integer), unique in the batch.")
+    text: Text | None = Field(None, description="Text to analyse (or give `messages`).")
+    options: dict[str, Any] | None = Field(
+        None, description="Analysis options over the batch's `options` (each key given here wins)."
+    )
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_is_a_string_or_an_integer(cls, v: Any) -> Any:
+        if not isinstance(v, str | int) or isinstance(v, bool):
+            raise ValueError("an item's id must be a string or an integer")
+        return v
+
+    @model_validator(mode="after")
+    def _no_own_model(self) -> BatchItem:
+        if self.model_id is not None:
+            raise ValueError("model_id is the batch's: give it once, beside items")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("text is empty")
+        return self
+
+    def engine_request(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """What the item's analysis job stores: its input and the options set by the batch or by the item,
+        checked as one `AnalyzeOptions` (unknown keys and out-of-range values are refused)."""
+        merged = {**defaults, **(self.options or {})}
+        problem = loose_scalars(AnalyzeOptions, merged, "options")
+        if problem:
+            raise ValueError(problem)
+        options = AnalyzeOptions.model_validate(merged)
+        if self.text is not None and options.last_n_messages is not None:
+            raise ValueError("options.last_n_messages applies to chat messages only; send messages, not text")
+        return {"options": options.model_dump(exclude_unset=True), **self.input()}
+
+
+class BatchDefaults(StrictBody):
+    """What a batch's items share: the model (default: the caller's current model) and default options."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_id: ModelId | None = Field(None, description="Model every item runs on; default: your current model.")
+    options: AnalyzeOptions | None = Field(None, description="Options of every item (an item's own win).")
+
+    def option_defaults(self) -> dict[str, Any]:
+        return self.options.model_dump(exclude_unset=True) if self.options else {}
+
+
+class BatchRequest(BatchDefaults):
+    """`POST /api/v1/batches` as JSON: the items and their shared defaults."""
+
+    items: list[BatchItem] = Field(min_length=1, description="The items, in the order they are submitted.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> BatchRequest:
+        seen: set[str] = set()
+        for i, item in enumerate(self.items):
+            key = json.dumps(item.id)
+            if key in seen:
+                raise ValueError(f"items.{i}.id: {item.id!r} is the id of an earlier item; ids must be unique")
+            seen.add(key)
+        return self
+
+
+class BatchItemCounts(BaseModel):
+    total: int
+    done: int
+    completed: int
+    failed: int
+    cancelled: int
+    running: int
+    pending: int
+
+
+class BatchProgress(BaseModel):
+    """A batch's state: `GET /api/v1/batches/{batch_id}` (and the answer to its submission)."""
+
+    batch_id: str
+    status: Literal["queued", "running", "completed", "cancelled"]
+    model_id: str
+    created_at: str | None
+    started_at: str | None
+    completed_at: str | None
+    items: BatchItemCounts
+    positions_done: int
+    positions_per_second: float | None
+    eta_seconds: float | None
+    options: dict[str, Any]
+
+
+class BatchListing(BaseModel):
+    batches: list[BatchProgress]
+    total: int
+    limit: int
+    offset: int

@@ -22,6 +22,7 @@ from ..scheduling.policy import SchedulingPolicy, WorkView
 from ..scheduling.types import STAGE_EXPLAINING, STAGE_PREPARING, DeviceState, Work
 from ..scheduling.workers import WorkFailed
 from ..settings import Settings
+from .batches import is_batch_item
 from .kinds import JobControl, JobKind
 from .record import COMPLETED, FAILED, Job
 
@@ -129,6 +130,7 @@ class AnalysisKind(JobKind):
             row_budget=self._budget(work.job.model_id),
             last_served=work.last_served,
             created_at=work.job.created_at,
+            batch=is_batch_item(work.job),
         )
 
     def _take(self, work: Work, n: int) -> list[int]:

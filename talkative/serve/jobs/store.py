@@ -47,6 +47,35 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE INDEX IF NOT EXISTS jobs_completed ON jobs(completed_at);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created_at);
+-- batch jobs (jobs/batches.py): a batch, and each of its items with the item's result line once it is done
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    owner TEXT,
+    status TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    options TEXT NOT NULL,
+    source TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL
+);
+CREATE INDEX IF NOT EXISTS batches_owner ON batches(owner, created_at);
+CREATE TABLE IF NOT EXISTS batch_items (
+    batch_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    item_id TEXT,
+    line INTEGER,
+    request TEXT,
+    status TEXT NOT NULL,
+    job_id TEXT,
+    done_seq INTEGER,
+    positions INTEGER,
+    result TEXT,
+    PRIMARY KEY (batch_id, seq)
+);
+CREATE INDEX IF NOT EXISTS batch_items_done ON batch_items(batch_id, done_seq);
+CREATE INDEX IF NOT EXISTS batch_items_status ON batch_items(batch_id, status);
 """
 COLUMNS = (
     "id",

@@ -18,6 +18,12 @@ different policy is one more class with the same three methods, chosen where the
   not stuck behind a long one) and filled with the next chunks of jobs with the same batch key, within the lead
   model's row budget (positions × best_of_k ≤ `auto_batch_size_max`) and the lead's rows × tokens cap. Where
   rows cost engine time (a CPU), a batch that completes its lead takes only parts that complete their jobs too.
+* **Interactive work first.** The items of a batch job (`jobs/batches.py`) are ordinary analyses marked `batch`,
+  and they only take what interactive requests leave: they are routed only when no interactive job waits, at
+  most `MAX_ACTIVE_BATCH_JOBS` of them per device (on top of, never counted against, the `MAX_ACTIVE_JOBS`
+  interactive places), an engine batch is led by interactive work whenever some is ready, and where rows cost
+  engine time a batch led by interactive work takes no batch items' chunks. So a short request arriving during a
+  large batch waits for at most the engine batch in flight.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class QueuedJob:
     job_id: str
     group_id: str
     takes_place: bool  # admitted, it holds one of the device's MAX_ACTIVE_JOBS places (a switch does not)
+    batch: bool = False  # an item of a batch job: it yields to interactive jobs
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class DeviceView:
     busy: bool
     last_used: float
     remaining_rows: int  # engine rows its admitted work still has to run
+    batch_jobs: int = 0  # of its active jobs, the batch items (they hold no interactive place)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Snapshot:
     preloading: frozenset[str]  # groups being loaded into the CPU cache (switching to one then is a move)
     max_active_jobs: int
     now: float
+    max_batch_jobs: int = 1  # batch items a device runs at once, beside its interactive jobs
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class WorkView:
     row_budget: int  # its model's rows per batch (auto_batch_size_max)
     last_served: int
     created_at: float
+    batch: bool = False  # an item of a batch job: never leads while interactive work is ready
 
 
 # -- the decisions ---------------------------------------------------------------------------------------------------
@@ -126,21 +136,40 @@ class FifoGroupPhases:
     name = "fifo_group_phases"
 
     def route(self, snapshot: Snapshot) -> list[Decision]:
-        """Admissions, switches and drains for the queue, in order; later jobs see the earlier decisions."""
+        """Admissions, switches and drains for the queue, in order; later jobs see the earlier decisions.
+        Interactive jobs first; batch items only once no interactive job is left waiting."""
         devices = list(snapshot.devices)
         decisions: list[Decision] = []
-        waiting: set[str] = set()  # groups with an older job still waiting: keep FIFO inside a group
+        interactive = [q for q in snapshot.queue if not q.batch]
+        waiting = self._route(interactive, devices, decisions, snapshot, batch=False)
+        if not waiting:
+            self._route([q for q in snapshot.queue if q.batch], devices, decisions, snapshot, batch=True)
+        return decisions
 
-        for queued in snapshot.queue:
+    def _route(
+        self,
+        queue: Sequence[QueuedJob],
+        devices: list[DeviceView],
+        decisions: list[Decision],
+        snapshot: Snapshot,
+        *,
+        batch: bool,
+    ) -> set[str]:
+        """Route one class of jobs (interactive or batch) in queue order, appending to `decisions` and updating
+        `devices`; the groups left with a job waiting."""
+        waiting: set[str] = set()  # groups with an older job still waiting: keep FIFO inside a group
+        for queued in queue:
             gid = queued.group_id
             if gid in waiting:
                 continue
-            target = self._device_for(devices, gid, snapshot.max_active_jobs)
+            target = self._device_for(devices, gid, snapshot, batch=batch)
             if target is not None:
                 decisions.append(Admit(queued.job_id, devices[target].name))
                 dev = devices[target]
                 if queued.takes_place:
-                    dev = replace(dev, active_jobs=dev.active_jobs + 1, busy=True)
+                    dev = replace(
+                        dev, active_jobs=dev.active_jobs + 1, batch_jobs=dev.batch_jobs + batch, busy=True
+                    )
                 devices[target] = replace(dev, last_used=snapshot.now)
                 continue
             waiting.add(gid)
@@ -161,17 +190,24 @@ class FifoGroupPhases:
                 i = min(candidates, key=lambda i: devices[i].remaining_rows)
                 decisions.append(Drain(devices[i].name, gid))
                 devices[i] = replace(devices[i], draining_for=gid)
-        return decisions
+        return waiting
 
     @staticmethod
-    def _device_for(devices: Sequence[DeviceView], gid: str, max_active_jobs: int) -> int | None:
+    def _device_for(
+        devices: Sequence[DeviceView], gid: str, snapshot: Snapshot, *, batch: bool
+    ) -> int | None:
+        """The least loaded device serving `gid` with a place for the job: interactive jobs count only each
+        other against MAX_ACTIVE_JOBS, batch items have their own MAX_ACTIVE_BATCH_JOBS places."""
+
+        def room(d: DeviceView) -> bool:
+            if batch:
+                return d.batch_jobs < snapshot.max_batch_jobs
+            return d.active_jobs - d.batch_jobs < snapshot.max_active_jobs
+
         fits = [
             i
             for i, d in enumerate(devices)
-            if d.group_id == gid
-            and d.loading is None
-            and d.draining_for is None
-            and d.active_jobs < max_active_jobs
+            if d.group_id == gid and d.loading is None and d.draining_for is None and room(d)
         ]
         return min(fits, key=lambda i: devices[i].active_jobs) if fits else None
 
@@ -187,11 +223,13 @@ class FifoGroupPhases:
 
     def fill_batch(self, ready: Sequence[WorkView], fill_finishing: bool) -> Batch:
         """One engine batch: the lead's next chunk, then chunks of jobs with its key while the budgets allow."""
-        order = sorted(ready, key=lambda w: (w.last_served, w.created_at))
+        order = sorted(ready, key=lambda w: (w.batch, w.last_served, w.created_at))
         lead = order[0]
         k = lead.best_of_k
         # a batch that completes its lead takes, where rows cost time, only parts that complete their jobs too
         only_whole = lead.pending <= lead.chunk and not fill_finishing
+        # where rows cost time, batch items' rows would only delay the interactive request leading the batch
+        no_batch_items = not lead.batch and not fill_finishing
         taken = min(lead.chunk, lead.pending)
         batch: Batch = [(lead.job_id, taken)]
         rows = taken * k
@@ -200,6 +238,8 @@ class FifoGroupPhases:
             room = min((lead.row_budget - rows) // k, lead.max_positions - rows // k)
             if room <= 0:
                 break
+            if other.batch and no_batch_items:
+                continue
             if other.key == lead.key and not (only_whole and other.pending > min(other.chunk, room)):
                 n = min(other.chunk, room, other.pending)
                 batch.append((other.job_id, n))

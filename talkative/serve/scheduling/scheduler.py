@@ -34,6 +34,7 @@ from typing import Any
 
 from ...nla.options import resolve
 from ..catalog.registry import Registry
+from ..jobs.batches import is_batch_item
 from ..jobs.kinds import SWITCH, JobKind, final_message
 from ..jobs.record import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Job, UnknownRequest, new_id
 from ..jobs.store import JobStore
@@ -488,13 +489,16 @@ class Scheduler:
         queued = []
         for job in self.queue:
             assert job.group_id is not None  # every submitted job names a model, hence a group
-            queued.append(QueuedJob(job.id, job.group_id, takes_place=job.kind in self.kinds))
+            queued.append(
+                QueuedJob(job.id, job.group_id, takes_place=job.kind in self.kinds, batch=is_batch_item(job))
+            )
         return Snapshot(
             queue=tuple(queued),
             devices=tuple(self._view(d) for d in self.devices),
             preloading=frozenset(self._preloads),
             max_active_jobs=self.settings.max_active_jobs,
             now=time.time(),
+            max_batch_jobs=self.settings.max_active_batch_jobs,
         )
 
     def _view(self, dev: DeviceState) -> DeviceView:
@@ -507,6 +511,7 @@ class Scheduler:
             busy=dev.busy,
             last_used=dev.last_used,
             remaining_rows=sum(kind.remaining_rows(dev) for kind in self._kind_list),
+            batch_jobs=sum(1 for w in dev.works.values() if is_batch_item(w.job)),
         )
 
     def _device(self, name: str) -> DeviceState:

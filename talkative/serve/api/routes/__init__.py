@@ -12,7 +12,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from ..ws import protocol
-from . import admin, analyses, generation, health, history, legend, metrics, models, slim, vectors
+from . import admin, analyses, batches, generation, health, history, legend, metrics, models, slim, vectors
 
 #: in the order of the OpenAPI description: public routes first, then the resources
 ROUTERS: tuple[APIRouter, ...] = (
@@ -20,6 +20,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     analyses.router,
     models.router,
     history.router,
+    batches.router,
     generation.router,
     slim.router,
     vectors.router,

@@ -129,3 +129,43 @@ def test_a_batch_that_finishes_its_lead_takes_only_finishing_parts_where_rows_co
     ready = [work("short", 2, served=1), work("long", 30, served=2), work("tiny", 1, served=3)]
     assert POLICY.fill_batch(ready, fill_finishing=False) == [("short", 2), ("tiny", 1)]
     assert POLICY.fill_batch(ready, fill_finishing=True) == [("short", 2), ("long", 4), ("tiny", 1)]
+
+
+# -- batch items yield to interactive jobs ---------------------------------------------------------------------------
+def item(job_id: str, group: str = "ga") -> QueuedJob:
+    return QueuedJob(job_id, group, takes_place=True, batch=True)
+
+
+def test_batch_items_are_routed_only_when_no_interactive_job_waits() -> None:
+    full = replace(IDLE, active_jobs=2, busy=True)  # its two interactive places are taken
+    # an interactive job waits for a place: the batch item waits too, although the device has a batch place
+    assert POLICY.route(snapshot(item("b1"), job("i1"), devices=(full,))) == []
+    # nobody interactive waits: the batch item takes a batch place beside the interactive jobs
+    assert POLICY.route(snapshot(item("b1"), devices=(full,))) == [Admit("b1", "cuda:0")]
+
+
+def test_an_interactive_job_overtakes_older_batch_items() -> None:
+    decisions = POLICY.route(snapshot(item("b1"), item("b2"), job("i1"), max_active_jobs=1, max_batch_jobs=1))
+    assert decisions == [Admit("i1", "cuda:0"), Admit("b1", "cuda:0")]
+
+
+def test_batch_items_have_their_own_bounded_places_and_never_take_interactive_ones() -> None:
+    decisions = POLICY.route(snapshot(item("b1"), item("b2"), item("b3"), max_batch_jobs=2))
+    assert decisions == [Admit("b1", "cuda:0"), Admit("b2", "cuda:0")]
+    busy_with_batch = replace(IDLE, active_jobs=2, batch_jobs=2, busy=True)
+    assert POLICY.route(snapshot(item("b3"), devices=(busy_with_batch,), max_batch_jobs=2)) == []
+    # the device's two batch items do not count against the interactive places (MAX_ACTIVE_JOBS = 2)
+    assert POLICY.route(snapshot(job("i1"), job("i2"), devices=(busy_with_batch,))) == [
+        Admit("i1", "cuda:0"),
+        Admit("i2", "cuda:0"),
+    ]
+
+
+def test_interactive_work_leads_the_engine_batch_and_batch_rows_stay_out_where_they_cost_time() -> None:
+    batch_item = replace(work("item", 12, served=0), batch=True)  # served least recently, yet it yields
+    ready = [batch_item, work("short", 2, served=5)]
+    assert POLICY.fill_batch(ready, fill_finishing=False) == [("short", 2)]
+    assert POLICY.fill_batch(ready, fill_finishing=True) == [("short", 2), ("item", 4)]
+    # with no interactive work ready, batch items fill batches among themselves as usual
+    other = replace(work("item2", 12, served=1), batch=True)
+    assert POLICY.fill_batch([batch_item, other], fill_finishing=False) == [("item", 4), ("item2", 4)]

@@ -1,0 +1,253 @@
+"""Batches over a fake scheduler: stored before anyone hears of them, fed a few items at a time, results in
+completion order, unreadable items failed at once, resumed after a restart without running finished items again,
+cancelled, limited per key, and retried when the queue is full."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from talkative.serve.jobs import batches as B
+from talkative.serve.jobs.batches import Batches, BatchStore, ItemSpec, is_batch_item
+from talkative.serve.jobs.record import CANCELLED, COMPLETED, FAILED, QUEUED, Job, new_id
+from talkative.serve.jobs.store import JobStore
+from talkative.serve.scheduling.types import SchedulerError
+from talkative.serve.settings import Settings
+
+
+class FakeScheduler:
+    """Jobs that end when the test says so; `refuse` answers submissions with a 429 while it is above zero."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}  # unfinished
+        self.ended: dict[str, Job] = {}
+        self.submitted: list[Job] = []
+        self.refuse = 0
+        self._futures: dict[str, asyncio.Future[Job]] = {}
+
+    async def submit(
+        self, request: dict[str, Any], *, model_id: str, client_request_id: Any, owner: Any
+    ) -> Job:
+        if self.refuse:
+            self.refuse -= 1
+            raise SchedulerError(429, "queue full", reason="queue_full", retry_after=1)
+        job = Job(id=new_id(), kind="analyze", request=request, model_id=model_id, group_id="g", owner=owner)
+        self.jobs[job.id] = job
+        self.submitted.append(job)
+        return job
+
+    def recover(self, job: Job) -> None:
+        """A job a previous process left unfinished, queued again (as the real scheduler does at start)."""
+        job.status = QUEUED
+        self.jobs[job.id] = job
+
+    def _future(self, job_id: str) -> asyncio.Future[Job]:
+        return self._futures.setdefault(job_id, asyncio.get_running_loop().create_future())
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        if job_id in self.ended:
+            return self.ended[job_id]
+        return await self._future(job_id)
+
+    async def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id) or self.ended.get(job_id)
+
+    async def cancel(self, job_id: str, reason: str = "Cancelled by user") -> Job:
+        job = self.jobs[job_id]
+        self.end(job, CANCELLED, error=reason)
+        return job
+
+    def end(self, job: Job, status: str, n_tokens: int = 3, error: str | None = None) -> None:
+        job.status = status
+        if status == COMPLETED:
+            job.result = {"tokens": [{"position": p} for p in range(n_tokens)], "metadata": {"seed": 1}}
+        job.error = error
+        self.jobs.pop(job.id, None)
+        self.ended[job.id] = job
+        self._future(job.id).set_result(job)
+
+
+def settings(**kw: Any) -> Settings:
+    return Settings(_env_file=None, max_active_batch_jobs=1, **kw)  # type: ignore[call-arg]
+
+
+def specs(n: int) -> list[ItemSpec]:
+    return [ItemSpec(f"i{k}", {"text": f"text {k}", "options": {}}) for k in range(n)]
+
+
+async def settle() -> None:
+    """Let the feed and the store's thread do what they can now (store calls leave the event loop)."""
+    for _ in range(40):
+        await asyncio.sleep(0.005)
+
+
+def run(tmp_path: Path, body: Callable[[Path], Awaitable[None]]) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    JobStore(path).close()  # the job store makes the tables (its schema holds the batches' too)
+    asyncio.run(body(path))
+
+
+async def started(path: Path, sched: FakeScheduler, **kw: Any) -> Batches:
+    batches = Batches(settings(**kw), BatchStore(path), sched, sched.submit, devices=1)
+    await batches.start()
+    return batches
+
+
+def test_items_are_fed_a_few_at_a_time_and_results_come_in_completion_order(tmp_path: Path) -> None:
+    async def body(path: Path) -> None:
+        sched = FakeScheduler()
+        batches = await started(path, sched)
+        batch = await batches.submit("key:a", "m", {"seed": 1}, specs(4), "json")
+        assert (await BatchStore(path).get(batch.id)) is not None  # stored before the submitter returns
+        await settle()
+        assert len(sched.submitted) == batches.depth == 2  # 1 device × 1 batch place + 1 waiting
+        first, second = sched.submitted
+        assert all(
+            is_batch_item(j) and j.request["batch_id"] == batch.id and j.owner is None
+            for j in (first, second)
+        )
+        sched.end(second, COMPLETED)
+        sched.end(first, FAILED, error="boom")
+        await settle()
+        lines = [json.loads(x) for x in await batches.results(batch.id, 0)]
+        assert [(x["id"], x["status"]) for x in lines] == [("i1", "completed"), ("i0", "failed")]
+        assert lines[0]["tokens"] == [{"position": p} for p in range(3)] and lines[1]["error"] == "boom"
+        while len(sched.submitted) < 4 or sched.jobs:
+            for job in list(sched.jobs.values()):
+                sched.end(job, COMPLETED)
+            await settle()
+        done = await batches.get(batch.id)
+        progress = batches.progress(done)
+        assert (
+            done.status == COMPLETED
+            and progress["items"]["completed"] == 3
+            and progress["items"]["failed"] == 1
+        )
+        assert progress["positions_done"] == 9 and [
+            x["id"] for x in map(json.loads, await batches.results(batch.id, 2))
+        ] == [json.loads(x)["id"] for x in (await batches.results(batch.id, 0))[2:]]
+        await batches.stop()
+
+    run(tmp_path, body)
+
+
+def test_unreadable_items_fail_at_once_and_never_run(tmp_path: Path) -> None:
+    async def body(path: Path) -> None:
+        sched = FakeScheduler()
+        batches = await started(path, sched)
+        items = [
+            ItemSpec(None, None, "line 1: not JSON", 1),
+            ItemSpec("ok", {"text": "x", "options": {}}, None, 2),
+        ]
+        batch = await batches.submit(None, "m", {}, items, "jsonl")
+        assert batch.counts == {"failed": 1, "pending": 1}
+        lines = [json.loads(x) for x in await batches.results(batch.id, 0)]
+        assert lines == [{"id": None, "status": "failed", "line": 1, "error": "line 1: not JSON"}]
+        await settle()
+        assert [j.request["text"] for j in sched.submitted] == ["x"]
+        await batches.stop()
+
+    run(tmp_path, body)
+
+
+def test_a_restart_follows_jobs_in_flight_and_runs_only_what_never_finished(tmp_path: Path) -> None:
+    async def body(path: Path) -> None:
+        sched = FakeScheduler()
+        first = await started(path, sched)
+        batch = await first.submit("key:a", "m", {}, specs(5), "json")
+        await settle()
+        done = sched.submitted[0]
+        sched.end(done, COMPLETED)
+        await settle()
+        in_flight = list(sched.jobs.values())
+        assert len(in_flight) == 2
+        await first.stop()  # the process dies: one item finished, two in flight, two never started
+        later = FakeScheduler()
+        for job in in_flight:
+            later.recover(job)  # the scheduler's own recovery of unfinished jobs
+        second = await started(path, later)
+        await settle()
+        assert not {j.id for j in in_flight} & {
+            j.id for j in later.submitted
+        }  # followed, not submitted again
+        assert done.request["text"] not in {
+            j.request["text"] for j in later.submitted
+        }  # never computed again
+        for _ in range(100):
+            if (await second.get(batch.id)).status == COMPLETED:
+                break
+            for job in list(later.jobs.values()):
+                later.end(job, COMPLETED)
+            await settle()
+        lines = [json.loads(x)["id"] for x in await second.results(batch.id, 0)]
+        assert sorted(lines) == [f"i{k}" for k in range(5)] and lines[0] == "i0"
+        assert len(later.submitted) == 2  # exactly the two items that never started
+        await second.stop()
+
+    run(tmp_path, body)
+
+
+def test_cancel_stops_running_items_and_never_starts_pending_ones(tmp_path: Path) -> None:
+    async def body(path: Path) -> None:
+        sched = FakeScheduler()
+        batches = await started(path, sched)
+        batch = await batches.submit("key:a", "m", {}, specs(6), "json")
+        await settle()
+        sched.end(sched.submitted[0], COMPLETED)
+        await settle()
+        cancelled = await batches.cancel(batch.id)
+        await settle()
+        assert cancelled.status == CANCELLED
+        final = await batches.get(batch.id)
+        assert final.counts == {"completed": 1, "cancelled": 5} and len(sched.submitted) == 3
+        with pytest.raises(SchedulerError) as again:
+            await batches.cancel(batch.id)
+        assert again.value.status == 409
+        await batches.delete(batch.id)
+        assert await batches.store.get(batch.id) is None and await batches.results(batch.id, 0) == []
+        await batches.stop()
+
+    run(tmp_path, body)
+
+
+def test_batches_in_flight_per_key_are_limited(tmp_path: Path) -> None:
+    async def body(path: Path) -> None:
+        sched = FakeScheduler()
+        batches = await started(path, sched, max_batches_in_flight=1)
+        await batches.submit("key:a", "m", {}, specs(1), "json")
+        with pytest.raises(SchedulerError) as refused:
+            await batches.submit("key:a", "m", {}, specs(1), "json")
+        assert refused.value.status == 429 and "MAX_BATCHES_IN_FLIGHT" in refused.value.detail
+        await batches.submit("key:b", "m", {}, specs(1), "json")  # another key has its own limit
+        await batches.stop()
+
+    run(tmp_path, body)
+
+
+def test_a_full_queue_delays_items_and_a_foreign_cancel_runs_them_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(B, "BACKOFF_SECONDS", 0.01)
+
+    async def body(path: Path) -> None:
+        sched = FakeScheduler()
+        sched.refuse = 2
+        batches = await started(path, sched)
+        batch = await batches.submit(None, "m", {}, specs(1), "json")
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert len(sched.submitted) == 1  # refused twice, submitted the third time, not failed
+        await sched.cancel(sched.submitted[0].id, reason="the server was reset")  # not the batch's doing
+        await settle()
+        assert len(sched.submitted) == 2
+        sched.end(sched.submitted[1], COMPLETED)
+        await settle()
+        assert (await batches.get(batch.id)).counts == {"completed": 1}
+        await batches.stop()
+
+    run(tmp_path, body)
