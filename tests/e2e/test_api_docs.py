@@ -121,6 +121,8 @@ def parse(markdown: str) -> list[HttpExample | WsExample]:
             status = int(first.split()[1])
             if headers.get("content-type", "").startswith("text/event-stream"):
                 response: Any = _events(body)
+            elif headers.get("content-type", "").startswith("application/x-ndjson"):
+                response = [json.loads(line) for line in body.splitlines() if line.strip()]
             else:
                 response = json.loads(body) if body else None
             method, path, req_headers, req_body, req_line = pending
@@ -191,7 +193,8 @@ def run_http(server: Server, ex: HttpExample, values: Values) -> None:
     body = values.substitute(ex.body)
     where = f"docs/api.md:{ex.line} {ex.method} {ex.path}"
     headers = {k: values.substitute(v) for k, v in ex.headers.items()}
-    if isinstance(ex.response, list):  # an event stream
+    documented_type = ex.response_headers.get("content-type", "")
+    if documented_type.startswith("text/event-stream"):
         with httpx.stream(ex.method, server.url + path, json=body, headers=headers, timeout=300) as resp:
             assert resp.status_code == ex.status, f"{where}: {resp.status_code} {resp.read()!r}"
             assert resp.headers["content-type"].startswith("text/event-stream"), where
@@ -201,7 +204,7 @@ def run_http(server: Server, ex: HttpExample, values: Values) -> None:
     deadline = time.time() + 300
     while True:
         resp = httpx.request(ex.method, server.url + path, json=body, headers=headers, timeout=300)
-        got = resp.json() if resp.content else None
+        got = _body(resp)
         waiting = (
             ex.method == "GET"
             and isinstance(ex.response, dict)
@@ -216,7 +219,23 @@ def run_http(server: Server, ex: HttpExample, values: Values) -> None:
     for name in ex.response_headers:
         if name != "content-type":
             assert name in resp.headers, f"{where}: no {name} header"
+    if documented_type:
+        assert resp.headers["content-type"].startswith(documented_type), (
+            f"{where}: {resp.headers['content-type']}"
+        )
     values.match(ex.response, got, where)
+
+
+def _body(resp: httpx.Response) -> Any:
+    """A JSON answer, the lines of a JSONL one, or None for an empty or binary one (checked by its headers)."""
+    kind = resp.headers.get("content-type", "")
+    if not resp.content:
+        return None
+    if kind.startswith("application/x-ndjson"):
+        return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+    if kind.startswith("application/") and "json" in kind:
+        return resp.json()
+    return None
 
 
 def check_events(doc: list[Any], actual: list[Any], values: Values, where: str) -> None:

@@ -22,8 +22,9 @@ different policy is one more class with the same three methods, chosen where the
   and they only take what interactive requests leave: they are routed only when no interactive job waits, at
   most `MAX_ACTIVE_BATCH_JOBS` of them per device (on top of, never counted against, the `MAX_ACTIVE_JOBS`
   interactive places), an engine batch is led by interactive work whenever some is ready, and where rows cost
-  engine time a batch led by interactive work takes no batch items' chunks. So a short request arriving during a
-  large batch waits for at most the engine batch in flight.
+  engine time a batch led by interactive work takes no batch items' chunks and a batch of batch items holds at
+  most a quarter of the row budget. So a short request arriving during a large batch waits for at most one small
+  engine batch in flight.
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ class StopDraining:
 Decision = Admit | Switch | Drain | StopDraining
 #: an engine batch: (job id, positions it takes), the lead first
 Batch = list[tuple[str, int]]
+#: where rows cost engine time (a CPU), an engine batch of batch items holds at most this fraction of the row
+#: budget: an interactive request arriving then waits for a short batch, not a full one, and small batches cost a
+#: CPU little throughput (its engine time grows with rows anyway)
+BATCH_ROW_SHARE = 4
 
 
 class SchedulingPolicy(Protocol):
@@ -230,12 +235,15 @@ class FifoGroupPhases:
         only_whole = lead.pending <= lead.chunk and not fill_finishing
         # where rows cost time, batch items' rows would only delay the interactive request leading the batch
         no_batch_items = not lead.batch and not fill_finishing
-        taken = min(lead.chunk, lead.pending)
+        # and a batch of batch items stays small there, so that a request arriving waits for little
+        budget = lead.row_budget // BATCH_ROW_SHARE if lead.batch and not fill_finishing else lead.row_budget
+        budget = max(budget, k)
+        taken = min(lead.chunk, lead.pending, budget // k)
         batch: Batch = [(lead.job_id, taken)]
         rows = taken * k
         for other in order[1:]:
             # equal keys mean equal k and prompt pieces, so the lead's rows × tokens cap holds for all parts
-            room = min((lead.row_budget - rows) // k, lead.max_positions - rows // k)
+            room = min((budget - rows) // k, lead.max_positions - rows // k)
             if room <= 0:
                 break
             if other.batch and no_batch_items:

@@ -166,6 +166,15 @@ def test_interactive_work_leads_the_engine_batch_and_batch_rows_stay_out_where_t
     ready = [batch_item, work("short", 2, served=5)]
     assert POLICY.fill_batch(ready, fill_finishing=False) == [("short", 2)]
     assert POLICY.fill_batch(ready, fill_finishing=True) == [("short", 2), ("item", 4)]
-    # with no interactive work ready, batch items fill batches among themselves as usual
+    # with no interactive work ready, batch items fill batches among themselves (where rows are nearly free)
     other = replace(work("item2", 12, served=1), batch=True)
-    assert POLICY.fill_batch([batch_item, other], fill_finishing=False) == [("item", 4), ("item2", 4)]
+    assert POLICY.fill_batch([batch_item, other], fill_finishing=True) == [("item", 4), ("item2", 4)]
+
+
+def test_where_rows_cost_time_a_batch_of_batch_items_holds_a_quarter_of_the_row_budget() -> None:
+    items = [
+        replace(work("a", 40, chunk=8, served=1), batch=True),
+        replace(work("b", 40, chunk=8, served=2), batch=True),
+    ]
+    assert POLICY.fill_batch(items, fill_finishing=False) == [("a", 2)]  # 8 rows // 4
+    assert POLICY.fill_batch(items, fill_finishing=True) == [("a", 8)]  # rows nearly free: the whole chunk
