@@ -78,6 +78,38 @@ export class Api {
     return this.request(`api/history?limit=${limit}&offset=${offset}&kind=${kind}`);
   }
 
+  batches({ offset = 0, limit = 20 } = {}) {
+    return this.request(`api/v1/batches?limit=${limit}&offset=${offset}`);
+  }
+
+  cancelBatch(batchId) {
+    return this.request(`api/v1/batches/${encodeURIComponent(batchId)}/cancel`, { method: 'POST' });
+  }
+
+  /** A batch's results so far as JSONL text (one item per line). */
+  async batchResults(batchId) {
+    let response;
+    try {
+      response = await fetch(serverUrl(`api/v1/batches/${encodeURIComponent(batchId)}/results`), {
+        headers: { Accept: 'application/x-ndjson', ...authHeaders() },
+      });
+    } catch {
+      throw new ApiError(0, 'The server cannot be reached. Check that it is running.');
+    }
+    const text = await response.text();
+    if (!response.ok) {
+      let detail = `${response.status} ${response.statusText}`;
+      try {
+        detail = JSON.parse(text).detail || detail;
+      } catch {
+        // not JSON: the status line says enough
+      }
+      if (response.status === 401) this.onAuthRequired(detail);
+      throw new ApiError(response.status, detail);
+    }
+    return text;
+  }
+
   /** True when the server refuses us for want of a key (a WebSocket refused at the handshake says nothing). */
   async needsKey() {
     try {

@@ -12,6 +12,7 @@ import { Store } from './state.js';
 import { Socket } from './ws.js';
 import { createAnalyseForm } from './views/analyse-form.js';
 import { createGenerate } from './views/generate.js';
+import { createBatches } from './views/batches.js';
 import { createHistory } from './views/history.js';
 import { createKeyDialog } from './views/keydialog.js';
 import { preferredModel } from './views/model-picker.js';
@@ -122,7 +123,10 @@ function onMessage(msg) {
 const tabs = createTabs($('.tabs'), {
   onChange(name) {
     tooltip.hide();
-    if (name === 'history') historyView.reload();
+    if (name === 'history') {
+      historyView.reload();
+      batchesView.reload();
+    }
   },
 });
 createStatus({ store, socket, onKey: (reason) => keyDialog.open(reason) });
@@ -171,6 +175,7 @@ const historyView = createHistory({
   legend: () => store.get('legend'),
   metric: () => store.get('legend').get(store.get('metric')),
 });
+const batchesView = createBatches({ api, notify, visible: () => tabs.current() === 'history' });
 
 async function openJob(requestId) {
   tabs.select('analyse');
