@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import metrics as M
 from .checkpoint import NLA
+from .flags import EXCLUDING_FLAGS, FLAGS, POSITION_FLAGS, count_flags, row_flags
 from .kvcache import KVCache, PrefixView
 from .lens import TunedLens, format_top, logit_lens, tuned_lens_logits
 from .lm import sequence_bos_id
@@ -32,6 +33,7 @@ from .options import AnalyzeOptions, ChatMessage, Resolved, resolve
 from .prompts import encode_piece
 from .reconstructor import Reconstructor
 from .sampling import step_seeds
+from .steering import SteerError, add_scaled, resolve_direction
 from .stopping import Cancelled as Cancelled  # re-exported: callers catch it from here
 from .stopping import Check, stop_if
 from .verbalizer import Explanation, PromptOverrides, Verbalizer
@@ -46,12 +48,12 @@ DEFAULT_ROW_TOKEN_BUDGET = 8192
 # prepended to every row of a batch, so it multiplies the batch's cost; refused beyond this, before any engine work.
 MAX_PROMPT_PIECE_TOKENS = 256
 KL_ROW_TOKENS = 1 << 17  # rows x cached tokens per KL sub-batch, bounds the transient key/value copies
-# Known-noisy positions (the reference's exclusions): flagged in their rows and left out of the summary means.
+# Known-noisy positions (the reference's exclusions): flagged in their rows and left out of the summary means
+# (`POSITION_FLAGS`; the row flags of one outcome are in `flags.py`).
 # positions 0..9: too little context, and the first token often acts as an attention sink
 EARLY_POSITIONS = 10
 # a norm above this many times the input's median norm is an attention-sink style outlier
 OUTLIER_FACTOR = 3.0
-FLAGS = ("early_position", "bos", "system_prompt", "outlier")
 
 
 class AnalysisError(ValueError):
@@ -78,6 +80,9 @@ class Prepared:
     seed: int = 42
     flags: dict[int, list[str]] = field(default_factory=dict)  # position -> its FLAGS, flagged positions only
     extract_seconds: float = 0.0
+    steered: bool = (
+        False  # `acts` were pushed along a steering direction: the KL reference is the pushed vector
+    )
 
     @property
     def outliers(self) -> set[int]:
@@ -168,7 +173,7 @@ def _system_end(nla: NLA, messages: Sequence[Any], full_ids: list[int]) -> int:
 def position_flags(
     ids: Sequence[int], norms: Tensor, *, bos_id: int | None, system_end: int
 ) -> dict[int, list[str]]:
-    """The known-noisy positions of an input and why (`FLAGS` order): the first `EARLY_POSITIONS`, BOS tokens,
+    """The known-noisy positions of an input and why (`POSITION_FLAGS` order): the first `EARLY_POSITIONS`, BOS tokens,
     system-prompt positions (before `system_end`) and norms above `OUTLIER_FACTOR` × the median norm."""
     outliers: set[int] = set()
     if len(ids) >= 4:  # a median of fewer norms says nothing
@@ -179,7 +184,7 @@ def position_flags(
         flags = [
             name
             for name, on in zip(
-                FLAGS,
+                POSITION_FLAGS,
                 (i < EARLY_POSITIONS, bos_id is not None and t == bos_id, i < system_end, i in outliers),
                 strict=True,
             )
@@ -228,6 +233,7 @@ def prepare(
     t0 = time.perf_counter()
     with torch.no_grad():
         acts, clean = _extract(nla, ids, want_clean=opts.kl)
+        direction = steer_direction(nla, opts, max_tokens=max_tokens)
     flags = position_flags(
         ids,
         acts.float().norm(dim=-1),
@@ -239,14 +245,28 @@ def prepare(
         ids=ids,
         tokens=tokens,
         positions=chosen,
-        acts=acts,
+        acts=acts
+        if direction is None or opts.steer is None
+        else add_scaled(acts, direction, opts.steer.alpha),
         options=opts,
         clean=clean,
         text=rendered,
         seed=opts.seed,
         flags=flags,
         extract_seconds=time.perf_counter() - t0,
+        steered=opts.steer is not None and opts.steer.alpha != 0,
     )
+
+
+def steer_direction(nla: NLA, opts: Resolved, *, max_tokens: int | None = None) -> Tensor | None:
+    """The unit direction of the options' steer (None without one); a direction that cannot steer is refused."""
+    if opts.steer is None:
+        return None
+    try:
+        with torch.no_grad():
+            return resolve_direction(nla, opts.steer, max_tokens=max_tokens)
+    except SteerError as exc:
+        raise AnalysisError(str(exc)) from None
 
 
 def _resolve_positions(positions: Sequence[int], n: int) -> list[int]:
@@ -323,6 +343,7 @@ def _bound_piece(name: str, ids: list[int]) -> list[int]:
 def check_options(nla: NLA, opts: Resolved, tuned: TunedLens | None = None) -> None:
     """Refuse options the NLA cannot honour, before any work is queued."""
     overrides_for(nla, opts)
+    steer_direction(nla, opts)
     if opts.tuned_lens and tuned is None:
         raise AnalysisError("tuned_lens needs a tuned lens directory (TUNED_LENS_DIR); none is configured")
 
@@ -598,6 +619,7 @@ def _run_batch(
             if metrics is not None:
                 for name, value in metrics.items():
                     row[name] = None if value is None else _finite(float(value[g]))
+            row["flags"] = [*row["flags"], *row_flags(row, free_length=not nla.verbalizer.fixed_length)]
             if p.options.return_vectors:
                 row["activation"] = A[g].tolist()
                 row["reconstruction"] = None if best_hat is None else best_hat[g].tolist()
@@ -694,7 +716,10 @@ def reconstruct_grouped(
 
 
 def _kl(nla: NLA, parts: list[tuple[Prepared, list[int]]], best_hat: Tensor) -> list[float | None]:
-    """KL(P_clean ‖ P_patched) at each position, Â patched after block L with the full clean left context."""
+    """KL(P_clean ‖ P_patched) at each position, Â patched after block L with the full clean left context.
+
+    For a steered input the reference is the steered activation patched in the same way (the vector that was
+    explained), so KL, like every metric, measures the explanation of the steered state."""
     lm = nla.subject
     out: list[float | None] = []
     g = 0
@@ -713,7 +738,14 @@ def _kl(nla: NLA, parts: list[tuple[Prepared, list[int]]], best_hat: Tensor) -> 
             visible = torch.arange(S, device=lm.device).unsqueeze(0) < q.unsqueeze(1)
             h = lm.forward(x, q.unsqueeze(1), start=nla.layer + 1, cache=PrefixView(p.clean.cache, visible))
             patched = lm.logits(lm.final_norm(h[:, 0]))
-            clean = lm.logits(p.clean.final[q])
+            if p.steered:
+                ref = p.acts[q].to(lm.dtype).unsqueeze(1)
+                r = lm.forward(
+                    ref, q.unsqueeze(1), start=nla.layer + 1, cache=PrefixView(p.clean.cache, visible)
+                )
+                clean = lm.logits(lm.final_norm(r[:, 0]))
+            else:
+                clean = lm.logits(p.clean.final[q])
             out.extend(float(v) for v in M.kl_from_logits(clean, patched))
         g += len(pos)
     return out
@@ -732,14 +764,17 @@ def batch_positions(
 
 
 def summarize(rows: Sequence[dict[str, Any]], table: MetricTable = METRICS) -> dict[str, Any]:
-    """Means over the rows without a flag: known-noisy positions (early, BOS, system prompt, norm outliers) are
-    not what the NLA was trained on and distort every average. Says how many rows each flag left out."""
-    kept = [r for r in rows if not r.get("flags") and not r.get("outlier")]
+    """Means over the rows without an excluding flag: known-noisy positions (early, BOS, system prompt, norm
+    outliers) are not what the NLA was trained on, and degenerate or truncated explanations are not explanations;
+    both distort every average. `low_confidence` rows stay in (`flags.py` says why). Says how many rows each
+    flag left out, and how many rows carry each flag."""
+    kept = [r for r in rows if not set(r.get("flags") or ()) & set(EXCLUDING_FLAGS) and not r.get("outlier")]
     return {
         "positions": len(rows),
         "positions_in_summary": len(kept),
         "positions_excluded": len(rows) - len(kept),
-        "excluded_by_flag": {name: sum(name in (r.get("flags") or ()) for r in rows) for name in FLAGS},
+        "excluded_by_flag": count_flags(rows, EXCLUDING_FLAGS),
+        "flagged": count_flags(rows, FLAGS),
         **table.summarize(kept),
     }
 
@@ -818,4 +853,5 @@ def metadata(
         "processing_time": seconds,
         "stage_seconds": timings,
         "summary": summarize(rows, nla.metrics),
+        **({"steer": opts.steer.describe()} if opts.steer is not None else {}),
     }

@@ -3,6 +3,10 @@
 Continues a text or a chat (a trailing assistant message is continued, otherwise a new assistant turn starts) for
 `num_completions` rows at once, each row sampling from its own seeded stream, with top-p, stopping at the end of
 the turn. Tokens are detokenized incrementally so multi-byte characters split across tokens arrive whole.
+
+A request may steer: `ResidualSteer` adds `alpha · ‖h‖ · unit(direction)` to the residual stream after block L
+(what enters block L+1) at every position it covers, through the explicit block-range forward (`LM.forward`'s
+`patch`), so the shared weights are never hooked.
 """
 
 from __future__ import annotations
@@ -17,10 +21,25 @@ from .kvcache import KVCache
 from .lm import LM
 from .prompts import end_of_turn_ids
 from .sampling import sample_next, step_seeds
+from .steering import SteerPositions, add_scaled
 
 
 class GenerationError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class ResidualSteer:
+    """A resolved generation steer: the unit direction, where it is added and how hard.
+
+    `positions="all"` steers the prompt and every generated token; `"new"` only the generated tokens' positions,
+    so the first new token is sampled from the unsteered prompt and the steer acts from the second on.
+    """
+
+    layer: int  # the residual after this block (entering block layer + 1) is steered
+    direction: torch.Tensor  # unit, [d]
+    alpha: float
+    positions: SteerPositions = "all"
 
 
 @dataclass
@@ -34,6 +53,7 @@ class GenerationRequest:
     num_completions: int = 1
     stop_at_end_of_turn: bool = True
     max_prompt_tokens: int | None = None
+    steer: ResidualSteer | None = None
 
 
 @dataclass
@@ -93,6 +113,23 @@ class _Detok:
         return new
 
 
+def _forward(
+    lm: LM, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, steer: ResidualSteer | None
+) -> torch.Tensor:
+    """All blocks over `x`; with `steer`, its direction added to the residual after block `steer.layer`."""
+    if steer is None or steer.alpha == 0:
+        return lm.forward(x, pos, cache=cache)
+    if (
+        steer.layer + 1 >= lm.n_layers
+    ):  # the last block's output: there is no block to enter, steer the output
+        return add_scaled(lm.forward(x, pos, cache=cache), steer.direction, steer.alpha)
+
+    def patch(i: int, h: torch.Tensor) -> torch.Tensor:
+        return add_scaled(h, steer.direction, steer.alpha) if i == steer.layer + 1 else h
+
+    return lm.forward(x, pos, cache=cache, patch=patch)
+
+
 def stream(lm: LM, req: GenerationRequest, result: GenerationResult | None = None) -> Iterator[TokenEvent]:
     """Yield tokens as they are sampled; fills `result` (if given) with the finished completions."""
     if req.max_new_tokens < 1:
@@ -125,7 +162,8 @@ def stream(lm: LM, req: GenerationRequest, result: GenerationResult | None = Non
         prefix = KVCache(1, len(ids))
         x = torch.tensor(ids, dtype=torch.long, device=lm.device).unsqueeze(0)
         pos = torch.arange(len(ids), device=lm.device).unsqueeze(0)
-        h = lm.forward(lm.add_positions(lm.embed(x), pos), pos, cache=prefix)
+        on_prompt = req.steer if req.steer is not None and req.steer.positions == "all" else None
+        h = _forward(lm, lm.add_positions(lm.embed(x), pos), pos, prefix, on_prompt)
         logits = lm.logits(lm.final_norm(h[:, -1])).expand(n, -1)
         cache = prefix.broadcast(n, extra_capacity=req.max_new_tokens)
         for t in range(req.max_new_tokens):
@@ -149,7 +187,7 @@ def stream(lm: LM, req: GenerationRequest, result: GenerationResult | None = Non
                 break
             step = torch.tensor(toks, dtype=torch.long, device=lm.device).unsqueeze(1)
             p = torch.full((n, 1), position, device=lm.device)
-            h = lm.forward(lm.add_positions(lm.embed(step), p), p, cache=cache)
+            h = _forward(lm, lm.add_positions(lm.embed(step), p), p, cache, req.steer)
             logits = lm.logits(lm.final_norm(h[:, -1]))
     res.completions = [d.tok.decode(d.ids, skip_special_tokens=False) for d in detoks]
     res.finish_reasons = reasons

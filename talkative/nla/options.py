@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .steering import MAX_ALPHA, SOURCES, Steer
+
 MAX_BEST_OF_K = 64
 MAX_BATCH_SIZE = 4096
 # Character bounds, checked when a request is parsed: a long piece is refused before anything tokenizes it.
@@ -60,6 +62,55 @@ class OptimizeExplanationsConfig(BaseModel):
                     f"leave it at {default} and use best_of_k"
                 )
         return self
+
+
+class SteerOption(BaseModel):
+    """`steer`: add `alpha · ‖A‖ · unit(direction)` to each activation before it is explained (`nla.steering`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    direction: dict[str, Any] = Field(
+        description='One of {"vector": [d numbers] | {data, shape} | "<base64 float32>"}, {"text": "…"} (the '
+        'reconstructor\'s vector for that explanation), {"from": {"text": "…", "position": N}} (that input\'s '
+        "activation at the model's layer)."
+    )
+    alpha: float = Field(
+        ge=-MAX_ALPHA, le=MAX_ALPHA, description="Push in units of the activation's own norm; 0 = no steer."
+    )
+
+    @field_validator("direction")
+    @classmethod
+    def _one_source(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if set(v) - set(SOURCES) or len(v) != 1:
+            raise ValueError("direction must have exactly one key: vector, text or from")
+        ((source, value),) = v.items()
+        if source == "text" and (not isinstance(value, str) or len(value) > MAX_PIECE_CHARS):
+            raise ValueError(f"direction.text must be a string of at most {MAX_PIECE_CHARS} characters")
+        if source == "from":
+            text = value.get("text") if isinstance(value, dict) else None
+            if not isinstance(text, str) or len(text) > 200_000:
+                raise ValueError('direction.from must be {"text": "…", "position": N}')
+        if (
+            source == "vector"
+            and isinstance(value, list)
+            and value
+            and all(isinstance(x, int | float) and not isinstance(x, bool) and x == 0 for x in value)
+        ):
+            raise ValueError("the steering direction is zero: it has no orientation to steer along")
+        return v
+
+    def resolved(self) -> Steer:
+        return Steer.of(self.direction, self.alpha)
+
+
+class GenerationSteerOption(SteerOption):
+    """`steer` of a generation: the direction is added at the layer's residual stream while the subject writes."""
+
+    positions: Literal["all", "new"] = Field(
+        "all", description="all: prompt and generated tokens; new: generated tokens only."
+    )
+
+    def resolved(self) -> Steer:
+        return Steer.of(self.direction, self.alpha, self.positions)
 
 
 class AnalyzeOptions(BaseModel):
@@ -124,6 +175,10 @@ class AnalyzeOptions(BaseModel):
         None,
         description="Upstream UI flag: chat input is recognised by sending messages; when given, it must agree.",
     )
+    steer: SteerOption | None = Field(
+        None,
+        description="Steer each activation along a direction before explaining it (and measure the steered one).",
+    )
 
     @field_validator("temperature")
     @classmethod
@@ -172,6 +227,7 @@ class Resolved:
     hard_tokens: bool = False
     last_n_messages: int | None = None
     chat_format: bool | None = None
+    steer: Steer | None = None
 
     def merge_key(self) -> tuple[object, ...]:
         """Jobs whose options agree on everything that shapes the engine batch can be merged (seeds may differ)."""
@@ -187,6 +243,7 @@ class Resolved:
             self.replace_left,
             self.replace_right,
             self.hard_tokens,
+            self.steer,
         )
 
 
@@ -215,4 +272,5 @@ def resolve(options: AnalyzeOptions | dict[str, Any] | None) -> Resolved:
         hard_tokens=options.do_hard_tokens,
         last_n_messages=options.last_n_messages,
         chat_format=options.use_chat_format,
+        steer=options.steer.resolved() if options.steer is not None else None,
     )

@@ -40,12 +40,14 @@ from .analysis import (
     reported_reconstruction,
     run_batch,
     scales_to_norm,
+    steer_direction,
     token_salience,
 )
 from .checkpoint import NLA
 from .lens import TunedLens
 from .options import ChatMessage, Resolved
 from .prompts import encode_piece
+from .steering import add_scaled
 
 MAX_VECTORS = 256  # vectors per describe request
 MAX_EXPLANATIONS = 64  # explanations per score request
@@ -227,7 +229,8 @@ def describe(
     """Explain each vector (best-of-k, salience, metrics as for a text's positions; no KL: there is no context).
 
     Rows are `analysis.run_batch` rows without the text-only fields, plus `index` and `token_assumed`; with
-    `return_vectors`, `reconstructions` [n, d] in `encoding` (the input vectors are not echoed back).
+    `return_vectors`, `reconstructions` [n, d] in `encoding` (the input vectors are not echoed back). With
+    `options.steer`, each vector is steered first and everything is measured against the steered vector.
     """
     if vectors.dim() != 2 or vectors.shape[1] != nla.d_model:
         raise VectorError(f"vectors must be [n, {nla.d_model}], got {list(vectors.shape)}")
@@ -240,11 +243,15 @@ def describe(
     cur = current_tokens(nla, tokens, n)
     started = time.perf_counter()
     lm = nla.subject
+    acts = vectors.to(device=lm.device, dtype=torch.float32)
+    direction = steer_direction(nla, options)
+    if direction is not None and options.steer is not None:
+        acts = add_scaled(acts, direction, options.steer.alpha)  # explained and measured as steered
     prep = Prepared(
         ids=[c.token_id for c in cur],
         tokens=[c.token for c in cur],
         positions=list(range(n)),
-        acts=vectors.to(device=lm.device, dtype=torch.float32),
+        acts=acts,
         options=options,
         seed=options.seed,
     )
@@ -467,4 +474,6 @@ def _meta(
                 "stage_seconds": timings or {},
             }
         )
+        if options.steer is not None:
+            meta["steer"] = options.steer.describe()
     return meta
