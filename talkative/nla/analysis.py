@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import metrics as M
 from .checkpoint import NLA
+from .flags import EXCLUDING_FLAGS, FLAGS, POSITION_FLAGS, count_flags, row_flags
 from .kvcache import KVCache, PrefixView
 from .lens import TunedLens, format_top, logit_lens, tuned_lens_logits
 from .lm import sequence_bos_id
@@ -47,12 +48,12 @@ DEFAULT_ROW_TOKEN_BUDGET = 8192
 # prepended to every row of a batch, so it multiplies the batch's cost; refused beyond this, before any engine work.
 MAX_PROMPT_PIECE_TOKENS = 256
 KL_ROW_TOKENS = 1 << 17  # rows x cached tokens per KL sub-batch, bounds the transient key/value copies
-# Known-noisy positions (the reference's exclusions): flagged in their rows and left out of the summary means.
+# Known-noisy positions (the reference's exclusions): flagged in their rows and left out of the summary means
+# (`POSITION_FLAGS`; the row flags of one outcome are in `flags.py`).
 # positions 0..9: too little context, and the first token often acts as an attention sink
 EARLY_POSITIONS = 10
 # a norm above this many times the input's median norm is an attention-sink style outlier
 OUTLIER_FACTOR = 3.0
-FLAGS = ("early_position", "bos", "system_prompt", "outlier")
 
 
 class AnalysisError(ValueError):
@@ -171,7 +172,7 @@ def _system_end(nla: NLA, messages: Sequence[Any], full_ids: list[int]) -> int:
 def position_flags(
     ids: Sequence[int], norms: Tensor, *, bos_id: int | None, system_end: int
 ) -> dict[int, list[str]]:
-    """The known-noisy positions of an input and why (`FLAGS` order): the first `EARLY_POSITIONS`, BOS tokens,
+    """The known-noisy positions of an input and why (`POSITION_FLAGS` order): the first `EARLY_POSITIONS`, BOS tokens,
     system-prompt positions (before `system_end`) and norms above `OUTLIER_FACTOR` × the median norm."""
     outliers: set[int] = set()
     if len(ids) >= 4:  # a median of fewer norms says nothing
@@ -182,7 +183,7 @@ def position_flags(
         flags = [
             name
             for name, on in zip(
-                FLAGS,
+                POSITION_FLAGS,
                 (i < EARLY_POSITIONS, bos_id is not None and t == bos_id, i < system_end, i in outliers),
                 strict=True,
             )
@@ -617,6 +618,7 @@ def _run_batch(
             if metrics is not None:
                 for name, value in metrics.items():
                     row[name] = None if value is None else _finite(float(value[g]))
+            row["flags"] = [*row["flags"], *row_flags(row, free_length=not nla.verbalizer.fixed_length)]
             if p.options.return_vectors:
                 row["activation"] = A[g].tolist()
                 row["reconstruction"] = None if best_hat is None else best_hat[g].tolist()
@@ -761,14 +763,17 @@ def batch_positions(
 
 
 def summarize(rows: Sequence[dict[str, Any]], table: MetricTable = METRICS) -> dict[str, Any]:
-    """Means over the rows without a flag: known-noisy positions (early, BOS, system prompt, norm outliers) are
-    not what the NLA was trained on and distort every average. Says how many rows each flag left out."""
-    kept = [r for r in rows if not r.get("flags") and not r.get("outlier")]
+    """Means over the rows without an excluding flag: known-noisy positions (early, BOS, system prompt, norm
+    outliers) are not what the NLA was trained on, and degenerate or truncated explanations are not explanations;
+    both distort every average. `low_confidence` rows stay in (`flags.py` says why). Says how many rows each
+    flag left out, and how many rows carry each flag."""
+    kept = [r for r in rows if not set(r.get("flags") or ()) & set(EXCLUDING_FLAGS) and not r.get("outlier")]
     return {
         "positions": len(rows),
         "positions_in_summary": len(kept),
         "positions_excluded": len(rows) - len(kept),
-        "excluded_by_flag": {name: sum(name in (r.get("flags") or ()) for r in rows) for name in FLAGS},
+        "excluded_by_flag": count_flags(rows, EXCLUDING_FLAGS),
+        "flagged": count_flags(rows, FLAGS),
         **table.summarize(kept),
     }
 

@@ -18,6 +18,7 @@ from nla_reference import tiny_nla
 from torch import Tensor
 
 from talkative.nla.analysis import analyze
+from talkative.nla.flags import EXCLUDING_FLAGS
 from talkative.nla.metrics import METRICS, Metric
 from talkative.serve.api.deps import client_identity
 from talkative.serve.api.routes import legend
@@ -69,7 +70,7 @@ def test_rows_and_summary_report_the_added_metric(analysis):
     for r in rows:
         want = max_abs_error(torch.tensor(r["activation"]), torch.tensor(r["reconstruction"]), None)
         assert r["max_abs_error"] == pytest.approx(float(want), rel=1e-5)
-    kept = [r["max_abs_error"] for r in rows if not r["flags"]]
+    kept = [r["max_abs_error"] for r in rows if not set(r["flags"]) & set(EXCLUDING_FLAGS)]
     assert kept, "the text should have unflagged positions"
     summary = analysis.metadata["summary"]
     assert summary["mean_max_abs_error"] == pytest.approx(sum(kept) / len(kept))

@@ -8,6 +8,7 @@ import torch
 from nla_reference import tiny_nla
 
 from talkative.nla.analysis import EARLY_POSITIONS, analyze, position_flags, summarize
+from talkative.nla.flags import EXCLUDING_FLAGS
 
 LONG = (
     "The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small brass lamp and a "
@@ -40,7 +41,14 @@ def test_summary_means_leave_flagged_rows_out_and_count_them():
     s = summarize(rows)
     assert s["mean_mse"] == pytest.approx(2.0)
     assert (s["positions"], s["positions_in_summary"], s["positions_excluded"]) == (4, 2, 2)
-    assert s["excluded_by_flag"] == {"early_position": 1, "bos": 0, "system_prompt": 1, "outlier": 1}
+    assert s["excluded_by_flag"] == {
+        "early_position": 1,
+        "bos": 0,
+        "system_prompt": 1,
+        "outlier": 1,
+        "degenerate": 0,
+        "truncated": 0,
+    }
     assert summarize(rows[:1])["mean_mse"] is None
 
 
@@ -60,7 +68,7 @@ def test_rows_carry_flags_and_the_summary_follows_them(nla):
     for r in res.rows:
         assert ("early_position" in r["flags"]) == (r["position"] < EARLY_POSITIONS)
         assert r["outlier"] == ("outlier" in r["flags"])
-    kept = [r for r in res.rows if not r["flags"]]
+    kept = [r for r in res.rows if not set(r["flags"]) & set(EXCLUDING_FLAGS)]
     summary = res.metadata["summary"]
     assert summary["positions_in_summary"] == len(kept) > 0
     assert summary["mean_mse"] == pytest.approx(sum(r["mse"] for r in kept) / len(kept))
