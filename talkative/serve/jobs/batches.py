@@ -447,6 +447,9 @@ class Batches:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
+        self._admitting = (
+            asyncio.Lock()
+        )  # a key's in-flight count and its new batch, checked and stored as one
         self._stopping = False
         self.stats: dict[str, int] = {"items_submitted": 0, "items_completed": 0, "items_failed": 0}
 
@@ -514,26 +517,27 @@ class Batches:
         source: str,
     ) -> Batch:
         """Store a new batch (all of it, before anyone hears of it) and start feeding its items."""
-        limit = self.settings.max_batches_in_flight
-        if await self.store.in_flight(owner) >= limit:
-            raise SchedulerError(
-                429,
-                f"you have {limit} unfinished batches, the most one client may have (MAX_BATCHES_IN_FLIGHT); "
-                "wait for one to finish or cancel one",
-                reason="batches_in_flight",
-                retry_after=30,
+        async with self._admitting:
+            limit = self.settings.max_batches_in_flight
+            if await self.store.in_flight(owner) >= limit:
+                raise SchedulerError(
+                    429,
+                    f"you have {limit} unfinished batches, the most one client may have (MAX_BATCHES_IN_FLIGHT); "
+                    "wait for one to finish or cancel one",
+                    reason="batches_in_flight",
+                    retry_after=30,
+                )
+            batch = Batch(
+                id=new_id(),
+                owner=owner,
+                status=QUEUED,
+                model_id=model_id,
+                options=options,
+                source=source,
+                total=len(items),
+                created_at=time.time(),
             )
-        batch = Batch(
-            id=new_id(),
-            owner=owner,
-            status=QUEUED,
-            model_id=model_id,
-            options=options,
-            source=source,
-            total=len(items),
-            created_at=time.time(),
-        )
-        await self.store.create(batch, items)
+            await self.store.create(batch, items)
         stored = await self.store.get(batch.id)
         assert stored is not None
         pending = deque(seq for seq, spec in enumerate(items) if spec.error is None)
