@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ...nla import vectors as V
-from ...nla.options import MAX_MESSAGES, AnalyzeOptions, ChatMessage
+from ...nla.options import MAX_MESSAGES, AnalyzeOptions, ChatMessage, GenerationSteerOption
 from ..jobs.record import text_length
 from .strict import StrictBody, loose_scalars
 
@@ -156,6 +156,9 @@ class GenerateOptions(BaseModel):
     model_id: ModelId | None = Field(
         None, description="The seed's place for the model (same as the top-level one)."
     )
+    steer: GenerationSteerOption | None = Field(
+        None, description="Add a direction to the residual stream at the model's layer while it generates."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -220,6 +223,7 @@ class SlimGenerate(SlimRequest):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     n_continuations: int = Field(1, ge=1, le=10, description="Independent continuations.")
     n_tokens: int = Field(100, ge=1, le=512, description="Most new tokens per continuation.")
+    steer: GenerationSteerOption | None = Field(None, description="As `options.steer` of POST /generate.")
     _t = field_validator("temperature")(_temperature)
 
 
@@ -434,3 +438,40 @@ class BatchListing(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+# -- diff -------------------------------------------------------------------------------------------------------------
+class DiffSide(TextOrMessages):
+    """One side of a diff: an input, the position whose activation is taken, and (optionally) its own model."""
+
+    text: Text | None = Field(None, description="Input text (or give `messages`).")
+    position: int = Field(
+        -1, ge=-(2**31), le=2**31 - 1, description="Token position; negative counts from the end (-1 = last)."
+    )
+    model_id: ModelId | None = Field(
+        None, description="This side's model (one group with the other side's, same layer and d_model)."
+    )
+
+
+class DiffRequest(StrictBody):
+    """`POST /api/v1/diff`: the explanation of A − B, and of A and B each."""
+
+    model_config = ConfigDict(extra="forbid")
+    a: DiffSide
+    b: DiffSide
+    model_id: ModelId | None = Field(None, description="The model of a side that names none.")
+    options: AnalyzeOptions | None = Field(
+        None, description="Explanation options (best_of_k, temperature, seed, salience, return_vectors)."
+    )
+    encoding: Encoding = "list"
+
+    @model_validator(mode="after")
+    def _options(self) -> DiffRequest:
+        o = self.options
+        if o is not None and (o.last_n_messages is not None or o.use_chat_format is not None):
+            raise ValueError("last_n_messages and use_chat_format do not apply to a diff")
+        if o is not None and o.steer is not None:
+            raise ValueError("a diff explains A − B as it is; steer does not apply")
+        if o is not None and "no_kl" in o.model_fields_set and not o.no_kl:
+            raise ValueError("a difference vector has no context to measure KL in; leave no_kl out")
+        return self

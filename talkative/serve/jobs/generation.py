@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ...nla.analysis import AnalysisError
-from ...nla.generation import GenerationError, GenerationRequest, GenerationResult, stream
+from ...nla.generation import GenerationError, GenerationRequest, GenerationResult, ResidualSteer, stream
+from ...nla.options import GenerationSteerOption
+from ...nla.steering import SteerError, resolve_direction
 from ..catalog.registry import Registry
 from ..scheduling.types import EventSink, SchedulerError
 from ..scheduling.workers import JobContext
@@ -242,6 +244,7 @@ class GenerateKind(JobKind):
             num_completions=o["num_completions"],
             stop_at_end_of_turn=o.get("stop_at_end_of_turn", True),
             max_prompt_tokens=self.settings.max_tokens,
+            steer=self._steer(ctx, o.get("steer")),
         )
         n = greq.num_completions
         texts: list[list[str]] = [[] for _ in range(n)]
@@ -272,6 +275,11 @@ class GenerateKind(JobKind):
             raise AnalysisError(str(exc)) from None
         seconds = time.monotonic() - started
         produced = sum(len(x) for x in ids)
+        steer = (
+            {"steer": GenerationSteerOption.model_validate(o["steer"]).resolved().describe()}
+            if o.get("steer")
+            else {}
+        )
         return {
             "completions": result.completions,
             "finish_reasons": result.finish_reasons,
@@ -288,8 +296,20 @@ class GenerateKind(JobKind):
                 "processing_time": round(seconds, 3),
                 "tokens_per_second": round(produced / seconds, 2) if seconds > 0 else None,
                 "queue_seconds": round((job.started_at or job.created_at) - job.created_at, 3),
+                **steer,
             },
         }
+
+    def _steer(self, ctx: JobContext, wire: dict[str, Any] | None) -> ResidualSteer | None:
+        """The stored `steer` option made concrete on this model: its unit direction at the NLA's layer."""
+        if wire is None:
+            return None
+        spec = GenerationSteerOption.model_validate(wire).resolved()
+        try:
+            direction = resolve_direction(ctx.nla, spec, max_tokens=self.settings.max_tokens)
+        except SteerError as exc:
+            raise AnalysisError(str(exc)) from None
+        return ResidualSteer(ctx.nla.layer, direction, spec.alpha, spec.positions)
 
 
 class Generations:
@@ -349,6 +369,8 @@ class Generations:
             "num_completions": int(o.get("num_completions") or 1),
             "stop_at_end_of_turn": given("stop_at_end_of_turn", True),
         }
+        if o.get("steer") is not None:
+            options["steer"] = o["steer"]
         out: dict[str, Any] = {"options": options}
         if wanted.get("text") is not None:
             out["text"] = wanted["text"]

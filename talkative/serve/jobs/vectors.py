@@ -13,6 +13,7 @@ from typing import Any
 
 from ...nla import vectors as V
 from ...nla.analysis import Cancelled
+from ...nla.diff import DiffError, Side, diff
 from ...nla.options import resolve
 from ..catalog.registry import Registry
 from ..scheduling.workers import JobContext
@@ -23,7 +24,7 @@ from .kinds import JobKind
 class VectorKind(JobKind):
     """The four vector kinds; `run` calls the one the job names."""
 
-    names = ("describe", "score", "extract", "tokenize")
+    names = ("describe", "score", "extract", "tokenize", "diff")
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
@@ -33,6 +34,7 @@ class VectorKind(JobKind):
             "score": self.score,
             "extract": self.extract,
             "tokenize": self.tokenize,
+            "diff": self.diff,
         }
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
@@ -86,3 +88,31 @@ class VectorKind(JobKind):
     def tokenize(self, ctx: JobContext) -> dict[str, Any]:
         req = ctx.job.request
         return V.tokenize(ctx.nla, req.get("text"), req.get("messages"), max_tokens=self.settings.max_tokens)
+
+    def diff(self, ctx: JobContext) -> dict[str, Any]:
+        """Both sides run on this job's device: a side naming another model of the group reads that model's NLA."""
+        req = ctx.job.request
+
+        def side(wire: dict[str, Any]) -> Side:
+            model_id = wire.get("model_id") or ctx.job.model_id
+            nla = ctx.runtime.nlas.get(model_id or "")
+            if nla is None:
+                raise DiffError(ctx.runtime.errors.get(model_id or "", f"model {model_id} is not loaded"))
+            return Side(nla, wire.get("text"), wire.get("messages"), int(wire.get("position", -1)), model_id)
+
+        budget = int(
+            self.registry.model_setting(self.settings, "auto_batch_size_max", model_id=ctx.job.model_id)
+        )
+        try:
+            return diff(
+                side(req["a"]),
+                side(req["b"]),
+                resolve({**req.get("options", {}), "no_kl": True}),
+                tuned=ctx.runtime.tuned.get(ctx.job.model_id or ""),
+                row_budget=budget,
+                max_tokens=self.settings.max_tokens,
+                cancelled=ctx.cancelled,
+                encoding=req.get("encoding", "list"),
+            )
+        except Cancelled:
+            return {}

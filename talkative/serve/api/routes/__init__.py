@@ -12,7 +12,20 @@ from fastapi import APIRouter, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from ..ws import protocol
-from . import admin, analyses, batches, generation, health, history, legend, metrics, models, slim, vectors
+from . import (
+    admin,
+    analyses,
+    batches,
+    diff,
+    generation,
+    health,
+    history,
+    legend,
+    metrics,
+    models,
+    slim,
+    vectors,
+)
 
 #: in the order of the OpenAPI description: public routes first, then the resources
 ROUTERS: tuple[APIRouter, ...] = (
@@ -24,6 +37,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     generation.router,
     slim.router,
     vectors.router,
+    diff.router,
     legend.router,
     admin.router,
     metrics.router,

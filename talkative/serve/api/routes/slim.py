@@ -111,6 +111,7 @@ async def slim_generate(
         temperature=body.temperature,
         num_completions=body.n_continuations,
         seed=SEED,
+        steer=body.steer,
     )
     return await _submit_generation(svc, gens, body, who, options, slim="generate")
 
