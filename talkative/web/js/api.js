@@ -70,6 +70,16 @@ export class Api {
     return this.request('analyze', { method: 'POST', body });
   }
 
+  /** Activations of a text (or messages) at the model's layer (`POST /api/v1/extract`). */
+  extract(body) {
+    return this.request('api/v1/extract', { method: 'POST', body });
+  }
+
+  /** Explanations of given vectors, optionally steered (`POST /api/v1/describe`). */
+  describe(body) {
+    return this.request('api/v1/describe', { method: 'POST', body });
+  }
+
   cancel(requestId) {
     return this.request(`cancel/${encodeURIComponent(requestId)}`, { method: 'POST' });
   }

@@ -18,6 +18,7 @@ import { createKeyDialog } from './views/keydialog.js';
 import { preferredModel } from './views/model-picker.js';
 import { createProgress } from './views/progress.js';
 import { createResult } from './views/result.js';
+import { createReexplain } from './reexplain.js';
 import { createRunsBar } from './views/runs-bar.js';
 import { createStatus } from './views/status.js';
 import { createTabs } from './views/tabs.js';
@@ -155,6 +156,7 @@ createResult({
       form.setInput(run.input);
       $('#analyse-form').scrollIntoView({ block: 'start' });
     },
+    reexplain: createReexplain(api),
   },
 });
 createGenerate({

@@ -1,9 +1,10 @@
 // The per-token detail panel: the selected token's explanation, the salience of each explanation word as a bar,
-// every metric with what it means, the lens tops, and the flags.
+// every metric with what it means, the lens tops, the flags, and the steer controls that re-explain it.
 import { h, fill } from '../dom.js';
 import { num, shownToken, spokenToken } from '../format.js';
 import { salienceColour } from '../metrics.js';
 import { explanationNode, lensChips, metricValue, outlierNote } from './explanation.js';
+import { createSteer } from './steer.js';
 
 function salienceBars(row, salienceMax) {
   const pieces = row.explanation_structured;
@@ -40,11 +41,13 @@ function salienceBars(row, salienceMax) {
   );
 }
 
-export function createDetail({ legend, onMove }) {
+export function createDetail({ legend, onMove, reexplain = null }) {
   const panel = h('aside', { class: 'detail', 'aria-labelledby': 'detail-title' });
+  const steer = createSteer({ legend, reexplain });
 
   function show(rows, i, salienceMax) {
     const row = rows[i];
+    steer.select(row || null);
     if (!row) {
       fill(panel, h('h3', { id: 'detail-title' }, 'Token details'), h('p', { class: 'hint' }, 'Select a token to see everything about it.'));
       return;
@@ -86,6 +89,7 @@ export function createDetail({ legend, onMove }) {
       row.logit_lens_top ? [h('h4', {}, 'Logit lens: the layer’s top next tokens'), lensChips(row.logit_lens_top)] : null,
       row.tuned_lens_top ? [h('h4', {}, 'Tuned lens'), lensChips(row.tuned_lens_top)] : null,
       Array.isArray(row.activation) ? h('p', { class: 'hint' }, `Activation and reconstruction vectors: ${row.activation.length} values each (in the JSONL export).`) : null,
+      steer.element,
     );
   }
 

@@ -62,7 +62,11 @@ export function createResult({ store, analyses, tooltip, actions }) {
       { id: 'metric-select', disabled: !metrics.length },
       metrics.length ? metrics.map((k) => h('option', { value: k, selected: k === metric }, `${legend.get(k).label} (${legend.get(k).better} is better)`)) : h('option', {}, 'no metrics'),
     );
-    const detail = createDetail({ legend, onMove: (i) => selectRow(i, { focus: false }) });
+    const detail = createDetail({
+      legend,
+      onMove: (i) => selectRow(i, { focus: false }),
+      reexplain: actions.reexplain ? (row, direction, alpha) => actions.reexplain(run, row, direction, alpha) : null,
+    });
     const legendView = createLegend(legend);
     const strip = createStrip({ rows, legend, tooltip, onSelect: (i, opts) => selectRow(i, opts) });
     const table = createTable({ rows, legend, onSelect: (i, opts) => selectRow(i, opts) });
