@@ -6,6 +6,8 @@ and then ignored (upstream silently dropped several of these).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -64,6 +66,22 @@ class OptimizeExplanationsConfig(BaseModel):
         return self
 
 
+def _flat(value: list[Any]) -> Iterator[Any]:
+    """The entries of a vector given as a list, or as a list holding one list."""
+    for x in value:
+        if isinstance(x, list):
+            yield from x
+        else:
+            yield x
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
 class SteerOption(BaseModel):
     """`steer`: add `alpha · ‖A‖ · unit(direction)` to each activation before it is explained (`nla.steering`)."""
 
@@ -89,13 +107,13 @@ class SteerOption(BaseModel):
             text = value.get("text") if isinstance(value, dict) else None
             if not isinstance(text, str) or len(text) > 200_000:
                 raise ValueError('direction.from must be {"text": "…", "position": N}')
-        if (
-            source == "vector"
-            and isinstance(value, list)
-            and value
-            and all(isinstance(x, int | float) and not isinstance(x, bool) and x == 0 for x in value)
-        ):
-            raise ValueError("the steering direction is zero: it has no orientation to steer along")
+        if source == "vector" and isinstance(value, list):
+            numbers = [x for x in _flat(value) if isinstance(x, int | float) and not isinstance(x, bool)]
+            # NaN and infinity parse from JSON but can be neither used nor stored with the job
+            if not all(map(_finite, numbers)):
+                raise ValueError("the steering direction contains NaN or infinite values")
+            if numbers and len(numbers) == len(list(_flat(value))) and not any(numbers):
+                raise ValueError("the steering direction is zero: it has no orientation to steer along")
         return v
 
     def resolved(self) -> Steer:

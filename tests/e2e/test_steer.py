@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 from e2e_helpers import Server, recv_until
 
@@ -170,8 +171,6 @@ def test_a_strong_steer_changes_generations_the_same_way_every_time(tiny_server:
 
 
 def test_rest_generate_streams_a_steered_generation(tiny_server: Server) -> None:
-    import httpx
-
     body = {
         "text": "Once upon a time",
         "options": {
@@ -210,10 +209,14 @@ def test_slim_generate_takes_a_steer(tiny_server: Server) -> None:
         ({"direction": {"vector": [0.0] * D}, "alpha": 1}, "direction is zero"),
         ({"direction": {"text": "ocean"}, "alpha": 12}, "less than or equal to 10"),
         ({"direction": {"text": "ocean"}, "alpha": 1, "positions": "old"}, "positions"),
+        ({"direction": {"vector": [float("nan")] * D}, "alpha": 1}, "NaN or infinite"),
     ],
 )
 def test_bad_generation_steers_are_refused(tiny_server: Server, steer: dict, fragment: str) -> None:
-    r = tiny_server.post("/generate", {"text": "Hi", "options": {"steer": steer}})
+    body = json.dumps({"text": "Hi", "options": {"steer": steer}})  # NaN written as JSON parsers accept it
+    r = httpx.post(
+        tiny_server.url + "/generate", content=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
     assert r.status_code == 400 and fragment in r.text, r.text
 
 

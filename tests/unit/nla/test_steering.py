@@ -84,6 +84,8 @@ def test_a_spec_needs_one_source_and_a_bounded_alpha() -> None:
 def test_options_refuse_bad_steers_when_parsed() -> None:
     for bad, fragment in (
         ({"direction": {"vector": [0, 0.0]}, "alpha": 1}, "zero"),
+        ({"direction": {"vector": [float("nan"), 1.0]}, "alpha": 1}, "NaN or infinite"),
+        ({"direction": {"vector": [[1.0, float("inf")]]}, "alpha": 1}, "NaN or infinite"),
         ({"direction": {"text": "a", "from": {"text": "b"}}, "alpha": 1}, "exactly one"),
         ({"direction": {"colour": "red"}, "alpha": 1}, "exactly one"),
         ({"direction": {"text": "a"}, "alpha": 11}, "less than or equal to 10"),
