@@ -248,9 +248,11 @@ class Operations:
         num_completions: int | None = None,
         stop_at_end_of_turn: bool | None = None,
         model_id: str | None = None,
+        steer: dict[str, Any] | None = None,
     ) -> Plan[httpx.Response]:
         """Continue a text or a chat: iterate the result for the tokens as they come (`TokenEvent`), read its
-        result for the finished `Generation`. Absent settings come from the model's generation config."""
+        result for the finished `Generation`. Absent settings come from the model's generation config; `steer`
+        (`{direction, alpha, positions}`) pushes the subject along a direction while it writes."""
         options = {
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,
@@ -258,6 +260,7 @@ class Operations:
             "seed": seed,
             "num_completions": num_completions,
             "stop_at_end_of_turn": stop_at_end_of_turn,
+            "steer": steer,
         }
         body = W.generate_body(text, messages, model_id, options)
         return (yield from self._send("POST", "/generate?stream=true", body, stream=True))
@@ -330,6 +333,25 @@ class Operations:
         return (
             yield from self._json("POST", "/api/v1/tokenize", W.analyze_body(text, messages, None, model_id))
         )
+
+    @operation
+    def diff(
+        self,
+        a: dict[str, Any],
+        b: dict[str, Any],
+        *,
+        options: dict[str, Any] | None = None,
+        model_id: str | None = None,
+    ) -> Plan[dict[str, Any]]:
+        """Explain what separates two states, A − B (each `{text | messages, position?, model_id?}`), and each
+        state on its own: `{difference, a, b, cosine_a_b, metadata}`. A diff still running when the server
+        stops waiting is answered `{request_id, status}`: follow it with `wait`."""
+        body: dict[str, Any] = {"a": dict(a), "b": dict(b)}
+        if options:
+            body["options"] = options
+        if model_id:
+            body["model_id"] = model_id
+        return (yield from self._json("POST", "/api/v1/diff", body))
 
     # -- batches ------------------------------------------------------------------------------------------------
     @operation

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_BEST_OF_K = 64
 MAX_VECTORS = 256  # vectors per describe request
@@ -28,6 +28,12 @@ MAX_TEXT_CHARS = (
 MAX_MESSAGES = 10_000
 MAX_ID_CHARS = 200
 MAX_TOKEN_CHARS = 256
+MAX_ALPHA = 10.0  # a steer's alpha, in units of the steered state's own norm
+MAX_NEW_TOKENS = 4096
+MAX_COMPLETIONS = 16
+MAX_ITEM_ID_CHARS = 200
+#: items one batch_submit call takes: a tool's arguments are JSON an agent writes; more go as a JSONL upload
+MAX_BATCH_ITEMS = 1000
 
 #: the metrics a compact row keeps, in this order (the others stay on the server's full rows)
 MAIN_METRICS = ("mse", "relative_rmse", "fve", "cosine", "kl_divergence")
@@ -50,6 +56,97 @@ class PackedVectors(BaseModel):
     data: str = Field(description="base64 of the little-endian float32 values, row after row")
     shape: list[int] = Field(min_length=1, max_length=2, description="[n, d] (or [d] for one vector)")
     dtype: Literal["float32"] = "float32"
+
+
+class BatchItem(BaseModel):
+    """One input of a batch: the caller's id for it, and a text or chat messages."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[str, Field(min_length=1, max_length=MAX_ITEM_ID_CHARS)] | int = Field(
+        description="The caller's id of the item, unique in the batch."
+    )
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class FromInput(BaseModel):
+    """Another input's activation, as a direction: a text and the position whose activation to take."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    position: int = Field(
+        -1, description="The token position (negative counts from the end; default the last)."
+    )
+
+
+class TextDirection(BaseModel):
+    """The reconstructor's vector for a text read as an explanation (e.g. "the ocean")."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Annotated[str, Field(min_length=1, max_length=MAX_EXPLANATION_CHARS)]
+
+
+class FromDirection(BaseModel):
+    """Another input's activation at the model's layer (cleaner than a text direction)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: FromInput = Field(alias="from")
+
+
+class VectorDirection(BaseModel):
+    """A vector of the model's width (a list, or {data, shape} as extract returns it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    vector: Annotated[list[float], Field(min_length=1)] | PackedVectors
+
+
+Direction = TextDirection | FromDirection | VectorDirection
+Alpha = Annotated[
+    float,
+    Field(
+        ge=-MAX_ALPHA,
+        le=MAX_ALPHA,
+        description="How far to push, in units of the state's own norm: the added vector is alpha·‖h‖·unit("
+        "direction); 0 changes nothing; text directions push hard already at 0.1-0.2.",
+    ),
+]
+
+
+class Steer(BaseModel):
+    """Push each activation along a direction before it is explained (and measured against the pushed vector)."""
+
+    model_config = ConfigDict(extra="forbid")
+    direction: Direction
+    alpha: Alpha
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class Side(BaseModel):
+    """One state of a comparison: an input, the position whose activation to take, and optionally its model."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | None = None
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    position: int = Field(
+        -1, description="The token position (negative counts from the end; default the last)."
+    )
+    model_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)] | None = Field(
+        None, description="This side's model (another model of the same group, e.g. a fine-tune)."
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Side:
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give exactly one of text or messages")
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
@@ -137,5 +234,67 @@ def compact_analysis(request_id: str, rows: Sequence[dict[str, Any]], meta: dict
         "n_tokens": meta.get("n_tokens"),
         "best_of_k": meta.get("best_of_k"),
         "rows": [compact_row(r) for r in rows],
-        "summary": meta.get("summary"),
+        "summary": compact_summary(meta.get("summary")),
+    }
+
+
+def compact_summary(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The server's summary (means over unflagged rows, counts of flags) with its means rounded like rows."""
+    if summary is None:
+        return None
+    return {k: rounded(v) if isinstance(v, float) else v for k, v in summary.items()}
+
+
+# -- batches --------------------------------------------------------------------------------------------------------
+def batch_state(body: dict[str, Any]) -> dict[str, Any]:
+    """A batch's progress as the API gives it, without its options (the caller set them)."""
+    return {
+        "batch_id": body["batch_id"],
+        "status": body["status"],
+        "model_id": body.get("model_id"),
+        "items": body.get("items"),
+        "positions_per_second": rounded(body.get("positions_per_second")),
+        "eta_seconds": rounded(body.get("eta_seconds")),
+    }
+
+
+def batch_result(line: dict[str, Any]) -> dict[str, Any]:
+    """One finished item: its id and status, and its compact rows and summary or its error."""
+    out: dict[str, Any] = {"id": line.get("id"), "status": line["status"]}
+    if line.get("error") is not None:
+        out["error"] = line["error"]
+    if line.get("line") is not None:
+        out["line"] = line["line"]
+    if "tokens" in line:
+        meta = line.get("metadata") or {}
+        out |= {
+            "request_id": line.get("request_id"),
+            "n_tokens": meta.get("n_tokens"),
+            "rows": [compact_row(r) for r in line["tokens"]],
+            "summary": compact_summary(meta.get("summary")),
+        }
+    return out
+
+
+# -- comparisons and generations ------------------------------------------------------------------------------------
+def explained(part: dict[str, Any]) -> dict[str, Any]:
+    """An explained state of a diff: where it was taken, its explanation, the main metrics, salient words."""
+    out: dict[str, Any] = {
+        k: part[k] for k in ("model_id", "position", "token", "token_assumed") if k in part
+    }
+    out |= {"explanation": part.get("explanation"), **metrics_of(part), "norm": rounded(part.get("norm"))}
+    words = salient_words(part)
+    if words is not None:
+        out["salient_words"] = words
+    return out
+
+
+def compact_diff(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "request_id": body.get("request_id"),
+        "model_id": body.get("model_id"),
+        "difference": explained(body["difference"]),
+        "a": explained(body["a"]),
+        "b": explained(body["b"]),
+        "cosine_a_b": rounded(body.get("cosine_a_b")),
     }

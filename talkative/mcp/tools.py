@@ -12,7 +12,7 @@ import contextlib
 import inspect
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import anyio
 import httpx
@@ -49,6 +49,16 @@ def refusal(error: APIError) -> str:
     return f"{error.status}: {error.detail}{hint}"
 
 
+def _options(best_of_k: int | None, salience: bool, kl: bool, seed: int | None = None) -> dict[str, Any]:
+    """The analysis options the tools expose, as the API spells them."""
+    options: dict[str, Any] = {"calculate_token_salience": salience, "no_kl": not kl}
+    if best_of_k is not None:
+        options["optimize_explanations_config"] = {"best_of_k": best_of_k}
+    if seed is not None:
+        options["seed"] = seed
+    return options
+
+
 def _one_input(text: str | None, messages: Sequence[S.Message] | None) -> None:
     if (text is None) == (messages is None):
         raise ToolError("give exactly one of text or messages")
@@ -80,6 +90,14 @@ Salience = Annotated[
 Timeout = Annotated[
     float,
     Field(gt=0, le=3600, description="Seconds to wait for the result; the request is cancelled after that."),
+]
+Seed = Annotated[int | None, Field(ge=0, le=2**31 - 1, description="Sampling seed (default 42).")]
+SteerArg = Annotated[
+    S.Steer | None,
+    Field(
+        description="Push each activation along a direction before explaining it: {direction: {text} | {from: "
+        "{text, position}} | {vector}, alpha}; the explanation and metrics are then the pushed state's."
+    ),
 ]
 Positions = Annotated[
     list[int] | None,
@@ -179,9 +197,8 @@ class Tools:
             bool,
             Field(description="Measure kl_divergence (the subject's prediction with the reconstruction)."),
         ] = True,
-        seed: Annotated[
-            int | None, Field(ge=0, le=2**31 - 1, description="Sampling seed (default 42).")
-        ] = None,
+        seed: Seed = None,
+        steer: SteerArg = None,
         timeout_s: Timeout = 600,
     ) -> dict[str, Any]:
         """Explain every token of a text (or chat) at the model's layer.
@@ -190,11 +207,9 @@ class Tools:
         kl_divergence, flags (early_position, bos, system_prompt, outlier: known-noisy positions) and, with salience, the
         explanation's most salient words; plus `summary` (means over unflagged rows) and the request_id."""
         _one_input(text, messages)
-        options: dict[str, Any] = {"calculate_token_salience": salience, "no_kl": not kl}
-        if best_of_k is not None:
-            options["optimize_explanations_config"] = {"best_of_k": best_of_k}
-        if seed is not None:
-            options["seed"] = seed
+        options = _options(best_of_k, salience, kl, seed)
+        if steer is not None:
+            options["steer"] = steer.wire()
         async with self._client(ctx) as client:
             accepted = await client.submit_analysis(text, S.message_dicts(messages), options, model_id)
             result = await self._finish(client, accepted.request_id, timeout_s)
@@ -272,6 +287,7 @@ class Tools:
         model_id: ModelArg = None,
         best_of_k: BestOfK = None,
         salience: Salience = False,
+        steer: SteerArg = None,
     ) -> dict[str, Any]:
         """Explain activation vectors in words, with the reconstruction metrics of each explanation.
 
@@ -286,6 +302,8 @@ class Tools:
         options: dict[str, Any] = {"calculate_token_salience": salience}
         if best_of_k is not None:
             options["optimize_explanations_config"] = {"best_of_k": best_of_k}
+        if steer is not None:
+            options["steer"] = steer.wire()
         async with self._client(ctx) as client:
             if vectors is not None:
                 rows, refs, where = S.unpack(vectors), tokens, None
@@ -380,6 +398,164 @@ class Tools:
             head |= {"token": scored.raw.get("token"), "token_assumed": scored.raw.get("token_assumed")}
         return {**head, "norm": S.rounded(scored.raw.get("norm")), "results": results}
 
+    async def diff(
+        self,
+        ctx: Context,
+        a: Annotated[
+            S.Side, Field(description="State A: {text | messages, position (default -1), model_id?}.")
+        ],
+        b: Annotated[
+            S.Side, Field(description="State B, the same way (another text, or the same on another model).")
+        ],
+        model_id: ModelArg = None,
+        best_of_k: BestOfK = None,
+        salience: Salience = False,
+        timeout_s: Timeout = 600,
+    ) -> dict[str, Any]:
+        """Compare two states: explain the difference A − B in words, and each state on its own.
+
+        Each side is an input and a position (and, to compare a base with its fine-tune, its own model of the
+        same group). Returns `difference` (explanation and metrics of A − B), `a` and `b` (each side's
+        token, explanation and metrics) and `cosine_a_b`, the two states' cosine. Two identical states have no
+        difference and are refused."""
+        options: dict[str, Any] = {"calculate_token_salience": salience}
+        if best_of_k is not None:
+            options["optimize_explanations_config"] = {"best_of_k": best_of_k}
+        async with self._client(ctx) as client:
+            body = await client.diff(a.wire(), b.wire(), options=options, model_id=model_id)
+            if "difference" not in body:  # still running when the server stopped waiting
+                body = {
+                    "request_id": body["request_id"],
+                    **await self._finish(client, body["request_id"], timeout_s),
+                }
+        return S.compact_diff(body)
+
+    async def steer_generate(
+        self,
+        ctx: Context,
+        direction: Annotated[
+            S.Direction,
+            Field(
+                description="Where to push: {text: words} (the reconstructor's vector for them), {from: {text, "
+                "position}} (another input's activation, cleaner) or {vector: numbers | {data, shape}}."
+            ),
+        ],
+        alpha: S.Alpha,
+        text: TextArg = None,
+        messages: MessagesArg = None,
+        positions: Annotated[
+            Literal["all", "new"],
+            Field(description="Steer the prompt and the new tokens (all), or only the new tokens (new)."),
+        ] = "all",
+        max_new_tokens: Annotated[int, Field(ge=1, le=S.MAX_NEW_TOKENS, description="Most new tokens.")] = 40,
+        temperature: Annotated[
+            float | None, Field(ge=0, le=2, description="0 = greedy; default: the model's generation config.")
+        ] = None,
+        seed: Seed = None,
+        num_completions: Annotated[
+            int, Field(ge=1, le=S.MAX_COMPLETIONS, description="Independent samples.")
+        ] = 1,
+        compare: Annotated[
+            bool, Field(description="Also generate without the steer (same seed), to see what it changed.")
+        ] = True,
+        model_id: ModelArg = None,
+    ) -> dict[str, Any]:
+        """Generate while pushing the subject model along a direction at the NLA's layer ("make it talk about
+        the ocean": direction {text: "the ocean"}).
+
+        alpha·‖h‖·unit(direction) is added to the residual stream after the layer while the model writes.
+        Returns the steered `completions` and `finish_reasons`, the `steer` as the server applied it, and with
+        compare the `unsteered` completions of the same request."""
+        _one_input(text, messages)
+        msgs = S.message_dicts(messages)
+        steer = {
+            "direction": direction.model_dump(by_alias=True, exclude_none=True),
+            "alpha": alpha,
+            "positions": positions,
+        }
+        settings: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "seed": seed,
+            "num_completions": num_completions,
+            "model_id": model_id,
+        }
+        async with self._client(ctx) as client:
+            steered = await (await client.generate(text, msgs, steer=steer, **settings)).result()
+            plain = await (await client.generate(text, msgs, **settings)).result() if compare else None
+        out: dict[str, Any] = {
+            "request_id": steered.request_id,
+            "model_id": steered.metadata.get("model_id"),
+            "steer": steered.metadata.get("steer"),
+            "completions": steered.completions,
+            "finish_reasons": steered.finish_reasons,
+        }
+        if plain is not None:
+            out["unsteered"] = plain.completions
+        return out
+
+    async def batch_submit(
+        self,
+        ctx: Context,
+        items: Annotated[
+            list[S.BatchItem | S.Text],
+            Field(
+                min_length=1,
+                max_length=S.MAX_BATCH_ITEMS,
+                description="The inputs: texts (their ids are their indexes), or {id, text | messages} items.",
+            ),
+        ],
+        model_id: ModelArg = None,
+        best_of_k: BestOfK = None,
+        salience: Salience = False,
+        kl: Annotated[bool, Field(description="Measure kl_divergence for every item.")] = True,
+    ) -> dict[str, Any]:
+        """Analyse many inputs as one batch job, run as the server's interactive load allows.
+
+        Answers at once with the batch_id and the item counts; read results with batch_fetch. A batch belongs
+        to its caller. For more items than one call takes, upload JSONL to POST /api/v1/batches."""
+        listed = [
+            {"id": i, "text": item} if isinstance(item, str) else item.wire() for i, item in enumerate(items)
+        ]
+        async with self._client(ctx) as client:
+            run = await client.batch(listed, options=_options(best_of_k, salience, kl), model_id=model_id)
+        return S.batch_state(run.raw)
+
+    async def batch_fetch(
+        self,
+        ctx: Context,
+        batch_id: Annotated[
+            str, Field(min_length=1, max_length=S.MAX_ID_CHARS, description="From batch_submit.")
+        ],
+        after: Annotated[
+            int, Field(ge=0, description="Skip the first results (pass the previous call's next_after).")
+        ] = 0,
+        limit: Annotated[int, Field(ge=1, le=200, description="Most results to return in this call.")] = 20,
+        wait_s: Annotated[
+            float,
+            Field(
+                ge=1,
+                le=600,
+                description="Wait up to this many seconds for `limit` results or the batch's end, whichever "
+                "comes first; what is done by then is returned.",
+            ),
+        ] = 30,
+    ) -> dict[str, Any]:
+        """A batch's progress and its finished items' results, in completion order, from `after` on.
+
+        Each result: id, status (completed or failed), error, and for a completed item its compact rows (as
+        analyze returns them) and summary. Call again with `next_after` until `status` is completed (or
+        cancelled) and no results remain."""
+        results: list[dict[str, Any]] = []
+        async with self._client(ctx) as client:
+            with anyio.move_on_after(wait_s):
+                async for item in client.batch_results(batch_id, after, poll=self._poll):
+                    results.append(S.batch_result(item.raw))
+                    if len(results) >= limit:
+                        break
+            state = await client.batch_status(batch_id)
+        return {**S.batch_state(state), "results": results, "next_after": after + len(results)}
+
 
 def build_server(connect: Connector, *, name: str = "talkative", poll: float = 0.5) -> MCPServer:
     """An MCP server whose tools run over the clients `connect` opens."""
@@ -392,6 +568,10 @@ def build_server(connect: Connector, *, name: str = "talkative", poll: float = 0
         tools.extract,
         tools.describe,
         tools.score,
+        tools.diff,
+        tools.steer_generate,
+        tools.batch_submit,
+        tools.batch_fetch,
     ):
         server.add_tool(tool, description=inspect.cleandoc(tool.__doc__ or ""), annotations=READ_ONLY)
     return server

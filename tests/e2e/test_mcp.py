@@ -8,6 +8,7 @@ the calls spend the caller's rate limit)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,7 +30,18 @@ pytestmark = pytest.mark.e2e
 
 TEXT = "The capital of France is Paris."
 D = 64  # the tiny models' width
-TOOLS = {"list_models", "analyze", "tokenize", "extract", "describe", "score"}
+TOOLS = {
+    "list_models",
+    "analyze",
+    "tokenize",
+    "extract",
+    "describe",
+    "score",
+    "diff",
+    "steer_generate",
+    "batch_submit",
+    "batch_fetch",
+}
 T = TypeVar("T")
 
 
@@ -195,6 +207,94 @@ def test_each_tool_runs_as_its_caller(keyed: Server) -> None:
     ]
     # the same vector and token either way: the same reconstruction, the same error
     assert [r["mse"] for r in by_text["results"]] == pytest.approx([r["mse"] for r in by_vector["results"]])
+
+
+def test_steer_diff_and_batch_tools(keyed: Server) -> None:
+    ocean = {"from": {"text": "We swam in the sea and the ocean waves", "position": -1}}
+    fast = {"best_of_k": 1, "kl": False}
+
+    async def session() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with connected(keyed, KEYS["alice"]) as client:
+            call = client.call_tool
+            out["plain"] = data(await call("analyze", {"text": TEXT, **fast}))
+            out["alpha0"] = data(
+                await call("analyze", {"text": TEXT, **fast, "steer": {"direction": ocean, "alpha": 0}})
+            )
+            out["pushed"] = data(
+                await call(
+                    "describe",
+                    {
+                        "text": TEXT,
+                        "positions": [-2],
+                        "best_of_k": 1,
+                        "steer": {"direction": ocean, "alpha": 2},
+                    },
+                )
+            )
+            out["generated"] = data(
+                await call(
+                    "steer_generate",
+                    {
+                        "text": "Once upon a time",
+                        "direction": ocean,
+                        "alpha": 5,
+                        "max_new_tokens": 8,
+                        "temperature": 0,
+                    },
+                )
+            )
+            a, b = {"text": TEXT, "position": -2}, {"text": "The capital of Italy is Rome.", "position": -2}
+            out["diff"] = data(await call("diff", {"a": a, "b": b, "best_of_k": 1}))
+            out["same"] = error(await call("diff", {"a": a, "b": a}))
+            out["batch"] = data(
+                await call("batch_submit", {"items": ["Hello world", {"id": "b", "text": TEXT}], **fast})
+            )
+            out["fetched"] = data(
+                await call("batch_fetch", {"batch_id": out["batch"]["batch_id"], "limit": 10, "wait_s": 120})
+            )
+        async with connected(keyed, KEYS["bob"]) as client:
+            out["bobs"] = error(await client.call_tool("batch_fetch", {"batch_id": out["batch"]["batch_id"]}))
+        return out
+
+    out = run(session)
+    # alpha 0 is the unsteered analysis; a push changes the state that is explained
+    assert [r["explanation"] for r in out["alpha0"]["rows"]] == [
+        r["explanation"] for r in out["plain"]["rows"]
+    ]
+    described = out["pushed"]["results"][0]
+    assert described["position"] == out["plain"]["n_tokens"] - 2 and described["mse"] > 0
+
+    # the tool's generation is the server's: the same steered request over REST gives the same tokens
+    gen = out["generated"]
+    assert gen["steer"]["source"] == "from" and gen["steer"]["alpha"] == 5
+    assert len(gen["completions"]) == 1 and len(gen["unsteered"]) == 1
+    rest = keyed.post(
+        "/generate?stream=true",
+        {
+            "text": "Once upon a time",
+            "options": {"max_new_tokens": 8, "temperature": 0, "steer": {"direction": ocean, "alpha": 5}},
+        },
+        headers=auth("alice"),
+    )
+    events = [
+        json.loads(line[len("data: ") :]) for line in rest.text.splitlines() if line.startswith("data: {")
+    ]
+    complete = next(e for e in events if e["type"] == "generation_complete")
+    assert complete["completions"] == gen["completions"]
+    assert gen["completions"] != gen["unsteered"]  # a push of five norms changes a greedy continuation
+
+    diff = out["diff"]
+    assert diff["a"]["token"] != diff["b"]["token"] and diff["difference"]["token_assumed"] is True
+    assert isinstance(diff["difference"]["explanation"], str) and -1 <= diff["cosine_a_b"] <= 1
+    assert "400" in out["same"] and "no difference" in out["same"]
+
+    batch, fetched = out["batch"], out["fetched"]
+    assert batch["items"]["total"] == 2 and batch["model_id"] == "tiny-a-l1"
+    assert fetched["status"] == "completed" and fetched["next_after"] == 2
+    assert sorted(str(r["id"]) for r in fetched["results"]) == ["0", "b"]
+    assert all(r["status"] == "completed" and r["rows"] for r in fetched["results"])
+    assert "404" in out["bobs"]  # a batch is its caller's
 
 
 def test_bad_input_is_a_clear_tool_error_and_the_session_goes_on(keyed: Server) -> None:

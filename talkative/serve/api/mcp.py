@@ -40,8 +40,9 @@ from ...mcp.tools import build_server
 from ..auth.policy import PROXY_HEADERS
 
 PATH = "/mcp"
-#: what streamable HTTP uses: POST a message, GET a stream, DELETE a session (the SDK answers the last two)
-METHODS = ["GET", "POST", "DELETE"]
+#: POST only: a stateless transport has no session to DELETE and nothing to push on a standing GET stream (which
+#: would stay open, holding a connection, for nothing), so both are answered 405 as the protocol allows
+METHODS = ["POST"]
 #: the base URL of in-process requests; never resolved, the transport is the app itself
 INTERNAL_URL = "http://talkative.internal"
 #: the caller's headers an in-process request carries: who it is (key, proxy), and the host it asked for
