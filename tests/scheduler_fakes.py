@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ class FakePrep:
     positions: list[int]
     seed: int
     extract_seconds: float = 0.0
+    ids: list[int] = field(default_factory=list)  # one per word: what the result cache keys rows by
+    flags: dict[int, list[str]] = field(default_factory=dict)
 
 
 class Engine:
@@ -58,7 +61,8 @@ class Engine:
         assert text is not None
         if text.startswith("bad"):
             raise AnalysisError("bad input")
-        return FakePrep(text, list(range(len(text.split()))), options.seed)
+        words = text.split()
+        return FakePrep(text, list(range(len(words))), options.seed, ids=[zlib.crc32(w.encode()) for w in words])
 
     def run_batch(
         self, nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None, **kw: Any

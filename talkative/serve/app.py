@@ -38,8 +38,10 @@ from .catalog.registry import Registry, load_registry
 from .catalog.residency import Residency
 from .jobs.analysis import AnalysisKind
 from .jobs.batches import Batches, BatchStore
+from .jobs.cache import ResultCache
 from .jobs.generation import GenerateKind, Generations, TokenLogs
 from .jobs.kinds import JobKind, final_message
+from .jobs.shares import ShareStore
 from .jobs.store import JobStore
 from .jobs.vectors import VectorKind
 from .observability.metrics import Metrics, TelemetrySink
@@ -69,13 +71,16 @@ class Serving:
     generations: Generations
     logs: TokenLogs
     batches: Batches
+    shares: ShareStore
 
     async def start(self) -> None:
         await self.service.start()
         await self.batches.start()  # after the scheduler has recovered the jobs of unfinished batch items
+        await self.shares.purge_orphans()
 
     async def stop(self) -> None:
         await self.batches.stop()
+        self.shares.close()
         await self.generations.close()
         self.logs.close()
         await self.service.stop()
@@ -85,12 +90,22 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
     """Every serving object, in order, each given its parts (call on the event loop, before starting)."""
     residency = Residency(registry, settings)
     store = JobStore(settings.store_path())
+    cache = (
+        ResultCache(
+            settings.store_path(),
+            max_bytes=int(settings.result_cache_max_mb * 2**20),
+            shared=settings.result_cache_shared,
+            monitor=metrics,
+        )
+        if settings.result_cache
+        else None
+    )
     queue = JobQueue()
     hub = Hub(queue, registry, settings)
     logs = TokenLogs(hub)
     policy = DEFAULT_POLICY()
     kinds: list[JobKind] = [
-        AnalysisKind(settings, registry, policy),
+        AnalysisKind(settings, registry, policy, cache),
         GenerateKind(settings),
         VectorKind(settings, registry),
     ]
@@ -118,13 +133,13 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
         policy=policy,
         client_cap=access.client_cap,
     )
-    service = Service(settings, registry, residency, store, scheduler, hub)
+    service = Service(settings, registry, residency, store, scheduler, hub, cache)
     generations = Generations(scheduler, registry, settings, logs, service.submit_analysis)
     batches = Batches(
         settings, BatchStore(settings.store_path()), scheduler, service.submit_analysis, devices=len(workers)
     )
     metrics.bind(service)
-    return Serving(service, generations, logs, batches)
+    return Serving(service, generations, logs, batches, ShareStore(settings.store_path()))
 
 
 def protect(
@@ -172,6 +187,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         app.state.service = serving.service
         app.state.generations = serving.generations
         app.state.batches = serving.batches
+        app.state.shares = serving.shares
         log_access(access)
         await serving.start()
         log.info(

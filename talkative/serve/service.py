@@ -17,7 +17,9 @@ import torch
 from ..nla.analysis import AnalysisError
 from .catalog.registry import Registry
 from .catalog.residency import Residency
-from .jobs.record import QUEUED, Job, text_length
+from .jobs.analysis import effective_options
+from .jobs.cache import ResultCache, cached_metadata, input_key, options_key
+from .jobs.record import QUEUED, Job, UnknownRequest, text_length
 from .jobs.store import JobStore
 from .scheduling.scheduler import Scheduler
 from .scheduling.types import SchedulerError
@@ -38,6 +40,7 @@ class Service:
         store: JobStore,
         scheduler: Scheduler,
         hub: Hub,
+        cache: ResultCache | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -45,6 +48,7 @@ class Service:
         self.store = store
         self.scheduler = scheduler
         self.hub = hub
+        self.cache = cache  # None: RESULT_CACHE is off
 
     async def start(self) -> None:
         await self.scheduler.start()
@@ -53,6 +57,8 @@ class Service:
     async def stop(self) -> None:
         await self.hub.stop()
         await self.scheduler.stop()
+        if self.cache is not None:
+            self.cache.close()
         self.store.close()
 
     # -- operations -----------------------------------------------------------------------------------------------
@@ -78,6 +84,17 @@ class Service:
             await self.scheduler.check_analysis(model, request["options"])
         except AnalysisError as exc:
             raise SchedulerError(400, str(exc)) from None
+        result = await self._cached_result(model, request, owner)
+        if result is not None:
+            return await self.scheduler.answered(
+                "analyze",
+                request,
+                result,
+                model_id=model,
+                client_request_id=client_request_id,
+                owner=owner,
+                subscriber=subscriber,
+            )
         return await self.scheduler.submit(
             "analyze",
             request,
@@ -86,6 +103,40 @@ class Service:
             owner=owner,
             subscriber=subscriber,
         )
+
+    async def _cached_result(
+        self, model_id: str, request: dict[str, Any], owner: str | None
+    ) -> dict[str, Any] | None:
+        """The result of an identical request, when the result cache holds every row of it. Only a model on a
+        device has a known identity (its content hash, taken when it was loaded); others are looked up row by
+        row once prepared."""
+        loaded = self.scheduler.loaded_model(model_id) if self.cache is not None else None
+        identity = loaded[1].get("content_hash") if loaded is not None else None
+        if self.cache is None or identity is None:
+            return None
+        opts = effective_options(self.settings, self.registry, model_id, request.get("options"))
+        scope = self.cache.scope(owner)
+        entry = await self.cache.answer(
+            input_key(scope, identity, options_key(opts), request, opts.last_n_messages)
+        )
+        if entry is None:
+            return None
+        self.cache.monitor.cache_lookup(len(entry["rows"]), len(entry["rows"]))
+        group = self.registry.model(model_id).group_id
+        return {"tokens": entry["rows"], "metadata": cached_metadata(entry, model_id, group)}
+
+    async def delete_job(self, job_id: str) -> None:
+        """Remove a job for good: cancelled first when it has not finished, then its stored record and result,
+        and the rows it added to the result cache."""
+        job = await self.scheduler.get(job_id)
+        if job is None:
+            raise UnknownRequest(job_id)
+        if not job.terminal:
+            await self.scheduler.cancel(job_id, "Deleted by its owner")
+            await self.scheduler.wait(job_id, timeout=5)  # its end is stored before the record is removed
+        await self.store.delete(job_id)
+        if self.cache is not None:
+            await self.cache.forget(job_id)
 
     async def submit_switch(
         self,

@@ -199,6 +199,22 @@ class Settings(BaseSettings):
     result_retention_days: float = Field(7, gt=0, description="Finished jobs are purged after this long.")
     purge_interval_seconds: float = Field(3600, gt=0)
 
+    # -- result cache and shares (docs/server.md, Result cache; docs/api.md, Shares) -----------------------------
+    result_cache: bool = Field(
+        True, description="Answer rows already computed from the store (same NLA, prefix, options and seed)."
+    )
+    result_cache_max_mb: float = Field(
+        1024, gt=0, description="Bound of the result cache in the store; least recently used rows go first."
+    )
+    result_cache_shared: bool = Field(
+        False,
+        description="Share cached rows between clients (keys); off, each client's cache is its own, so a fast "
+        "answer never tells one client what another analysed.",
+    )
+    public_shares: bool = Field(
+        False, description="Shares (/s/{id}, GET /api/v1/shares/{id}) open to anyone with the link, without a key."
+    )
+
     # -- HTTP -----------------------------------------------------------------------------------------------------
     host: str | None = Field(
         None,

@@ -30,7 +30,7 @@ from ..auth.ratelimit import RateLimiter
 from ..catalog import visibility
 from ..catalog.listing import CatalogState
 from ..jobs.generation import Generations
-from ..jobs.record import UnknownRequest
+from ..jobs.record import Job, UnknownRequest
 from ..observability.metrics import Metrics
 from ..observability.system import SystemStats
 from ..service import Service
@@ -139,6 +139,13 @@ async def message_gate(conn: Connection, data: dict[str, Any]) -> None:
     job_id = data.get("request_id")
     if isinstance(job_id, str) and job_id:
         await ensure_owner(service_of(conn.websocket), identity, job_id)
+
+
+def refund_cache_hit(conn: HTTPConnection, identity: ClientIdentity, job: Job) -> None:
+    """A request the result cache answered whole costs no rate-limit budget: give back what the gate charged."""
+    if job.terminal and identity.metered and (job.result or {}).get("metadata", {}).get("cached") is True:
+        limiter: RateLimiter = conn.app.state.rate_limiter
+        limiter.refund(identity.key)
 
 
 # -- which model, and what the catalogue looks like to this client ---------------------------------------------------

@@ -475,3 +475,50 @@ class DiffRequest(StrictBody):
         if o is not None and "no_kl" in o.model_fields_set and not o.no_kl:
             raise ValueError("a difference vector has no context to measure KL in; leave no_kl out")
         return self
+
+
+# -- result cache and shares ----------------------------------------------------------------------------------------
+MAX_SHARE_COMMENT_CHARS = 512
+Span = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=2, max_length=2)]
+
+
+class JobDeleted(BaseModel):
+    request_id: str
+    deleted: Literal[True] = True
+
+
+class ShareAnchor(StrictBody):
+    """What a share points at: one analysed position, a span of token positions or a span of characters of the
+    shown text (spans are half-open, [start, end), and not empty)."""
+
+    model_config = ConfigDict(extra="forbid")
+    position: int | None = Field(None, ge=0, le=2**31 - 1, description="A token position with a row.")
+    tokens: Span | None = Field(None, description="[first, end) token positions.")
+    chars: Span | None = Field(None, description="[first, end) characters of the rows' tokens joined.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ShareAnchor:
+        given = [name for name in ("position", "tokens", "chars") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("an anchor is exactly one of position, tokens or chars")
+        span = self.tokens or self.chars
+        if span is not None and span[0] >= span[1]:
+            raise ValueError("a span [start, end) needs start < end")
+        return self
+
+    def plain(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ShareRequest(StrictBody):
+    """`POST /api/v1/shares`: a link to one completed analysis, anchored, with an optional comment."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+    anchor: ShareAnchor
+    comment: str | None = Field(None, max_length=MAX_SHARE_COMMENT_CHARS)
+
+
+class ShareCreated(BaseModel):
+    share_id: str
+    url: str

@@ -23,6 +23,7 @@ like 1006). Every 429 or 503 leaving the app carries `Retry-After`. Refusals are
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -50,6 +51,10 @@ PUBLIC_PATHS = frozenset(
     {"/", "/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 )
 PUBLIC_METHODS = frozenset({"GET", "HEAD"})
+#: the share page is the web UI's shell (no data: the UI fetches the share with the reader's key), always public;
+#: the share itself only when PUBLIC_SHARES
+SHARE_PAGE = re.compile(r"^/s/[^/]+$")
+SHARE_API = re.compile(r"^/api/v1/shares/[^/]+$")
 WS_POLICY, WS_TRY_LATER = 1008, 1013
 DEFAULT_RETRY_AFTER = 5
 
@@ -146,6 +151,12 @@ class Guard:
         """Public: the public paths (GET/HEAD) and what no route but the static web UI serves."""
         if scope["type"] == "http" and scope["method"] in PUBLIC_METHODS and scope["path"] in PUBLIC_PATHS:
             return False
+        if (
+            scope["type"] == "http"
+            and scope["method"] in PUBLIC_METHODS
+            and self._public_share(scope["path"])
+        ):
+            return False
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
             return False  # CORS preflights are answered by the CORS middleware, outside this gate
         for route in scope["app"].routes:
@@ -155,6 +166,11 @@ class Guard:
             if match is not Match.NONE:
                 return True
         return False
+
+    def _public_share(self, path: str) -> bool:
+        return bool(SHARE_PAGE.match(path)) or (
+            self.policy.settings.public_shares and bool(SHARE_API.match(path))
+        )
 
     # -- HTTP -----------------------------------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:

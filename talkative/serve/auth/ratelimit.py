@@ -20,7 +20,8 @@ class RateLimiter:
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
         self._item = RateLimitItemPerMinute(per_minute) if per_minute > 0 else None
-        self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self._item is not None else None
+        self._storage = MemoryStorage()
+        self._limiter = MovingWindowRateLimiter(self._storage) if self._item is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -34,3 +35,14 @@ class RateLimiter:
             return None
         stats = self._limiter.get_window_stats(self._item, bucket)
         return max(1, math.ceil(stats.reset_time - time.time()))
+
+    def refund(self, bucket: str) -> None:
+        """Give back the bucket's latest hit: a request that turned out to cost nothing (a result-cache hit) is
+        counted only after the gate has charged it. The moving window keeps one entry per hit, newest first."""
+        if self._item is None:
+            return
+        key = self._item.key_for(bucket)
+        with self._storage.locks[key]:
+            events = self._storage.events.get(key)
+            if events:
+                events.pop(0)

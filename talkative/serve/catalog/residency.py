@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...nla.checkpoint import NLA
+from ...nla.identity import content_hash
 from ...nla.lens import TunedLens, load_tuned_lens
 from ...nla.lm import LMPool
 from ...nla.loading import INIT_PREFIX, open_nla
@@ -45,6 +46,7 @@ class GroupRuntime:
     nlas: dict[str, NLA] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # model id -> why it could not be loaded
     tuned: dict[str, TunedLens] = field(default_factory=dict)
+    identities: dict[str, str] = field(default_factory=dict)  # model id -> its NLA's content hash (result cache)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
 
@@ -91,6 +93,7 @@ class Residency:
         t0 = time.perf_counter()
         pool = LMPool(dtype=self._dtype(group.group_id), device=device)
         rt = GroupRuntime(group_id=group.group_id, device=device, pool=pool)
+        digests: dict[int, str] = {}  # base model digests, shared by the group's NLAs
         for m in group.models:
             try:
                 kwargs: dict[str, Any] = {}
@@ -105,6 +108,7 @@ class Residency:
                 lens = self._tuned_lens(m.id, group.group_id, nla)
                 if lens is not None:
                     rt.tuned[m.id] = lens
+                rt.identities[m.id] = content_hash(nla, lens, digests)
             except Exception as exc:  # a bad checkpoint must not take its group mates down
                 log.error("model %s of group %s failed to load: %s", m.id, group.group_id, exc)
                 rt.errors[m.id] = f"model {m.id} could not be loaded: {exc}"

@@ -16,13 +16,15 @@ import math
 import time
 from typing import Any
 
-from ...nla.options import resolve
+from ...nla.flags import with_position_flags
+from ...nla.options import Resolved, resolve
 from ..catalog.registry import Registry
 from ..scheduling.policy import SchedulingPolicy, WorkView
 from ..scheduling.types import STAGE_EXPLAINING, STAGE_PREPARING, DeviceState, Work
-from ..scheduling.workers import WorkFailed
+from ..scheduling.workers import PreparedInput, WorkFailed
 from ..settings import Settings
 from .batches import is_batch_item
+from .cache import CachePlan, ResultCache, input_key, options_key, row_key
 from .kinds import JobControl, JobKind
 from .record import COMPLETED, FAILED, Job
 
@@ -31,15 +33,33 @@ log = logging.getLogger("talkative.serve.jobs.analysis")
 KIND = "analyze"
 
 
+def effective_options(
+    settings: Settings, registry: Registry, model_id: str, options: dict[str, Any] | None
+) -> Resolved:
+    """A request's options as they run on `model_id`: the model's no_kl setting is the default when a request
+    does not say (what the result cache keys a request by, too)."""
+    options = dict(options or {})
+    if "no_kl" not in options and registry.model_setting(settings, "no_kl", model_id=model_id):
+        options["no_kl"] = True
+    return resolve(options)
+
+
 class AnalysisKind(JobKind):
     """Runs `analyze` jobs in chunks; one per app (it numbers engine batches and keeps seconds per row)."""
 
     names = (KIND,)
 
-    def __init__(self, settings: Settings, registry: Registry, policy: SchedulingPolicy) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        policy: SchedulingPolicy,
+        cache: ResultCache | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.policy = policy
+        self.cache = cache  # None: RESULT_CACHE is off
         self._sec_per_row: dict[str, float] = {}  # model id -> EMA of engine seconds per row
         self._batch_ids = itertools.count(1)
         self._serve_seq = itertools.count(1)
@@ -54,12 +74,7 @@ class AnalysisKind(JobKind):
 
     def start(self, job: Job, device: DeviceState, control: JobControl) -> None:
         assert job.model_id is not None
-        options = dict(job.request.get("options") or {})
-        if "no_kl" not in options and self.registry.model_setting(
-            self.settings, "no_kl", model_id=job.model_id
-        ):
-            options["no_kl"] = True  # the model's no_kl setting is the default when a request does not say
-        resolved = resolve(options)
+        resolved = effective_options(self.settings, self.registry, job.model_id, job.request.get("options"))
         key = (job.model_id, resolved.merge_key(), resolved.structured, resolved.return_vectors)
         work = Work(job=job, device=device, resolved=resolved, key=key, last_served=0)
         device.works[job.id] = work
@@ -84,15 +99,18 @@ class AnalysisKind(JobKind):
             self._fail(work, control, str(exc))
         else:
             control.monitor.stage("extract", prepared.extract_seconds)
+            hits = await self._cached_rows(work, prepared)
             if not work.cancelled and not job.terminal:
                 work.handle = prepared.handle
                 work.positions = list(prepared.positions)
-                work.pending = list(prepared.positions)
-                work.total = len(work.pending)
+                work.pending = [q for q in prepared.positions if q not in hits]  # only these are computed
+                work.rows.update(hits)
+                work.total = len(work.positions)
+                work.done = len(hits)
                 work.max_positions = prepared.max_positions
                 work.chunk = self._chunk_size(job.model_id, work.resolved.batch_size, prepared.max_positions)
-                work.num_batches = math.ceil(work.total / work.chunk)
-                if work.total == 0:
+                work.num_batches = math.ceil(len(work.pending) / work.chunk)
+                if not work.pending:
                     self._complete(work, control)
         finally:
             if work.prep_started is not None:
@@ -100,6 +118,31 @@ class AnalysisKind(JobKind):
                 work.prep_started = None
             dev.preparing -= 1
             control.schedule()
+
+    async def _cached_rows(self, work: Work, prepared: PreparedInput) -> dict[int, dict[str, Any]]:
+        """The rows of the input's positions that the result cache holds (position -> row, flagged for this
+        input); the job's cache keys are kept for recording its rows when it completes."""
+        if self.cache is None or prepared.identity is None:
+            return {}
+        job, cache = work.job, self.cache
+        scope, options = cache.scope(job.owner), options_key(work.resolved)
+        keys = {
+            q: row_key(scope, prepared.identity, options, prefix)
+            for q, prefix in zip(prepared.positions, prepared.prefixes, strict=True)
+        }
+        plan = CachePlan(
+            input_key(scope, prepared.identity, options, job.request, work.resolved.last_n_messages),
+            keys,
+            prepared.flags,
+        )
+        found = await cache.rows(list(keys.values()))
+        hits = {
+            q: with_position_flags(found[k], prepared.flags.get(q, [])) for q, k in keys.items() if k in found
+        }
+        plan.cached = set(hits)
+        work.cache = plan
+        cache.monitor.cache_lookup(len(hits), len(keys))
+        return hits
 
     def _chunk_size(self, model_id: str, asked: int | None, most: int) -> int:
         """Positions per chunk: the request's batch_size, else the model's, never more than the budgets allow."""
@@ -273,8 +316,12 @@ class AnalysisKind(JobKind):
                 "queue_seconds": round((job.started_at or job.created_at) - job.created_at, 3),
                 "engine_batches": work.batches,
                 "merged_batches": work.merged,
+                "cached": bool(rows) and work.cache is not None and len(work.cache.cached) == len(rows),
+                "positions_cached": len(work.cache.cached) if work.cache is not None else 0,
             }
         )
+        if self.cache is not None and work.cache is not None:
+            self.cache.record(job.id, work.cache, rows, meta)  # before the result is announced
         control.stats["positions"] += len(rows)
         control.finish(job, COMPLETED, result={"tokens": rows, "metadata": meta})
 

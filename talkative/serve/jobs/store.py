@@ -76,6 +76,35 @@ CREATE TABLE IF NOT EXISTS batch_items (
 );
 CREATE INDEX IF NOT EXISTS batch_items_done ON batch_items(batch_id, done_seq);
 CREATE INDEX IF NOT EXISTS batch_items_status ON batch_items(batch_id, status);
+-- the result cache (jobs/cache.py): rows by key, each analysed input's positions, and the job that computed them
+CREATE TABLE IF NOT EXISTS cache_rows (
+    key TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    row TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    used_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cache_rows_job ON cache_rows(job_id);
+CREATE INDEX IF NOT EXISTS cache_rows_used ON cache_rows(used_at);
+CREATE TABLE IF NOT EXISTS cache_inputs (
+    key TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    used_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cache_inputs_job ON cache_inputs(job_id);
+CREATE INDEX IF NOT EXISTS cache_inputs_used ON cache_inputs(used_at);
+-- shares (jobs/shares.py): a link to one result, anchored at a position or a span, with a comment
+CREATE TABLE IF NOT EXISTS shares (
+    id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    owner TEXT,
+    anchor TEXT NOT NULL,
+    comment TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shares_request ON shares(request_id);
 """
 COLUMNS = (
     "id",
@@ -206,6 +235,9 @@ class JobStore:
         )
         return cur.rowcount
 
+    def _delete(self, job_id: str) -> bool:
+        return self._conn().execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
+
     def _count(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
 
@@ -249,6 +281,10 @@ class JobStore:
 
     async def purge(self, retention_seconds: float, now: float | None = None) -> int:
         return await self._call(self._purge, (now or time.time()) - retention_seconds)
+
+    async def delete(self, job_id: str) -> bool:
+        """Remove a job and its result for good; whether there was one."""
+        return await self._call(self._delete, job_id)
 
     async def count(self) -> int:
         return await self._call(self._count)

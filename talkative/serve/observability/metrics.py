@@ -90,6 +90,21 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.cache_hits = Counter(
+            "talkative_result_cache_hits",
+            "Analyses whose every position the result cache answered",
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "talkative_result_cache_misses",
+            "Analyses looked up in the result cache with positions left to compute",
+            registry=r,
+        )
+        self.cache_positions_saved = Counter(
+            "talkative_result_cache_positions_saved",
+            "Positions answered from the result cache instead of being computed",
+            registry=r,
+        )
         self.completed_count = 0
         self.completed_seconds = 0.0
         self.service: Service | None = None
@@ -116,6 +131,11 @@ class Metrics:
     # -- the scheduler's monitor ----------------------------------------------------------------------------------
     def stage(self, name: str, seconds: float) -> None:
         self.stage_seconds.labels(name).observe(seconds)
+
+    def cache_lookup(self, cached: int, total: int) -> None:
+        """An analysis looked up in the result cache: `cached` of its `total` positions were there."""
+        (self.cache_hits if cached == total else self.cache_misses).inc()
+        self.cache_positions_saved.inc(cached)
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()

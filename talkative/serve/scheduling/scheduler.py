@@ -314,6 +314,39 @@ class Scheduler:
             )
         return job
 
+    async def answered(
+        self,
+        kind: str,
+        request: dict[str, Any],
+        result: dict[str, Any],
+        *,
+        model_id: str,
+        client_request_id: str | None = None,
+        owner: str | None = None,
+        subscriber: Any = None,
+    ) -> Job:
+        """A job answered without running (the result cache held its result): completed at once, stored, and
+        its subscriber told like any job's (its final message). It takes no place in the queue and no device."""
+        model = self.registry.model(model_id)
+        now = time.time()
+        job = Job(
+            id=new_id(),
+            kind=kind,
+            request=request,
+            model_id=model_id,
+            group_id=model.group_id,
+            client_request_id=client_request_id,
+            owner=owner,
+            created_at=now,
+            started_at=now,
+        )
+        self.jobs[job.id] = job  # until its end is stored, so that it is readable by id meanwhile
+        self.stats["submitted"] += 1
+        if subscriber is not None:
+            self.sink.subscribe(job, subscriber)
+        self.finish(job, COMPLETED, result=result)
+        return job
+
     def _admit_check(self, owner: str | None) -> None:
         """Backpressure: refuse while draining, beyond MAX_QUEUE_SIZE (429, or 503 before the server is ready)
         and beyond the owner's cap of unfinished jobs (429). Switches count like every other job (a client's

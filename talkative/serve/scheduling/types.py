@@ -13,6 +13,7 @@ from ...nla.options import Resolved
 from ..jobs.record import Job
 
 if TYPE_CHECKING:
+    from ..jobs.cache import CachePlan
     from .workers import Loaded, Worker
 
 MAX_ATTEMPTS = 3  # a job whose process died this many times while it ran is failed, not run again
@@ -80,6 +81,7 @@ class Work:
     engine_seconds: float = 0.0
     busy_since: float | None = None  # a batch of this job is running since then
     prep_started: float | None = None  # its preparation is running since then (set on the preparation thread)
+    cache: CachePlan | None = None  # its result-cache keys once prepared (None with the cache off)
 
     @property
     def prepared(self) -> bool:

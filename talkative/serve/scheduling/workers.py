@@ -29,6 +29,7 @@ from ...nla.checkpoint import NLA
 from ...nla.options import Resolved
 from ...nla.vectors import reads_current_token
 from ..catalog.residency import GroupRuntime
+from ..jobs.cache import prefix_digests
 from ..jobs.record import Job
 
 if TYPE_CHECKING:
@@ -76,6 +77,11 @@ class PreparedInput:
     positions: list[int]
     max_positions: int  # the most positions one engine batch of it may take (row and rows × tokens budgets)
     extract_seconds: float
+    # what the result cache keys its rows by: the NLA's content hash (None when unknown), a digest of the token
+    # ids up to each position (aligned with `positions`), and the input's position flags (flagged ones only)
+    identity: str | None = None
+    prefixes: list[str] = field(default_factory=list)
+    flags: dict[int, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -276,6 +282,7 @@ class LocalWorker:
             "objective": nla.objective,
             "fve_variance": nla.fve_variance,
             "reads_current_token": reads_current_token(nla),
+            "content_hash": rt.identities.get(model_id),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -309,6 +316,7 @@ class LocalWorker:
         """Tokens and activations of a job's input, on the preparation thread; `started` is called there first
         (the job's own time starts when the thread takes it up)."""
         assert job.model_id is not None
+        model_id = job.model_id
 
         def run(nla: NLA, tuned: Any) -> PreparedInput:
             started()
@@ -321,7 +329,16 @@ class LocalWorker:
                 max_tokens=self.max_tokens,
             )
             most = self.engine.max_positions(nla, options, row_budget, self.row_token_budget)
-            return PreparedInput(prepared, list(prepared.positions), most, prepared.extract_seconds)
+            positions = list(prepared.positions)
+            return PreparedInput(
+                prepared,
+                positions,
+                most,
+                prepared.extract_seconds,
+                identity=self.runtime.identities.get(model_id) if self.runtime is not None else None,
+                prefixes=prefix_digests(prepared.ids, positions),
+                flags={q: list(f) for q, f in prepared.flags.items()},
+            )
 
         try:
             nla, tuned = self._nla(job.model_id)

@@ -23,6 +23,7 @@ from . import (
     legend,
     metrics,
     models,
+    shares,
     slim,
     vectors,
 )
@@ -34,6 +35,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     models.router,
     history.router,
     batches.router,
+    shares.router,
     generation.router,
     slim.router,
     vectors.router,

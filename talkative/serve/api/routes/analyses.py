@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from ...jobs.record import UnknownRequest
-from ..deps import Identity, ServiceDep, client_identity, model_for
-from ..schemas import AnalyzeAccepted, AnalyzeRequest, CancelResponse, ErrorBody
+from ..deps import Identity, ServiceDep, client_identity, model_for, refund_cache_hit
+from ..schemas import AnalyzeAccepted, AnalyzeRequest, CancelResponse, ErrorBody, JobDeleted
+from .shares import SharesDep
 
 router = APIRouter(
     dependencies=[Depends(client_identity)],
@@ -25,14 +26,29 @@ router = APIRouter(
 
 
 @router.post("/analyze", response_model=AnalyzeAccepted, summary="Queue an analysis of a text or chat")
-async def analyze(body: AnalyzeRequest, svc: ServiceDep, who: Identity) -> dict[str, Any]:
+async def analyze(body: AnalyzeRequest, svc: ServiceDep, who: Identity, request: Request) -> dict[str, Any]:
     """Queues the analysis and answers at once; read the outcome from `GET /status/{request_id}`. `options` are
-    the engine's `AnalyzeOptions` (the seed's, nested `optimize_explanations_config` included)."""
+    the engine's `AnalyzeOptions` (the seed's, nested `optimize_explanations_config` included). A request the
+    result cache answers whole is already completed (`metadata.cached`) and costs no rate-limit budget."""
     model_for(svc, body.model_id, who)
     job = await svc.submit_analysis(
         body.engine_request(), model_id=body.model_id, client_request_id=body.client_request_id, owner=who.key
     )
+    refund_cache_hit(request, who, job)
     return svc.accepted(job)
+
+
+@router.delete(
+    "/api/v1/jobs/{request_id}",
+    response_model=JobDeleted,
+    summary="Delete a request, its result and its cached rows",
+)
+async def delete_job(request_id: str, svc: ServiceDep, shares: SharesDep) -> dict[str, Any]:
+    """Cancels the request if it has not finished, then removes it for good: its result, the rows it added to the
+    result cache, and its shares (their links answer 404). 404 for an unknown id (or another caller's)."""
+    await svc.delete_job(request_id)
+    await shares.forget_request(request_id)
+    return {"request_id": request_id, "deleted": True}
 
 
 @router.get("/status/{request_id}", summary="State and result of a request")

@@ -25,7 +25,15 @@ from ...catalog import listing, visibility
 from ...jobs.record import UnknownRequest
 from ...lifecycle import cancel_abandoned
 from ...service import Service
-from ..deps import catalog_state, generations_of, message_gate, model_for, service_of, websocket_identity
+from ..deps import (
+    catalog_state,
+    generations_of,
+    message_gate,
+    model_for,
+    refund_cache_hit,
+    service_of,
+    websocket_identity,
+)
 from ..schemas import AnalyzeRequest, GenerateRequest
 from .hub import Connection
 
@@ -182,13 +190,14 @@ async def analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
     body = {k: v for k, v in data.items() if k != "type"}
     req = AnalyzeRequest.model_validate(body)
     model_for(svc, req.model_id, conn.identity)
-    await svc.submit_analysis(
+    job = await svc.submit_analysis(
         req.engine_request(),
         model_id=req.model_id,
         client_request_id=req.client_request_id,
         owner=conn.identity.key,
         subscriber=conn,
     )
+    refund_cache_hit(conn.websocket, conn.identity, job)
 
 
 @handles("cancel_request", "interrupt")

@@ -1,0 +1,157 @@
+"""Shares: read-only links to one completed analysis, anchored at what the sharer wants a colleague to see.
+
+A share is `{request_id, anchor, comment}` in the store's `shares` table (`jobs/store.py`'s schema). It holds no
+copy of the result: reading a share reads the job, so a deleted (or purged) job makes its shares answer 404, and a
+share never outlives what it points at. The anchor is one position with a row, a half-open span of token
+positions, or a half-open span of characters of the shown text (the rows' tokens joined, which is what the web UI
+draws); it is checked against the result when the share is made, and resolved to the positions it covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: a share id: 16 random bytes, URL-safe (the link is the capability when shares are public)
+ID_BYTES = 16
+
+
+class AnchorError(ValueError):
+    """An anchor the result does not have; the message says what the result has."""
+
+
+@dataclass(frozen=True)
+class Share:
+    id: str
+    request_id: str
+    owner: str | None
+    anchor: dict[str, Any]
+    comment: str | None
+    created_at: float
+
+
+def anchored_positions(anchor: dict[str, Any], rows: Sequence[dict[str, Any]], n_tokens: int) -> list[int]:
+    """The row positions an anchor covers (at least one), or AnchorError."""
+    positions = [int(r["position"]) for r in rows]
+    if not positions:
+        raise AnchorError("the result has no rows to point at")
+    if "position" in anchor:
+        if anchor["position"] not in positions:
+            raise AnchorError(
+                f"position {anchor['position']} has no row; the result's rows are positions "
+                f"{positions[0]}..{positions[-1]}"
+            )
+        return [anchor["position"]]
+    if "tokens" in anchor:
+        start, end = anchor["tokens"]
+        if end > n_tokens:
+            raise AnchorError(f"tokens [{start}, {end}) go beyond the {n_tokens} tokens of the input")
+        covered = [q for q in positions if start <= q < end]
+    else:
+        start, end = anchor["chars"]
+        spans, at = [], 0
+        for r in rows:
+            spans.append((at, at + len(r["token"])))
+            at += len(r["token"])
+        if end > at:
+            raise AnchorError(f"chars [{start}, {end}) go beyond the {at} characters of the shown text")
+        covered = [q for q, (a, b) in zip(positions, spans, strict=True) if a < end and start < b]
+    if not covered:
+        raise AnchorError(f"the span [{start}, {end}) covers no row")
+    return covered
+
+
+class ShareStore:
+    """The `shares` table, on a connection and a thread of its own (WAL lets it write beside the job store)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="share-store")
+        self._local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)  # one for the store's thread
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            self._local.conn = conn
+        return conn
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        def shut() -> None:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                conn.close()
+                self._local.conn = None
+
+        self._executor.submit(shut).result()
+        self._executor.shutdown(wait=True)
+
+    # -- on the store's thread ------------------------------------------------------------------------------------
+    def _put(self, share: Share) -> None:
+        self._conn().execute(
+            "INSERT INTO shares (id, request_id, owner, anchor, comment, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                share.id,
+                share.request_id,
+                share.owner,
+                json.dumps(share.anchor),
+                share.comment,
+                share.created_at,
+            ),
+        )
+
+    def _get(self, share_id: str) -> Share | None:
+        r = self._conn().execute("SELECT * FROM shares WHERE id = ?", (share_id,)).fetchone()
+        if r is None:
+            return None
+        return Share(
+            r["id"], r["request_id"], r["owner"], json.loads(r["anchor"]), r["comment"], r["created_at"]
+        )
+
+    def _delete(self, share_id: str) -> None:
+        self._conn().execute("DELETE FROM shares WHERE id = ?", (share_id,))
+
+    def _forget_request(self, request_id: str) -> int:
+        return int(self._conn().execute("DELETE FROM shares WHERE request_id = ?", (request_id,)).rowcount)
+
+    def _orphans(self) -> int:
+        """Shares whose job is gone (purged after RESULT_RETENTION_DAYS): they could only answer 404."""
+        cur = self._conn().execute("DELETE FROM shares WHERE request_id NOT IN (SELECT id FROM jobs)")
+        return int(cur.rowcount)
+
+    # -- async API ------------------------------------------------------------------------------------------------
+    async def create(
+        self, request_id: str, owner: str | None, anchor: dict[str, Any], comment: str | None
+    ) -> Share:
+        share = Share(secrets.token_urlsafe(ID_BYTES), request_id, owner, anchor, comment, time.time())
+        await self._call(self._put, share)
+        return share
+
+    async def get(self, share_id: str) -> Share | None:
+        return await self._call(self._get, share_id)
+
+    async def delete(self, share_id: str) -> None:
+        await self._call(self._delete, share_id)
+
+    async def forget_request(self, request_id: str) -> int:
+        """Remove every share of a job (the job is being deleted); how many."""
+        return await self._call(self._forget_request, request_id)
+
+    async def purge_orphans(self) -> int:
+        return await self._call(self._orphans)

@@ -1,0 +1,123 @@
+"""The result cache in the store: what its keys depend on, rows and inputs written and read back (flagged for the
+input they are read for), a job's rows forgotten, and the size bound evicting the least recently used first."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from talkative.nla.options import resolve
+from talkative.serve.jobs.cache import (
+    CachePlan,
+    ResultCache,
+    cached_metadata,
+    input_key,
+    options_key,
+    prefix_digests,
+    row_key,
+)
+from talkative.serve.jobs.store import JobStore
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    def cache_lookup(self, cached: int, total: int) -> None:
+        self.seen.append((cached, total))
+
+
+def test_options_key_leaves_presentation_out_and_keeps_what_changes_rows() -> None:
+    base = options_key(resolve({}))
+    assert options_key(resolve({"batch_size": 3, "last_n_messages": 2, "use_chat_format": True})) == base
+    for changed in ({"seed": 1}, {"no_kl": True}, {"temperature": 0}, {"return_vectors": True}):
+        assert options_key(resolve(changed)) != base, changed
+    big = resolve({"optimize_explanations_config": {"best_of_k": 2}})
+    assert options_key(big) != base
+
+
+def test_a_position_is_keyed_by_its_prefix_only() -> None:
+    short = prefix_digests([5, 6, 7], [0, 1, 2])
+    longer = prefix_digests([5, 6, 7, 8, 9], [0, 1, 2, 3, 4])
+    assert longer[:3] == short
+    assert prefix_digests([5, 6, 9], [2]) != short[2:]  # a changed token changes its own position's key
+    assert prefix_digests([4, 6, 7], [2]) != short[2:]  # and every later one
+    assert prefix_digests([5, 6, 7], [2, 0]) == [short[2], short[0]]
+    opts = options_key(resolve({}))
+    assert row_key("alice", "nla", opts, short[0]) != row_key("bob", "nla", opts, short[0])
+    assert row_key("", "nla", opts, short[0]) != row_key("", "other-nla", opts, short[0])
+    a = input_key("", "nla", opts, {"text": "a b", "options": {}}, None)
+    assert a == input_key("", "nla", opts, {"text": "a b", "options": {"batch_size": 2}}, None)
+    assert a != input_key("", "nla", opts, {"text": "a b"}, 1)
+
+
+def _row(q: int, flags: list[str]) -> dict[str, Any]:
+    return {"position": q, "token": f"t{q}", "explanation": f"row {q}", "mse": 0.1 * q, "flags": flags}
+
+
+def _plan(n: int, tag: str = "x") -> CachePlan:
+    keys = {q: f"{tag}-key-{q}" for q in range(n)}
+    return CachePlan(input_key="", row_keys=keys, flags={0: ["early_position"]})
+
+
+def _store(tmp_path: Path, max_bytes: int = 10**9) -> tuple[JobStore, ResultCache, Counts]:
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    counts = Counts()
+    return store, ResultCache(path, max_bytes=max_bytes, shared=False, monitor=counts), counts
+
+
+def test_rows_and_inputs_round_trip_and_a_deleted_job_takes_its_rows(tmp_path: Path) -> None:
+    async def go() -> None:
+        store, cache, _ = _store(tmp_path)
+        plan = _plan(3)
+        plan.input_key = "input-1"
+        rows = [_row(0, ["early_position", "degenerate"]), _row(1, []), _row(2, ["low_confidence"])]
+        cache.record("job-1", plan, rows, {"n_tokens": 3, "summary": {"positions": 3}, "cached": False})
+        found = await cache.rows(["x-key-1", "x-key-2", "nope"])
+        assert set(found) == {"x-key-1", "x-key-2"} and found["x-key-2"]["flags"] == ["low_confidence"]
+        entry = await cache.answer("input-1")
+        assert entry is not None and [r["position"] for r in entry["rows"]] == [0, 1, 2]
+        assert entry["rows"][0]["flags"] == [
+            "early_position",
+            "degenerate",
+        ]  # its input's flags, its own row flag
+        meta = cached_metadata(entry, "m", "g")
+        assert meta["cached"] is True and meta["positions_cached"] == 3 and meta["n_tokens"] == 3
+        assert meta["engine_batches"] == [] and meta["processing_time"] == 0.0
+
+        # a second job reuses rows 0..1 and computes a row 3: only row 3 is its own
+        second = _plan(4)
+        second.input_key = "input-2"
+        second.cached = {0, 1, 2}
+        cache.record("job-2", second, [*rows, _row(3, [])], {"n_tokens": 4})
+        assert await cache.forget("job-1") == 3
+        assert (
+            await cache.answer("input-1") is None and await cache.answer("input-2") is None
+        )  # rows are gone
+        assert set(await cache.rows([f"x-key-{q}" for q in range(4)])) == {"x-key-3"}
+        cache.close()
+        store.close()
+
+    asyncio.run(go())
+
+
+def test_the_bound_evicts_the_least_recently_used_first(tmp_path: Path) -> None:
+    async def go() -> None:
+        store, cache, _ = _store(tmp_path, max_bytes=2500)
+        for i in range(6):
+            plan = _plan(4, tag=f"j{i}")
+            plan.input_key = f"input-{i}"
+            cache.record(f"job-{i}", plan, [_row(q, []) for q in range(4)], {})
+            await cache.rows([f"j0-key-{q}" for q in range(4)])  # job 0's rows stay in use
+            time.sleep(0.01)
+        assert cache.size_bytes <= 2500
+        kept = await cache.rows([f"j{i}-key-0" for i in range(6)])
+        assert "j0-key-0" in kept and "j5-key-0" in kept  # used recently, written last
+        assert "j1-key-0" not in kept  # the least recently used went first
+        cache.close()
+        store.close()
+
+    asyncio.run(go())
