@@ -30,6 +30,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from . import errors
 from .api import mcp, openapi
 from .api.routes import include_routes
+from .api.routes.batches import BATCHES_PATH
 from .api.ws.hub import Hub
 from .auth.middleware import Guard
 from .auth.policy import AccessPolicy
@@ -148,7 +149,12 @@ def protect(
     """The middleware, outermost first: request context (request id, HTTP metrics, access log), CORS (so that even
     a refusal carries CORS headers and a page of an allowed origin can read why it was refused), then the gate."""
     app.add_middleware(
-        Guard, policy=access, limiter=limiter, metrics=metrics, max_body=settings.max_request_bytes
+        Guard,
+        policy=access,
+        limiter=limiter,
+        metrics=metrics,
+        max_body=settings.max_request_bytes,
+        body_limits={BATCHES_PATH: (settings.max_batch_bytes, "MAX_BATCH_BYTES")},
     )
     origins = access.origins
     app.add_middleware(

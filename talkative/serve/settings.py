@@ -184,6 +184,12 @@ class Settings(BaseSettings):
 
     # -- batch jobs (docs/server.md, Batches) ----------------------------------------------------------------------
     max_batch_items: int = Field(10000, ge=1, description="Items one batch may hold; more get 413.")
+    max_batch_bytes: int = Field(
+        64 * 1_048_576,
+        ge=1024,
+        description="Largest body of POST /api/v1/batches (a JSON list or a JSONL upload, read into memory); more "
+        "get 413. Every other body stays within MAX_REQUEST_BYTES.",
+    )
     max_batches_in_flight: int = Field(
         4, ge=1, description="Unfinished batches per key (or IP); another one gets 429."
     )

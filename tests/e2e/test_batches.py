@@ -224,9 +224,21 @@ def test_a_cancelled_batch_stops_and_keeps_what_finished(tiny_server: Server) ->
 
 
 def test_limits_on_items_and_batches_in_flight(make_server: Callable[..., Server]) -> None:
-    server = make_server(MAX_BATCH_ITEMS="5", MAX_BATCHES_IN_FLIGHT="1")
+    server = make_server(
+        MAX_BATCH_ITEMS="5", MAX_BATCHES_IN_FLIGHT="1", MAX_REQUEST_BYTES="2048", MAX_BATCH_BYTES="32768"
+    )
     big = httpx.post(server.url + BATCHES, json={"items": items(6)}, timeout=30)
     assert big.status_code == 413 and "MAX_BATCH_ITEMS (5)" in big.json()["detail"]
+    # an upload may be larger than other bodies (MAX_BATCH_BYTES), within its own limit
+    long_text = "word " * 1000
+    assert len(json.dumps({"text": long_text})) > 2048
+    too_long = server.post("/analyze", {"text": long_text})
+    assert too_long.status_code == 413 and "MAX_REQUEST_BYTES" in too_long.json()["detail"]
+    huge = httpx.post(server.url + BATCHES, json={"items": [{"id": 1, "text": long_text * 7}]}, timeout=30)
+    assert huge.status_code == 413 and "MAX_BATCH_BYTES (32768 bytes)" in huge.json()["detail"]
+    upload = httpx.post(server.url + BATCHES, json={"items": [{"id": 1, "text": long_text}]}, timeout=30)
+    assert upload.status_code == 202, upload.text
+    server.post(f"{BATCHES}/{upload.json()['batch_id']}/cancel")
     first = submit(server, {"items": items(5, words=40), "options": FAST})
     second = httpx.post(server.url + BATCHES, json={"items": items(1), "options": FAST}, timeout=30)
     assert second.status_code == 429 and "MAX_BATCHES_IN_FLIGHT" in second.json()["detail"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -87,13 +88,21 @@ class Refusal(Exception):
 
 class Guard:
     def __init__(
-        self, app: ASGIApp, policy: AccessPolicy, limiter: RateLimiter, metrics: Metrics, max_body: int
+        self,
+        app: ASGIApp,
+        policy: AccessPolicy,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        max_body: int,
+        body_limits: Mapping[str, tuple[int, str]] | None = None,
     ) -> None:
         self.app = app
         self.policy = policy
         self.limiter = limiter
         self.metrics = metrics
         self.max_body = max_body
+        #: path -> (bytes, setting name): routes whose bodies are uploads (a batch's items) have their own limit
+        self.body_limits = dict(body_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -201,10 +210,9 @@ class Guard:
     async def _buffered(self, scope: Scope, receive: Receive) -> Receive:
         """Read the whole body first, counting the bytes as they stream in; replay it to the app."""
         declared = scope_header(scope, "content-length")
-        too_large = Refusal(
-            413, "too_large", f"the request body is larger than MAX_REQUEST_BYTES ({self.max_body} bytes)"
-        )
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+        limit, setting = self.body_limits.get(scope["path"], (self.max_body, "MAX_REQUEST_BYTES"))
+        too_large = Refusal(413, "too_large", f"the request body is larger than {setting} ({limit} bytes)")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks: list[bytes] = []
         size = 0
@@ -214,7 +222,7 @@ class Guard:
                 return _replay([message], receive)
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
+            if size > limit:
                 raise too_large
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -30,6 +30,8 @@ from ...jobs.record import UnknownRequest, text_length
 from ..deps import Identity, ServiceDep, client_identity, model_for
 from ..schemas import BatchDefaults, BatchItem, BatchListing, BatchProgress, BatchRequest, ErrorBody
 
+#: the batches' resource; its POST body (an upload) has its own limit, MAX_BATCH_BYTES (app.py's gate)
+BATCHES_PATH = "/api/v1/batches"
 JSONL_TYPES = frozenset(
     {"application/x-ndjson", "application/jsonl", "application/x-jsonlines", "text/jsonl"}
 )
@@ -83,7 +85,7 @@ SUBMIT_BODY: dict[str, Any] = {
 }
 
 router = APIRouter(
-    prefix="/api/v1/batches",
+    prefix=BATCHES_PATH,
     dependencies=[Depends(client_identity)],
     responses={
         400: {"model": ErrorBody, "description": "invalid input"},
