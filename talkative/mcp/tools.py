@@ -31,7 +31,8 @@ explanation back to a vector, and the reconstruction error (mse, relative_rmse, 
 next-token prediction with the reconstruction patched in) says how much of the activation the words capture.
 Start with list_models, analyze a text, then test hypotheses about a token with score (your own explanation
 against its activation) and describe. Lower mse/relative_rmse and higher fve/cosine mean a better explanation.
-Rows flagged early_position, bos, system_prompt or outlier are known to be noisy."""
+Rows flagged early_position, bos, system_prompt or outlier sit where activations are known to be noisy;
+low_confidence (no better than a baseline), degenerate or truncated flag an explanation not to trust."""
 
 READ_ONLY = ToolAnnotations(readOnlyHint=True, openWorldHint=False)
 
@@ -204,8 +205,9 @@ class Tools:
         """Explain every token of a text (or chat) at the model's layer.
 
         Returns one compact row per token: position, token, explanation, mse, relative_rmse, fve, cosine,
-        kl_divergence, flags (early_position, bos, system_prompt, outlier: known-noisy positions) and, with salience, the
-        explanation's most salient words; plus `summary` (means over unflagged rows) and the request_id."""
+        kl_divergence, flags (early_position, bos, system_prompt, outlier: known-noisy positions;
+        low_confidence, degenerate, truncated: an explanation not to trust) and, with salience, the explanation's
+        most salient words; plus `summary` (means over the rows no flag excludes) and the request_id."""
         _one_input(text, messages)
         options = _options(best_of_k, salience, kl, seed)
         if steer is not None:
