@@ -1,6 +1,6 @@
 """Every route of the server, included in one place: `include_routes(app)` is all `create_app` calls.
 
-One module per resource (analyses, models, generation, vectors, history, admin, health, metrics and the
+One module per resource (analyses, models, generation, vectors, diff, history, admin, health, metrics and the
 metric legend), plus the slim
 API (a contract of its own, see `slim.py`) and the WebSocket protocol (`api/ws/protocol.py`). The web UI's static
 files are mounted last, at `/`, so that every API path is matched before them.
