@@ -34,6 +34,8 @@ against its activation) and describe. Lower mse/relative_rmse and higher fve/cos
 Rows flagged early_position, bos, system_prompt or outlier sit where activations are known to be noisy;
 low_confidence (no better than a baseline), degenerate or truncated flag an explanation not to trust."""
 
+#: seconds a vector job that outlasted the server's own wait (REQUEST_TIMEOUT, else 300 s) is waited for further
+SETTLE_TIMEOUT = 600.0
 READ_ONLY = ToolAnnotations(readOnlyHint=True, openWorldHint=False)
 
 
@@ -150,6 +152,16 @@ class Tools:
         if status.status != "completed" or status.result is None:
             raise ToolError(f"request {request_id} {status.status}: {status.error}")
         return status.result
+
+    async def _settled(
+        self, client: AsyncClient, body: dict[str, Any], key: str, timeout: float = SETTLE_TIMEOUT
+    ) -> dict[str, Any]:
+        """A vector endpoint's answer: as given when it has `key`; else the job outlasted the server's wait
+        (202 with its id), and its result is waited for here."""
+        if key in body:
+            return body
+        request_id = body["request_id"]
+        return {"request_id": request_id, **await self._finish(client, request_id, timeout)}
 
     async def _source(
         self,
@@ -313,8 +325,9 @@ class Tools:
                 ext = await self._source(client, text, messages, positions or [], model_id)
                 rows, refs, where = ext.activations, [t["token_id"] for t in ext.tokens], ext.tokens
             described = await client.describe(rows, refs, options=options, model_id=model_id)
+            body = await self._settled(client, described.raw, "results")
         results = []
-        for i, r in enumerate(described.results):
+        for i, r in enumerate(body["results"]):
             out: dict[str, Any] = {"index": r.get("index", i)}
             if where is not None:
                 out["position"] = where[i]["position"]
@@ -330,8 +343,8 @@ class Tools:
                 out["salient_words"] = words
             results.append(out)
         return {
-            "request_id": described.request_id,
-            "model_id": described.raw.get("model_id"),
+            "request_id": body["request_id"],
+            "model_id": body.get("model_id"),
             "results": results,
         }
 
@@ -386,19 +399,20 @@ class Tools:
             scored = await client.score(
                 list(explanations), rows[0], token=ref, salience=salience, model_id=model_id
             )
+            body = await self._settled(client, scored.raw, "results")
         results = []
-        for r in scored.results:
+        for r in body["results"]:
             out = {"explanation": r["explanation"], **S.metrics_of(r)}
             words = S.salient_words(r)
             if words is not None:
                 out["salient_words"] = words
             results.append(out)
-        head: dict[str, Any] = {"request_id": scored.request_id, "model_id": scored.raw.get("model_id")}
+        head: dict[str, Any] = {"request_id": body["request_id"], "model_id": body.get("model_id")}
         if where is not None:
             head |= {"position": where["position"], "token": where["token"]}
         else:
-            head |= {"token": scored.raw.get("token"), "token_assumed": scored.raw.get("token_assumed")}
-        return {**head, "norm": S.rounded(scored.raw.get("norm")), "results": results}
+            head |= {"token": body.get("token"), "token_assumed": body.get("token_assumed")}
+        return {**head, "norm": S.rounded(body.get("norm")), "results": results}
 
     async def diff(
         self,
@@ -425,11 +439,7 @@ class Tools:
             options["optimize_explanations_config"] = {"best_of_k": best_of_k}
         async with self._client(ctx) as client:
             body = await client.diff(a.wire(), b.wire(), options=options, model_id=model_id)
-            if "difference" not in body:  # still running when the server stopped waiting
-                body = {
-                    "request_id": body["request_id"],
-                    **await self._finish(client, body["request_id"], timeout_s),
-                }
+            body = await self._settled(client, body, "difference", timeout_s)
         return S.compact_diff(body)
 
     async def steer_generate(

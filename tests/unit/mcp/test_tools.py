@@ -13,16 +13,19 @@ import httpx
 from mcp import Client
 from mcp.server.mcpserver import Context
 
-from talkative.client import Accepted, APIError, JobFailed, JobStatus
+from talkative.client import Accepted, APIError, JobFailed, JobStatus, VectorResults
 from talkative.mcp import build_server
 
 
 class FakeAPI:
     """What the tools call on an `AsyncClient`, answering from a script."""
 
-    def __init__(self, fail: Exception | None = None, finishes: bool = True) -> None:
+    def __init__(
+        self, fail: Exception | None = None, finishes: bool = True, result: dict[str, Any] | None = None
+    ) -> None:
         self.fail = fail
         self.finishes = finishes
+        self.result = result or {"tokens": [], "metadata": {"model_id": "m"}}
         self.cancelled: list[str] = []
 
     async def models(self) -> Any:
@@ -34,8 +37,13 @@ class FakeAPI:
 
     async def wait(self, request_id: str, timeout: float | None, poll: float) -> JobStatus:
         status = "completed" if self.finishes else "processing"
-        result = {"tokens": [], "metadata": {"model_id": "m"}} if self.finishes else None
+        result = self.result if self.finishes else None
         return JobStatus(request_id, status, "analyze", result, None, None, None)
+
+    async def describe(self, *args: Any, **kwargs: Any) -> VectorResults:
+        """The answer of a describe that outlasted the server's wait: 202 with its id."""
+        body = {"request_id": "job-2", "status": "processing", "message": "still processing"}
+        return VectorResults("job-2", [], {}, None, body)
 
     async def cancel(self, request_id: str) -> dict[str, Any]:
         self.cancelled.append(request_id)
@@ -86,3 +94,11 @@ def test_a_job_not_done_in_time_is_cancelled_and_said_so() -> None:
 def test_a_finished_analysis_is_compact() -> None:
     is_error, _, structured = asyncio.run(call(FakeAPI(), "analyze", {"text": "hi"}))
     assert not is_error and structured["request_id"] == "job-1" and structured["rows"] == []
+
+
+def test_a_vector_job_that_outlasts_the_servers_wait_is_waited_for() -> None:
+    row = {"index": 0, "token": " x", "token_assumed": False, "explanation": "words", "mse": 1.5, "norm": 3.0}
+    api = FakeAPI(result={"results": [row], "metadata": {}})
+    is_error, _, structured = asyncio.run(call(api, "describe", {"vectors": [[1.0, 2.0]]}))
+    assert not is_error and structured["request_id"] == "job-2"
+    assert structured["results"][0]["explanation"] == "words" and structured["results"][0]["mse"] == 1.5
