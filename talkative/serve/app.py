@@ -137,7 +137,12 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
     service = Service(settings, registry, residency, store, scheduler, hub, cache)
     generations = Generations(scheduler, registry, settings, logs, service.submit_analysis)
     batches = Batches(
-        settings, BatchStore(settings.store_path()), scheduler, service.submit_analysis, devices=len(workers)
+        settings,
+        BatchStore(settings.store_path()),
+        scheduler,
+        service.submit_analysis,
+        service.delete_job,
+        devices=len(workers),
     )
     metrics.bind(service)
     return Serving(service, generations, logs, batches, ShareStore(settings.store_path()))

@@ -260,10 +260,21 @@ def test_batches_belong_to_their_key_and_the_admin_sees_all(make_server: Callabl
     listed = server.get(f"{BATCHES}?all=true", headers=auth("admin")).json()
     assert [b["batch_id"] for b in listed["batches"]] == [batch_id]
     wait_batch(server, batch_id, headers=auth("alice"))
-    assert len(results(server, batch_id, headers=auth("alice"))) == 2
+    lines = results(server, batch_id, headers=auth("alice"))
+    assert len(lines) == 2
+    # an item's job is its batch owner's, like her other jobs
+    assert (
+        server.get(f"/status/{lines[0]['request_id']}", headers=auth("alice")).json()["status"] == "completed"
+    )
+    assert server.get(f"/status/{lines[0]['request_id']}", headers=auth("bob")).status_code == 404
     # the items' own jobs are the batch's, not in the owner's history of interactive requests
     assert server.get("/api/history", headers=auth("alice")).json()["total"] == 0
     assert httpx.delete(f"{server.url}{BATCHES}/{batch_id}", headers=auth("alice")).status_code == 200
+    for _ in range(50):  # the items' jobs go right after their batch
+        if server.get(f"/status/{lines[0]['request_id']}", headers=auth("alice")).status_code == 404:
+            break
+        time.sleep(0.1)
+    assert server.get(f"/status/{lines[0]['request_id']}", headers=auth("alice")).status_code == 404
 
 
 @pytest.mark.slow

@@ -309,15 +309,17 @@ class BatchStore:
         )
         return [r["result"] for r in rows]
 
+    def _job_ids(self, batch_id: str) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT job_id FROM batch_items WHERE batch_id = ? AND job_id IS NOT NULL", (batch_id,)
+        )
+        return [r["job_id"] for r in rows]
+
     def _delete(self, batch_id: str) -> None:
-        """The batch, its items and their jobs' rows (which hold the same texts and results)."""
+        """The batch and its items (their jobs are removed by the job store and the result cache, `Batches`)."""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(
-                "DELETE FROM jobs WHERE id IN (SELECT job_id FROM batch_items WHERE batch_id = ? AND job_id IS NOT NULL)",
-                (batch_id,),
-            )
             conn.execute("DELETE FROM batch_items WHERE batch_id = ?", (batch_id,))
             conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
             conn.execute("COMMIT")
@@ -384,6 +386,10 @@ class BatchStore:
         """Result lines (JSON text) after the first `after`, in completion order."""
         return await self._call(self._results, batch_id, after, limit)
 
+    async def job_ids(self, batch_id: str) -> list[str]:
+        """The jobs a batch's items ran as."""
+        return await self._call(self._job_ids, batch_id)
+
     async def delete(self, batch_id: str) -> None:
         await self._call(self._delete, batch_id)
 
@@ -405,6 +411,7 @@ class JobRunner(Protocol):
 
 
 Submit = Callable[..., Awaitable[Job]]
+Forget = Callable[[str], Awaitable[None]]
 
 
 @dataclass
@@ -435,12 +442,14 @@ class Batches:
         store: BatchStore,
         scheduler: JobRunner,
         submit: Submit,
+        forget: Forget,
         devices: int,
     ) -> None:
         self.settings = settings
         self.store = store
         self.scheduler = scheduler
         self._submit = submit
+        self._forget = forget  # removes a job for good: its record, its result and its cached rows
         self.depth = devices * settings.max_active_batch_jobs + 1
         self._active: dict[str, Active] = {}
         self._order: deque[str] = deque()  # round robin over active batches
@@ -582,7 +591,9 @@ class Batches:
                 {**request, BATCH_KEY: batch.id},
                 model_id=batch.model_id,
                 client_request_id=None,
-                owner=None,  # item jobs count against the batch's limits, not the owner's interactive cap
+                # the owner's job (its /status, its cached rows), counted against the batch's limits instead of
+                # the owner's interactive cap, and listed with its batch instead of in the owner's history
+                owner=batch.owner,
             )
         except SchedulerError as exc:
             if exc.status in (429, 503):
@@ -785,5 +796,12 @@ class Batches:
             while active is not None and active.running:  # its jobs' last outcomes, then nothing writes again
                 await self.changed(1.0)
         self._active.pop(batch_id, None)
+        job_ids = await self.store.job_ids(batch_id)
         await self.store.delete(batch_id)
         self._notify()
+        self._spawn(self._forget_jobs(job_ids))  # the batch is gone at once; its items' jobs follow
+
+    async def _forget_jobs(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            with contextlib.suppress(UnknownRequest):
+                await self._forget(job_id)

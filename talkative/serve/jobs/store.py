@@ -244,7 +244,8 @@ class JobStore:
     def _owned(
         self, owner: str, kinds: tuple[str, ...], limit: int, offset: int
     ) -> tuple[list[JobSummary], int]:
-        where = f"owner = ? AND kind IN ({','.join('?' * len(kinds))})"
+        # a batch's items are listed with their batch (GET /api/v1/batches), not one by one
+        where = f"owner = ? AND kind IN ({','.join('?' * len(kinds))}) AND json_extract(request, '$.batch_id') IS NULL"
         conn = self._conn()
         total = int(conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", (owner, *kinds)).fetchone()[0])
         rows = conn.execute(

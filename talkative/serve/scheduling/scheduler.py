@@ -365,7 +365,8 @@ class Scheduler:
                 retry_after=self.retry_after(),
             )
         elif (cap := self.client_cap(owner)) is not None:
-            mine = sum(1 for j in self.jobs.values() if j.owner == owner)
+            # a batch's items count against the batch limits, not against the owner's interactive requests
+            mine = sum(1 for j in self.jobs.values() if j.owner == owner and not is_batch_item(j))
             if mine >= cap:
                 refusal = SchedulerError(
                     429,

@@ -28,6 +28,7 @@ class FakeScheduler:
         self.ended: dict[str, Job] = {}
         self.submitted: list[Job] = []
         self.refuse = 0
+        self.forgotten: list[str] = []
         self._futures: dict[str, asyncio.Future[Job]] = {}
 
     async def submit(
@@ -40,6 +41,10 @@ class FakeScheduler:
         self.jobs[job.id] = job
         self.submitted.append(job)
         return job
+
+    async def forget(self, job_id: str) -> None:
+        """The service's delete_job: the job's record, result and cached rows."""
+        self.forgotten.append(job_id)
 
     def recover(self, job: Job) -> None:
         """A job a previous process left unfinished, queued again (as the real scheduler does at start)."""
@@ -93,7 +98,7 @@ def run(tmp_path: Path, body: Callable[[Path], Awaitable[None]]) -> None:
 
 
 async def started(path: Path, sched: FakeScheduler, **kw: Any) -> Batches:
-    batches = Batches(settings(**kw), BatchStore(path), sched, sched.submit, devices=1)
+    batches = Batches(settings(**kw), BatchStore(path), sched, sched.submit, sched.forget, devices=1)
     await batches.start()
     return batches
 
@@ -108,7 +113,7 @@ def test_items_are_fed_a_few_at_a_time_and_results_come_in_completion_order(tmp_
         assert len(sched.submitted) == batches.depth == 2  # 1 device × 1 batch place + 1 waiting
         first, second = sched.submitted
         assert all(
-            is_batch_item(j) and j.request["batch_id"] == batch.id and j.owner is None
+            is_batch_item(j) and j.request["batch_id"] == batch.id and j.owner == "key:a"
             for j in (first, second)
         )
         sched.end(second, COMPLETED)
@@ -210,6 +215,8 @@ def test_cancel_stops_running_items_and_never_starts_pending_ones(tmp_path: Path
         assert again.value.status == 409
         await batches.delete(batch.id)
         assert await batches.store.get(batch.id) is None and await batches.results(batch.id, 0) == []
+        await settle()
+        assert sorted(sched.forgotten) == sorted(j.id for j in sched.submitted)  # their jobs removed too
         await batches.stop()
 
     run(tmp_path, body)
