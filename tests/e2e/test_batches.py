@@ -363,3 +363,35 @@ def test_the_cli_writes_rows_and_resumes(tiny_server: Server, tmp_path: Path) ->
         timeout=120,
     )
     assert nowhere.returncode != 0 and "no Talkative server" in nowhere.stderr
+
+
+def test_the_cli_resumes_the_batch_its_sidecar_names(tiny_server: Server, tmp_path: Path) -> None:
+    """An interrupted run left a sidecar naming its batch and one row written: the next run follows that batch for
+    the other rows instead of submitting anew."""
+    source = tmp_path / "items.jsonl"
+    batch_items = items(3, prefix="side")
+    source.write_text("\n".join(json.dumps(i) for i in batch_items) + "\n")
+    accepted = httpx.post(
+        f"{tiny_server.url}{BATCHES}?options={json.dumps(FAST)}",
+        content=source.read_bytes(),
+        headers={"Content-Type": "application/x-ndjson"},
+        timeout=60,
+    ).json()
+    wait_batch(tiny_server, accepted["batch_id"])
+    first = next(r for r in results(tiny_server, accepted["batch_id"]) if r["id"] == "side-0")
+    out = tmp_path / "rows.jsonl"
+    out.write_text(json.dumps(first) + "\n" + '{"id": "side-1", "sta')  # and a line torn by the interruption
+    sidecar = tmp_path / "rows.jsonl.batch"
+    sidecar.write_text(
+        json.dumps({"batch_id": accepted["batch_id"], "server": tiny_server.url, "lines": [1, 2, 3]})
+    )
+    before = tiny_server.get(BATCHES).json()["total"]
+    cmd = [sys.executable, "-m", "talkative.cli", "analyze", "--input", str(source), "--output", str(out)]
+    done = subprocess.run([*cmd, "--server", tiny_server.url], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming batch {accepted['batch_id']}" in done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0] == first and sorted(r["id"] for r in rows) == ["side-0", "side-1", "side-2"]
+    assert all(r["line"] == int(r["id"][-1]) + 1 for r in rows)  # the input's line numbers
+    assert tiny_server.get(BATCHES).json()["total"] == before  # no new batch
+    assert not sidecar.exists()  # done: nothing left to resume
