@@ -100,8 +100,9 @@ def test_anchors_owners_keys_and_deletion(make_server: Callable[..., Server]) ->
 
     # without PUBLIC_SHARES a key is needed to read; the page itself is the UI's shell, served to anyone
     assert server.get(f"/api/v1/shares/{share_id}").status_code == 401
-    page = server.get(f"/s/{share_id}", headers={"Accept": "text/html"})
+    page = server.get(f"/s/{share_id}", headers={"Accept": "text/html"}, follow_redirects=True)
     assert page.status_code == 200 and "<html" in page.text.lower()
+    assert str(page.url).endswith(f"/?share={share_id}")
 
     # the maker deletes it (another caller gets 404, as for an unknown id)
     assert _delete(server, f"/api/v1/shares/{share_id}", "bob").status_code == 404

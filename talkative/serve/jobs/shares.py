@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import sqlite3
 import threading
 import time
@@ -21,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-T = TypeVar("T")
+from .record import new_id
 
-#: a share id: 16 random bytes, URL-safe (the link is the capability when shares are public)
-ID_BYTES = 16
+T = TypeVar("T")
 
 
 class AnchorError(ValueError):
@@ -139,7 +137,8 @@ class ShareStore:
     async def create(
         self, request_id: str, owner: str | None, anchor: dict[str, Any], comment: str | None
     ) -> Share:
-        share = Share(secrets.token_urlsafe(ID_BYTES), request_id, owner, anchor, comment, time.time())
+        # a random UUID (122 random bits): the link is the capability when shares are public
+        share = Share(new_id(), request_id, owner, anchor, comment, time.time())
         await self._call(self._put, share)
         return share
 

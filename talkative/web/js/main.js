@@ -19,6 +19,7 @@ import { preferredModel } from './views/model-picker.js';
 import { createProgress } from './views/progress.js';
 import { createResult } from './views/result.js';
 import { createReexplain } from './reexplain.js';
+import { createShare, openShare } from './share.js';
 import { createRunsBar } from './views/runs-bar.js';
 import { createStatus } from './views/status.js';
 import { createTabs } from './views/tabs.js';
@@ -157,6 +158,22 @@ createResult({
       $('#analyse-form').scrollIntoView({ block: 'start' });
     },
     reexplain: createReexplain(api),
+    async share(run, row) {
+      if (!row) return;
+      const comment = window.prompt(`Share token ${row.position} (${row.token.trim() || 'whitespace'}): an optional comment (512 characters at most)`, '');
+      if (comment === null) return;
+      try {
+        const link = await createShare({ api, requestId: run.requestId, position: row.position, comment: comment.slice(0, 512) });
+        try {
+          await navigator.clipboard.writeText(link);
+          notify.info(`Share link copied: ${link}`);
+        } catch {
+          notify.info(`Share link: ${link}`);
+        }
+      } catch (err) {
+        notify.error(`The result could not be shared: ${err.message}`);
+      }
+    },
   },
 });
 createGenerate({
@@ -215,3 +232,5 @@ refreshModels();
 socket.start();
 const job = new URLSearchParams(window.location.search).get('job');
 if (job) openJob(job);
+const shared = new URLSearchParams(window.location.search).get('share');
+if (shared) openShare({ api, analyses, notify, shareId: shared });

@@ -12,9 +12,10 @@ the reader's key, or without one when shares are public.
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.requests import HTTPConnection
 
@@ -25,7 +26,6 @@ from ...jobs.record import COMPLETED, iso
 from ...jobs.shares import AnchorError, Share, ShareStore, anchored_positions
 from ..deps import Identity, ServiceDep, bearer_scheme, client_identity
 from ..schemas import ErrorBody, ShareCreated, ShareRequest
-from .health import WEB_DIR
 
 SHARE_PAGE = "/s/{share_id}"
 
@@ -126,6 +126,7 @@ async def delete_share(share_id: str, shares: SharesDep, who: Identity) -> dict[
 
 
 @router.get(SHARE_PAGE, include_in_schema=False)
-async def share_page(share_id: str) -> FileResponse:
-    """The web UI, which reads the share id from its address."""
-    return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+async def share_page(share_id: str) -> RedirectResponse:
+    """The web UI opened on the share (`?share=`). The redirect is relative, so the page keeps working behind a
+    proxy that serves it under a prefix, and the UI's own relative paths resolve from its root."""
+    return RedirectResponse(f"../?share={quote(share_id, safe='')}", status_code=307)

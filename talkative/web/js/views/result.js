@@ -5,6 +5,7 @@ import { duration, exactTime, num, plural } from '../format.js';
 import { available, salienceScale, scaleFor } from '../metrics.js';
 import { save } from '../prefs.js';
 import { createDetail } from './detail.js';
+import { createFlagFilter } from './flags.js';
 import { createLegend } from './legend.js';
 import { createStrip } from './strip.js';
 import { createTable } from './table.js';
@@ -36,6 +37,7 @@ export function createResult({ store, analyses, tooltip, actions }) {
   function source(run) {
     if (run.origin === 'imported') return `from the file ${run.filename}`;
     if (run.origin === 'stored') return `stored ${exactTime(run.createdAt)}`;
+    if (run.origin === 'shared') return 'shared with you';
     return '';
   }
 
@@ -70,6 +72,10 @@ export function createResult({ store, analyses, tooltip, actions }) {
     const legendView = createLegend(legend);
     const strip = createStrip({ rows, legend, tooltip, onSelect: (i, opts) => selectRow(i, opts) });
     const table = createTable({ rows, legend, onSelect: (i, opts) => selectRow(i, opts) });
+    const flagFilter = createFlagFilter(rows, () => {
+      strip.filter(flagFilter.hides);
+      table.filter(flagFilter.hides);
+    });
 
     const facts = [
       meta.model_id || run.modelId,
@@ -88,6 +94,7 @@ export function createResult({ store, analyses, tooltip, actions }) {
       h('button', { type: 'button', class: 'secondary small', id: 'export-jsonl', onclick: () => actions.exportJsonl(run) }, 'Export JSONL'),
       h('button', { type: 'button', class: 'secondary small', id: 'export-csv', onclick: () => actions.exportCsv(run) }, 'Export CSV'),
       run.requestId ? h('button', { type: 'button', class: 'secondary small', id: 'copy-link', onclick: () => actions.copyLink(run) }, 'Copy link') : null,
+      run.requestId && actions.share ? h('button', { type: 'button', class: 'secondary small', id: 'share-token', onclick: () => actions.share(run, rows[view.selected]) }, 'Share this token') : null,
       run.input ? h('button', { type: 'button', class: 'secondary small', onclick: () => actions.editInput(run) }, 'Edit input') : null,
     );
 
@@ -96,7 +103,9 @@ export function createResult({ store, analyses, tooltip, actions }) {
       { class: 'card result-card', 'aria-labelledby': 'result-title' },
       h('div', { class: 'result-head' }, h('h2', { id: 'result-title' }, 'Result'), h('p', { class: 'facts' }, facts.join(' · '))),
       h('dl', { class: 'summary' }, summaryItems(rows, meta, legend)),
+      run.share ? h('aside', { class: 'share-note', id: 'share-note' }, h('strong', {}, 'Shared result'), run.share.comment ? h('p', { class: 'share-comment' }, run.share.comment) : null) : null,
       h('div', { class: 'toolbar' }, h('label', { class: 'inline', for: 'metric-select' }, 'Colour by ', metricSelect), buttons),
+      flagFilter.element,
       rows.length ? strip.element : h('p', { class: 'hint' }, 'No tokens in this result.'),
       h('p', { class: 'hint strip-hint' }, 'Point at a token or move with the arrow keys to read its explanation.'),
       h('div', { class: 'result-panels' }, detail.element, legendView.element),
@@ -136,7 +145,9 @@ export function createResult({ store, analyses, tooltip, actions }) {
 
     view = { selected: 0, selectRow };
     recolour(metric);
-    if (rows.length) selectRow(0);
+    const anchored = run.share ? rows.findIndex((r) => run.share.positions.includes(r.position)) : -1;
+    if (run.share) strip.anchor(run.share.positions);
+    if (rows.length) selectRow(Math.max(0, anchored), { focus: anchored >= 0 });
     else detail.show(rows, -1, salienceMax);
   }
 

@@ -3,6 +3,7 @@
 import { h } from '../dom.js';
 import { num, shownToken, spokenToken } from '../format.js';
 import { badnessColour } from '../metrics.js';
+import { flagsOf, flagWords } from './flags.js';
 
 export function createStrip({ rows, legend, tooltip, onSelect }) {
   let scale = null;
@@ -11,7 +12,12 @@ export function createStrip({ rows, legend, tooltip, onSelect }) {
   let selected = -1;
   const strip = h('div', { class: 'strip', role: 'listbox', 'aria-label': 'Tokens of the text', 'aria-orientation': 'horizontal' });
   const tokens = rows.map((row, i) => {
-    const el = h('span', { class: `tok${row.outlier ? ' outlier' : ''}`, role: 'option', tabindex: i === 0 ? '0' : '-1', id: `tok-${i}`, 'data-i': i }, shownToken(row.token));
+    const flags = flagsOf(row);
+    const el = h(
+      'span',
+      { class: `tok${row.outlier ? ' outlier' : ''}${flags.length ? ' flagged' : ''}`, role: 'option', tabindex: i === 0 ? '0' : '-1', id: `tok-${i}`, 'data-i': i, 'data-flags': flags.length ? flags.join(' ') : undefined },
+      shownToken(row.token),
+    );
     strip.append(el);
     if (row.token.includes('\n')) strip.append(h('br', { 'aria-hidden': 'true' }));
     return el;
@@ -21,7 +27,7 @@ export function createStrip({ rows, legend, tooltip, onSelect }) {
     const row = rows[i];
     const parts = [`Token ${i + 1} of ${rows.length}: ${spokenToken(row.token)}.`];
     if (metric) parts.push(`${legend.get(metric).label} ${num(row[metric])}.`);
-    if (row.outlier) parts.push('Norm outlier.');
+    if (flagsOf(row).length) parts.push(`Flagged: ${flagWords(row)}.`);
     parts.push(`Explanation: ${row.explanation ?? 'none'}`);
     return parts.join(' ');
   }
@@ -92,5 +98,18 @@ export function createStrip({ rows, legend, tooltip, onSelect }) {
     } else if (event.key === 'Escape') tooltip.hide();
   });
 
-  return { element: strip, recolour, select };
+  /** Hide the tokens a filter leaves out (`hides(row)`); the others keep their places and their selection. */
+  function filter(hides) {
+    tokens.forEach((el, i) => {
+      el.hidden = hides(rows[i]);
+    });
+  }
+
+  /** Mark the tokens a share points at (row positions) and show the first of them. */
+  function anchor(positions) {
+    const wanted = new Set(positions);
+    tokens.forEach((el, i) => el.classList.toggle('anchored', wanted.has(rows[i].position)));
+  }
+
+  return { element: strip, recolour, select, filter, anchor };
 }

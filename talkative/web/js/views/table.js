@@ -5,6 +5,7 @@ import { num, shownToken } from '../format.js';
 import { badnessColour } from '../metrics.js';
 import { load, save } from '../prefs.js';
 import { explanationNode, lensChips } from './explanation.js';
+import { FLAG_TEXT, flagsOf } from './flags.js';
 
 const LEADING = [
   { key: 'position', label: '#', numeric: true, always: true },
@@ -16,6 +17,7 @@ const TRAILING = [
   { key: 'logit_lens_top', label: 'Logit lens', on: true },
   { key: 'tuned_lens_top', label: 'Tuned lens', on: true },
   { key: 'outlier', label: 'Outlier', on: true },
+  { key: 'flags', label: 'Flags', on: true },
 ];
 
 /** The columns: the row's own fields around one column per metric of the legend (headline metrics shown first). */
@@ -24,7 +26,8 @@ function columnsOf(legend) {
   return [...LEADING, ...metrics, ...TRAILING];
 }
 
-const present = (rows, key) => rows.some((r) => r[key] !== null && r[key] !== undefined && r[key] !== false);
+const present = (rows, key) =>
+  rows.some((r) => r[key] !== null && r[key] !== undefined && r[key] !== false && !(Array.isArray(r[key]) && !r[key].length));
 
 export function createTable({ rows, legend, onSelect }) {
   const columns = columnsOf(legend).filter((c) => c.always || present(rows, c.key));
@@ -35,6 +38,7 @@ export function createTable({ rows, legend, onSelect }) {
   let scale = null;
   let salienceMax = 1;
   let selected = -1;
+  let hides = () => false; // the flag filter: rows it leaves out are not listed
 
   const section = h('section', { class: 'card table-card', 'aria-labelledby': 'table-title' });
   const table = h('table', { class: 'results', 'aria-labelledby': 'table-title' });
@@ -79,6 +83,7 @@ export function createTable({ rows, legend, onSelect }) {
       return h('td', { class: 'num' }, h('button', { type: 'button', class: 'link', 'aria-label': `Show token ${row.position} in the detail panel`, 'data-row': i }, String(v)));
     }
     if (c.key === 'outlier') return h('td', {}, v ? 'outlier' : '');
+    if (c.key === 'flags') return h('td', { class: 'flags-cell' }, flagsOf(row).map((f) => h('span', { class: 'flag', title: FLAG_TEXT[f] || f }, f)));
     if (c.key.endsWith('lens_top')) return h('td', { class: 'lens-cell' }, lensChips(v, 3));
     const colour = c.key === metric && scale && !row.outlier ? badnessColour(scale.badness(v)) : null;
     return h('td', { class: 'num', style: colour ? { backgroundColor: colour } : undefined }, num(v, 4));
@@ -131,7 +136,9 @@ export function createTable({ rows, legend, onSelect }) {
       h(
         'tbody',
         {},
-        sorted().map(({ row, i }) =>
+        sorted()
+          .filter(({ row }) => !hides(row))
+          .map(({ row, i }) =>
           h('tr', { class: `${row.outlier ? 'outlier' : ''}${i === selected ? ' selected' : ''}`, 'data-row': i, 'aria-current': i === selected ? 'true' : undefined }, cols.map((c) => cell(row, c, i))),
         ),
       ),
@@ -151,6 +158,11 @@ export function createTable({ rows, legend, onSelect }) {
       scale = nextScale;
       salienceMax = nextSalienceMax;
       render();
+    },
+    filter(nextHides) {
+      hides = nextHides;
+      render();
+      this.select(selected);
     },
     select(i) {
       const old = table.querySelector('tr.selected');
