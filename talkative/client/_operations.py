@@ -44,7 +44,6 @@ from .types import (
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 BATCHES = "/api/v1/batches"
-BATCH_OVER = frozenset({"completed", "cancelled"})
 R = TypeVar("R")
 
 
@@ -412,23 +411,21 @@ class Operations:
         return (yield from self._json("DELETE", f"{BATCHES}/{batch_id}"))
 
     @iteration
-    def batch_results(self, batch_id: str, after: int = 0, *, poll: float = 0.5) -> Events[BatchItemResult]:
+    def batch_results(
+        self, batch_id: str, after: int = 0, *, poll: float = 1.0, max_poll: float = 5.0
+    ) -> Events[BatchItemResult]:
         """The batch's item results in completion order as they finish, after the first `after` (to resume),
-        until the batch is over. Polls (each poll is a short request, so no proxy or timeout cuts a long batch)."""
+        until the batch is over. Polls, one short request at a time (no proxy or timeout cuts a long batch, and a
+        poll costs one request of the rate limit): every `poll` seconds while items finish, slowing down to
+        `max_poll` while none does."""
         seen, delay = after, poll
         while True:
-            state = yield from self._json(
-                "GET", f"{BATCHES}/{batch_id}"
-            )  # before the lines: then none is missed
             response = yield from self._send("GET", f"{BATCHES}/{batch_id}/results?after={seen}")
             lines = [line for line in response.text.splitlines() if line]
             for line in lines:
                 seen += 1
                 yield Emit(BatchItemResult.of(json.loads(line)))
-            if state["status"] in BATCH_OVER and not state["items"]["running"]:
+            if response.headers.get("x-batch-over") == "true":  # read before the lines: none was missed
                 return
-            if lines:
-                delay = poll
-            else:
-                yield Sleep(delay)
-                delay = min(delay * 1.5, 2.0)
+            delay = poll if lines else min(delay * 1.5, max_poll)
+            yield Sleep(delay)

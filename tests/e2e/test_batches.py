@@ -103,6 +103,12 @@ def test_submit_progress_and_results_as_jsonl_and_parquet(tiny_server: Server) -
     assert [r["explanation"] for r in alone] == [r["explanation"] for r in by_id["a"]["tokens"]]
     # resuming a download, following a finished batch, and Parquet
     assert results(tiny_server, accepted["batch_id"], "?after=2") == lines[2:]
+    over = tiny_server.get(f"{BATCHES}/{accepted['batch_id']}/results?after=3")
+    assert (
+        over.text == ""
+        and over.headers["x-batch-over"] == "true"
+        and over.headers["x-batch-status"] == "completed"
+    )
     assert results(tiny_server, accepted["batch_id"], "?follow=true") == lines
     r = tiny_server.get(f"{BATCHES}/{accepted['batch_id']}/results?format=parquet")
     assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.apache.parquet"
@@ -124,7 +130,7 @@ def test_results_stream_as_items_finish(tiny_server: Server) -> None:
     seen: list[tuple[float, dict[str, Any]]] = []
     url = f"{tiny_server.url}{BATCHES}/{accepted['batch_id']}/results?follow=true"
     with httpx.stream("GET", url, timeout=120) as r:
-        assert r.status_code == 200
+        assert r.status_code == 200 and r.headers["x-batch-over"] == "false"  # more lines to come
         for line in r.iter_lines():
             if line:
                 seen.append((time.time(), json.loads(line)))

@@ -303,8 +303,10 @@ async def batch_results(
     format: Literal["jsonl", "parquet"] = Query("jsonl"),
 ) -> Response:
     """The items finished so far (or, with `follow`, every item as it finishes); completed and failed items have
-    a line, cancelled ones none."""
-    await _owned(batches, who, batch_id)
+    a line, cancelled ones none. `X-Batch-Status` is the batch's status, `X-Batch-Over: true` says that no line
+    will follow those of this answer (both read before its lines), so a poller needs no second request."""
+    batch = await _owned(batches, who, batch_id)
+    state = {"X-Batch-Status": batch.status, "X-Batch-Over": str(_over(batch)).lower()}
     if format == "parquet":
         if follow:
             raise HTTPException(400, "follow streams JSONL; Parquet is written once, from what is done")
@@ -314,7 +316,7 @@ async def batch_results(
         return Response(
             parquet(lines),
             media_type=PARQUET,
-            headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.parquet"'},
+            headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.parquet"', **state},
         )
     return StreamingResponse(
         _stream(batches, batch_id, after, follow),
@@ -322,8 +324,14 @@ async def batch_results(
         headers={
             "Content-Disposition": f'inline; filename="batch-{batch_id}.jsonl"',
             "Cache-Control": "no-store",
+            **state,
         },
     )
+
+
+def _over(batch: Batch) -> bool:
+    """No item will end any more: the batch has ended and its items running at a cancel have recorded their ends."""
+    return batch.terminal and not batch.counts.get(RUNNING)
 
 
 async def _stream(batches: Batches, batch_id: str, after: int, follow: bool) -> AsyncIterator[str]:
@@ -339,7 +347,7 @@ async def _stream(batches: Batches, batch_id: str, after: int, follow: bool) -> 
             yield "".join(line + "\n" for line in page)
             if len(page) == PAGE:
                 continue
-        if not follow or (batch.terminal and not batch.counts.get(RUNNING)):
+        if not follow or _over(batch):
             return
         await batches.changed(FOLLOW_WAKE_SECONDS)
 
