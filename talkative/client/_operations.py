@@ -3,6 +3,7 @@ them and differ only in how they carry the plans' I/O out."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -110,6 +111,28 @@ class Operations:
         out: dict[str, Any] = (yield from self._send(method, path, body)).json()
         return out
 
+    def _waited_job(self, path: str, body: dict[str, Any], timeout: float | None) -> Plan[dict[str, Any]]:
+        """The answer of a request the server answers when its job is done (the vector endpoints, diff). The
+        server waits for the job up to its own limit (REQUEST_TIMEOUT, else 300 s), then answers 202 with the
+        job's id; the job is then polled here until it ends, and its result answered as if it had come at once.
+        A job not done within `timeout` seconds of the request (None: no limit) is cancelled, since its caller
+        was never given its id to follow it, and a `TimeoutError` names it; one that failed raises `JobFailed`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        response = yield from self._send("POST", path, body)
+        answer: dict[str, Any] = response.json()
+        if response.status_code != 202:
+            return answer
+        request_id = answer["request_id"]
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        status = yield from Operations.wait.plan(self, request_id, left)
+        if not status.terminal:
+            with contextlib.suppress(
+                APIError
+            ):  # refused: it ended (or was removed) meanwhile, so nothing runs
+                yield from Operations.cancel.plan(self, request_id)
+            raise TimeoutError(f"request {request_id} did not finish within {timeout} s and was cancelled")
+        return W.job_answer(status)
+
     def _analysis_over_websocket(
         self,
         text: str | None,
@@ -158,6 +181,13 @@ class Operations:
     @operation
     def models(self) -> Plan[ModelListing]:
         return ModelListing.of((yield from self._json("GET", "/api/v2/models")))
+
+    @operation
+    def metric_legend(self) -> Plan[list[dict[str, Any]]]:
+        """What each metric of a result is, one entry per metric of the server's metric table in the order rows
+        use: `name` (the row key), `role` (`headline`, `detail` or `derived`), labels, meaning, `per_row`."""
+        legend: list[dict[str, Any]] = (yield from self._json("GET", "/api/v1/metrics/legend"))["metrics"]
+        return legend
 
     @operation
     def switch(self, model_id: str) -> Plan[SwitchResult]:
@@ -273,9 +303,12 @@ class Operations:
         *,
         options: dict[str, Any] | None = None,
         model_id: str | None = None,
+        timeout: float | None = None,
     ) -> Plan[VectorResults]:
         """Explanations and reconstruction metrics of vectors (lists, numpy or torch: [n, d] or [d]); `tokens`
-        (one per vector, a token string or id) is what the reconstructor reads beside the explanation."""
+        (one per vector, a token string or id) is what the reconstructor reads beside the explanation. Like every
+        vector operation, it waits for its job however long it runs, or up to `timeout` seconds (then the job is
+        cancelled and `TimeoutError` raised)."""
         body: dict[str, Any] = {"vectors": W.pack_vectors(vectors), "encoding": "base64"}
         if tokens is not None:
             body["tokens"] = list(tokens)
@@ -283,7 +316,7 @@ class Operations:
             body["options"] = options
         if model_id:
             body["model_id"] = model_id
-        return W.vector_results((yield from self._json("POST", "/api/v1/describe", body)))
+        return W.vector_results((yield from self._waited_job("/api/v1/describe", body, timeout)))
 
     @operation
     def score(
@@ -294,6 +327,7 @@ class Operations:
         token: str | int | None = None,
         salience: bool = False,
         model_id: str | None = None,
+        timeout: float | None = None,
     ) -> Plan[VectorResults]:
         """The reconstruction metrics of an explanation (or several) for a vector."""
         body: dict[str, Any] = {"vector": W.pack_vectors(vector), "calculate_token_salience": salience}
@@ -304,7 +338,7 @@ class Operations:
             body["token"] = token
         if model_id:
             body["model_id"] = model_id
-        return W.vector_results((yield from self._json("POST", "/api/v1/score", body)))
+        return W.vector_results((yield from self._waited_job("/api/v1/score", body, timeout)))
 
     @operation
     def extract(
@@ -314,12 +348,13 @@ class Operations:
         *,
         positions: Sequence[int] | None = None,
         model_id: str | None = None,
+        timeout: float | None = None,
     ) -> Plan[Extraction]:
         """Activations at the model's layer (all positions, or those given; negative counts from the end)."""
         body = {**W.analyze_body(text, messages, None, model_id), "encoding": "base64"}
         if positions is not None:
             body["positions"] = list(positions)
-        return W.extraction_of((yield from self._json("POST", "/api/v1/extract", body)))
+        return W.extraction_of((yield from self._waited_job("/api/v1/extract", body, timeout)))
 
     @operation
     def tokenize(
@@ -328,10 +363,10 @@ class Operations:
         messages: Sequence[dict[str, str]] | None = None,
         *,
         model_id: str | None = None,
+        timeout: float | None = None,
     ) -> Plan[dict[str, Any]]:
-        return (
-            yield from self._json("POST", "/api/v1/tokenize", W.analyze_body(text, messages, None, model_id))
-        )
+        body = W.analyze_body(text, messages, None, model_id)
+        return (yield from self._waited_job("/api/v1/tokenize", body, timeout))
 
     @operation
     def diff(
@@ -341,16 +376,17 @@ class Operations:
         *,
         options: dict[str, Any] | None = None,
         model_id: str | None = None,
+        timeout: float | None = None,
     ) -> Plan[dict[str, Any]]:
         """Explain what separates two states, A − B (each `{text | messages, position?, model_id?}`), and each
-        state on its own: `{difference, a, b, cosine_a_b, metadata}`. A diff still running when the server
-        stops waiting is answered `{request_id, status}`: follow it with `wait`."""
+        state on its own: `{request_id, model_id, difference, a, b, cosine_a_b, metadata}`. Waits for the diff
+        as `describe` does (`timeout`: then it is cancelled and `TimeoutError` raised)."""
         body: dict[str, Any] = {"a": dict(a), "b": dict(b)}
         if options:
             body["options"] = options
         if model_id:
             body["model_id"] = model_id
-        return (yield from self._json("POST", "/api/v1/diff", body))
+        return (yield from self._waited_job("/api/v1/diff", body, timeout))
 
     # -- batches ------------------------------------------------------------------------------------------------
     @operation

@@ -168,6 +168,14 @@ def analysis_of(status: JobStatus) -> Analysis:
     return Analysis(status.request_id, status.result.get("tokens", []), status.result.get("metadata", {}))
 
 
+def job_answer(status: JobStatus) -> dict[str, Any]:
+    """The answer a request that waits for its job (a vector job, a diff) gives when the job ends within the
+    server's wait, rebuilt from the job's finished status: `request_id`, `model_id` and the job's result."""
+    if status.status != "completed" or status.result is None:
+        raise JobFailed(status.request_id, status.status, status.error)
+    return {"request_id": status.request_id, "model_id": status.raw.get("model_id"), **status.result}
+
+
 def vector_results(body: dict[str, Any]) -> VectorResults:
     recs = body.get("reconstructions")
     return VectorResults(

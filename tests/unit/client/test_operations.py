@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from talkative.client import Analysis, APIError, Progress
+from talkative.client import Analysis, APIError, JobFailed, Progress
 from talkative.client._operations import Operations
 from talkative.client._plan import Connect, Emit, Notify, Receive, Request, Send, Sleep, Steps
 
@@ -142,3 +142,113 @@ def test_a_receive_past_the_deadline_names_the_request() -> None:
     with pytest.raises(TimeoutError, match=r"no result within 5 s \(request r1\)"):
         walk(plan, late)
     assert all(d is not None and 0 <= d <= 5 for d in deadlines)
+
+
+# -- jobs the server stopped waiting for (202) --------------------------------------------------------------------
+def still_running(request_id: str) -> httpx.Response:
+    """The server's answer to a vector request whose job outlasted its wait."""
+    body = {"request_id": request_id, "status": "processing", "message": "still processing"}
+    return httpx.Response(202, json=body)
+
+
+def status(
+    request_id: str, state: str, result: dict[str, Any] | None = None, error: str | None = None
+) -> Any:
+    body = {"request_id": request_id, "status": state, "kind": "describe", "model_id": "m1"}
+    return httpx.Response(200, json=body | {"result": result, "error": error})
+
+
+ROW = {"index": 0, "explanation": "a capital city", "mse": 1.5}
+EXTRACTED = {
+    "layer": 3,
+    "d_model": 2,
+    "prompt": "Paris",
+    "n_tokens": 1,
+    "tokens": [{"position": 0, "token": "Paris", "token_id": 9, "norm": 1.0}],
+    "activations": [[0.5, -1.0]],
+}
+
+
+@pytest.mark.parametrize(
+    ("call", "result", "read"),
+    [
+        (
+            lambda p: Operations.describe.plan(p, [[0.5, -1.0]]),
+            {"results": [ROW], "metadata": {"n_vectors": 1}},
+            lambda v: (v.request_id, v.results, v.metadata, v.raw["model_id"]),
+        ),
+        (
+            lambda p: Operations.score.plan(p, "a capital city", [0.5, -1.0]),
+            {"results": [ROW], "token": " ", "metadata": {}},
+            lambda v: (v.request_id, v.results, v.raw["token"], v.raw["model_id"]),
+        ),
+        (
+            lambda p: Operations.extract.plan(p, "Paris"),
+            EXTRACTED,
+            lambda v: (v.request_id, v.layer, v.tokens, v.activations, v.prompt),
+        ),
+        (
+            lambda p: Operations.diff.plan(p, {"text": "a"}, {"text": "b"}),
+            {"difference": {"explanation": "x"}, "a": {}, "b": {}, "cosine_a_b": 0.5},
+            lambda v: (v["request_id"], v["model_id"], v["difference"], v["cosine_a_b"]),
+        ),
+        (
+            lambda p: Operations.tokenize.plan(p, "Paris"),
+            {"prompt": "Paris", "n_tokens": 1, "tokens": []},
+            lambda v: (v["request_id"], v["model_id"], v["n_tokens"]),
+        ),
+    ],
+    ids=["describe", "score", "extract", "diff", "tokenize"],
+)
+def test_a_vector_job_answered_202_is_polled_to_its_result(
+    call: Callable[[Any], Any], result: dict[str, Any], read: Callable[[Any], Any]
+) -> None:
+    plans = Plans()
+    value, seen = walk(
+        call(plans),
+        replies(still_running("j1"), status("j1", "processing"), status("j1", "completed", result)),
+    )
+    answered = {"request_id": "j1", "model_id": "m1", **result}
+    direct, _ = walk(call(plans), replies(httpx.Response(200, json=answered)))
+    assert read(value) == read(direct)  # the same as if the server had answered at once
+    requests = [e for e in seen if isinstance(e, Request)]
+    assert [r.method + " " + r.path for r in requests[1:]] == ["GET /status/j1", "GET /status/j1"]
+    assert any(isinstance(e, Sleep) for e in seen)
+
+
+def test_a_vector_job_that_fails_after_202_raises_job_failed() -> None:
+    plans = Plans()
+    failed = status("j1", "failed", error="position 9 is outside the 3 tokens")
+    with pytest.raises(JobFailed) as err:
+        walk(Operations.describe.plan(plans, [[0.5, -1.0]]), replies(still_running("j1"), failed))
+    assert (err.value.request_id, err.value.status) == ("j1", "failed")
+    assert "outside the 3 tokens" in str(err.value)
+
+
+class Recorded:
+    """Wraps an answer function, keeping the method and path of every request it answers."""
+
+    def __init__(self, answer: Callable[[Any], Any]) -> None:
+        self.answer = answer
+        self.paths: list[str] = []
+
+    def __call__(self, effect: Any) -> Any:
+        if isinstance(effect, Request):
+            self.paths.append(f"{effect.method} {effect.path}")
+        return self.answer(effect)
+
+
+def test_a_vector_job_past_its_timeout_is_cancelled_and_named() -> None:
+    cancelled = httpx.Response(200, json={"request_id": "j1", "status": "cancelled"})
+    answer = Recorded(replies(still_running("j1"), status("j1", "processing"), cancelled))
+    with pytest.raises(TimeoutError, match=r"request j1 did not finish within 0 s and was cancelled"):
+        walk(Operations.extract.plan(Plans(), "Paris", timeout=0), answer)
+    assert answer.paths == ["POST /api/v1/extract", "GET /status/j1", "POST /cancel/j1"]
+
+
+def test_the_metric_legend_is_the_servers_list() -> None:
+    legend = [{"name": "fve", "role": "headline"}, {"name": "probe", "role": "detail"}]
+    value, seen = walk(
+        Operations.metric_legend.plan(Plans()), replies(httpx.Response(200, json={"metrics": legend}))
+    )
+    assert value == legend and seen == [Request("GET", "/api/v1/metrics/legend")]
