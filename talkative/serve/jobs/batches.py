@@ -456,11 +456,9 @@ class Batches:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
-        self._admitting = (
-            asyncio.Lock()
-        )  # a key's in-flight count and its new batch, checked and stored as one
+        # a key's in-flight count and its new batch, checked and stored as one
+        self._admitting = asyncio.Lock()
         self._stopping = False
-        self.stats: dict[str, int] = {"items_submitted": 0, "items_completed": 0, "items_failed": 0}
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -610,7 +608,6 @@ class Batches:
         if batch.status == QUEUED:
             batch.status, batch.started_at = RUNNING, time.time()
             await self.store.set_batch(batch.id, RUNNING, "started_at", batch.started_at)
-        self.stats["items_submitted"] += 1
         self._spawn(self._follow(active, seq, job.id))
         return True
 
@@ -659,8 +656,6 @@ class Batches:
     ) -> None:
         await self.store.record(active.batch.id, seq, status, positions, result)
         active.running.pop(seq, None)
-        if status in (COMPLETED, FAILED):
-            self.stats[f"items_{status}"] += 1
         self._notify()
         self._wake.set()
         await self._maybe_finish(active)
@@ -673,6 +668,8 @@ class Batches:
         batch.status, batch.completed_at = status, time.time()
         await self.store.set_batch(batch.id, status, "completed_at", batch.completed_at)
         self._active.pop(batch.id, None)
+        if batch.id in self._order:
+            self._order.remove(batch.id)
         self._notify()
 
     def _notify(self) -> None:
@@ -796,6 +793,8 @@ class Batches:
             while active is not None and active.running:  # its jobs' last outcomes, then nothing writes again
                 await self.changed(1.0)
         self._active.pop(batch_id, None)
+        if batch_id in self._order:
+            self._order.remove(batch_id)
         job_ids = await self.store.job_ids(batch_id)
         await self.store.delete(batch_id)
         self._notify()
