@@ -2,8 +2,10 @@
 vectors in the wire's two forms.
 
 An agent reads every byte a tool returns, so a row is cut down to what an investigation reads (the token, its
-explanation, the main metrics, the flags and the few most salient words), and vectors travel as base64 float32
-by default: exact, and about a quarter of the size of a JSON list. The bounds below restate the server's own
+explanation, the metrics, the flags and the few most salient words), and vectors travel as base64 float32 by
+default: exact, and about a quarter of the size of a JSON list. Which metrics a row keeps is the server's to say
+(its metric legend, `compact_metrics`), so a metric added to the engine's table reaches agents with no list of
+names here to keep in step. The bounds below restate the server's own
 (`nla/options.py`, `nla/vectors.py`, `serve/settings.py`) so that a tool's schema shows them without importing
 the engine; the server checks every request again, and a unit test keeps the two in step.
 """
@@ -35,8 +37,6 @@ MAX_ITEM_ID_CHARS = 200
 #: items one batch_submit call takes: a tool's arguments are JSON an agent writes; more go as a JSONL upload
 MAX_BATCH_ITEMS = 1000
 
-#: the metrics a compact row keeps, in this order (the others stay on the server's full rows)
-MAIN_METRICS = ("mse", "relative_rmse", "fve", "cosine", "kl_divergence")
 #: how many of an explanation's words a compact row names as the most salient
 SALIENT_WORDS = 3
 
@@ -203,13 +203,20 @@ def rounded(value: Any) -> float | None:
     return None if value is None else float(f"{float(value):.4g}")
 
 
-def metrics_of(row: dict[str, Any]) -> dict[str, float | None]:
-    """The main metrics the row has values for (one the request turned off, like KL, is left out)."""
-    return {name: rounded(row[name]) for name in MAIN_METRICS if row.get(name) is not None}
+def compact_metrics(legend: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The metrics compact rows keep, from the server's metric legend (`GET /api/v1/metrics/legend`), in its
+    order: all but the derived ones, which are functions of another (nmse = 2(1 − cos)) and would say it twice."""
+    return tuple(metric["name"] for metric in legend if metric.get("role") != "derived")
 
 
-def compact_row(row: dict[str, Any]) -> dict[str, Any]:
-    """One analysed token: position, token, explanation, the main metrics, flags, salient words."""
+def metrics_of(row: dict[str, Any], metrics: Sequence[str]) -> dict[str, float | None]:
+    """The row's values of `metrics` (see `compact_metrics`); one without a value (KL turned off, or on a bare
+    vector) is left out."""
+    return {name: rounded(row[name]) for name in metrics if row.get(name) is not None}
+
+
+def compact_row(row: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
+    """One analysed token: position, token, explanation, its `metrics`, flags, salient words."""
     flags = list(row.get("flags") or [])
     if row.get("outlier") and "outlier" not in flags:
         flags.append("outlier")
@@ -217,7 +224,7 @@ def compact_row(row: dict[str, Any]) -> dict[str, Any]:
         "position": row["position"],
         "token": row["token"],
         "explanation": row["explanation"],
-        **metrics_of(row),
+        **metrics_of(row, metrics),
         "flags": flags,
     }
     words = salient_words(row)
@@ -226,14 +233,16 @@ def compact_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def compact_analysis(request_id: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+def compact_analysis(
+    request_id: str, rows: Sequence[dict[str, Any]], meta: dict[str, Any], metrics: Sequence[str]
+) -> dict[str, Any]:
     return {
         "request_id": request_id,
         "model_id": meta.get("model_id"),
         "layer": meta.get("layer"),
         "n_tokens": meta.get("n_tokens"),
         "best_of_k": meta.get("best_of_k"),
-        "rows": [compact_row(r) for r in rows],
+        "rows": [compact_row(r, metrics) for r in rows],
         "summary": compact_summary(meta.get("summary")),
     }
 
@@ -258,7 +267,7 @@ def batch_state(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def batch_result(line: dict[str, Any]) -> dict[str, Any]:
+def batch_result(line: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
     """One finished item: its id and status, and its compact rows and summary or its error."""
     out: dict[str, Any] = {"id": line.get("id"), "status": line["status"]}
     if line.get("error") is not None:
@@ -270,31 +279,35 @@ def batch_result(line: dict[str, Any]) -> dict[str, Any]:
         out |= {
             "request_id": line.get("request_id"),
             "n_tokens": meta.get("n_tokens"),
-            "rows": [compact_row(r) for r in line["tokens"]],
+            "rows": [compact_row(r, metrics) for r in line["tokens"]],
             "summary": compact_summary(meta.get("summary")),
         }
     return out
 
 
 # -- comparisons and generations ------------------------------------------------------------------------------------
-def explained(part: dict[str, Any]) -> dict[str, Any]:
-    """An explained state of a diff: where it was taken, its explanation, the main metrics, salient words."""
+def explained(part: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
+    """An explained state of a diff: where it was taken, its explanation, its `metrics`, salient words."""
     out: dict[str, Any] = {
         k: part[k] for k in ("model_id", "position", "token", "token_assumed") if k in part
     }
-    out |= {"explanation": part.get("explanation"), **metrics_of(part), "norm": rounded(part.get("norm"))}
+    out |= {
+        "explanation": part.get("explanation"),
+        **metrics_of(part, metrics),
+        "norm": rounded(part.get("norm")),
+    }
     words = salient_words(part)
     if words is not None:
         out["salient_words"] = words
     return out
 
 
-def compact_diff(body: dict[str, Any]) -> dict[str, Any]:
+def compact_diff(body: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
     return {
         "request_id": body.get("request_id"),
         "model_id": body.get("model_id"),
-        "difference": explained(body["difference"]),
-        "a": explained(body["a"]),
-        "b": explained(body["b"]),
+        "difference": explained(body["difference"], metrics),
+        "a": explained(body["a"], metrics),
+        "b": explained(body["b"], metrics),
         "cosine_a_b": rounded(body.get("cosine_a_b")),
     }

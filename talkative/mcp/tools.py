@@ -34,8 +34,9 @@ against its activation) and describe. Lower mse/relative_rmse and higher fve/cos
 Rows flagged early_position, bos, system_prompt or outlier sit where activations are known to be noisy;
 low_confidence (no better than a baseline), degenerate or truncated flag an explanation not to trust."""
 
-#: seconds a vector job that outlasted the server's own wait (REQUEST_TIMEOUT, else 300 s) is waited for further
-SETTLE_TIMEOUT = 600.0
+#: seconds a describe, score, extract or tokenize call waits for its job, the server's own wait (REQUEST_TIMEOUT,
+#: else 300 s) included: the client follows a job that outlasts that wait, and cancels it past this
+VECTOR_TIMEOUT = 900.0
 READ_ONLY = ToolAnnotations(readOnlyHint=True, openWorldHint=False)
 
 
@@ -117,6 +118,7 @@ class Tools:
     def __init__(self, connect: Connector, *, poll: float = 0.5) -> None:
         self._connect = connect
         self._poll = poll
+        self._metrics: tuple[str, ...] | None = None  # the compact rows' metrics, once the server said them
 
     @asynccontextmanager
     async def _client(self, ctx: Context) -> AsyncIterator[AsyncClient]:
@@ -153,15 +155,12 @@ class Tools:
             raise ToolError(f"request {request_id} {status.status}: {status.error}")
         return status.result
 
-    async def _settled(
-        self, client: AsyncClient, body: dict[str, Any], key: str, timeout: float = SETTLE_TIMEOUT
-    ) -> dict[str, Any]:
-        """A vector endpoint's answer: as given when it has `key`; else the job outlasted the server's wait
-        (202 with its id), and its result is waited for here."""
-        if key in body:
-            return body
-        request_id = body["request_id"]
-        return {"request_id": request_id, **await self._finish(client, request_id, timeout)}
+    async def _compact_metrics(self, client: AsyncClient) -> tuple[str, ...]:
+        """The metrics compact rows keep, from the server's metric legend, asked for once: the tools serve one
+        server (the app itself for `/mcp`, `--server` for stdio), whose metric table is fixed while it runs."""
+        if self._metrics is None:
+            self._metrics = S.compact_metrics(await client.metric_legend())
+        return self._metrics
 
     async def _source(
         self,
@@ -172,7 +171,11 @@ class Tools:
         model_id: str | None,
     ) -> Extraction:
         return await client.extract(
-            text, S.message_dicts(messages), positions=list(positions), model_id=model_id
+            text,
+            S.message_dicts(messages),
+            positions=list(positions),
+            model_id=model_id,
+            timeout=VECTOR_TIMEOUT,
         )
 
     # -- the tools ----------------------------------------------------------------------------------------------
@@ -227,7 +230,10 @@ class Tools:
         async with self._client(ctx) as client:
             accepted = await client.submit_analysis(text, S.message_dicts(messages), options, model_id)
             result = await self._finish(client, accepted.request_id, timeout_s)
-        return S.compact_analysis(accepted.request_id, result.get("tokens", []), result.get("metadata", {}))
+            metrics = await self._compact_metrics(client)
+        return S.compact_analysis(
+            accepted.request_id, result.get("tokens", []), result.get("metadata", {}), metrics
+        )
 
     async def tokenize(
         self, ctx: Context, text: TextArg = None, messages: MessagesArg = None, model_id: ModelArg = None
@@ -236,7 +242,9 @@ class Tools:
         Use it to pick positions for extract, describe and score."""
         _one_input(text, messages)
         async with self._client(ctx) as client:
-            body = await client.tokenize(text, S.message_dicts(messages), model_id=model_id)
+            body = await client.tokenize(
+                text, S.message_dicts(messages), model_id=model_id, timeout=VECTOR_TIMEOUT
+            )
         return {"model_id": body.get("model_id"), "n_tokens": body["n_tokens"], "tokens": body["tokens"]}
 
     async def extract(
@@ -261,7 +269,11 @@ class Tools:
         _one_input(text, messages)
         async with self._client(ctx) as client:
             ext = await client.extract(
-                text, S.message_dicts(messages), positions=positions, model_id=model_id
+                text,
+                S.message_dicts(messages),
+                positions=positions,
+                model_id=model_id,
+                timeout=VECTOR_TIMEOUT,
             )
         return {
             "model_id": ext.raw.get("model_id"),
@@ -324,10 +336,12 @@ class Tools:
             else:
                 ext = await self._source(client, text, messages, positions or [], model_id)
                 rows, refs, where = ext.activations, [t["token_id"] for t in ext.tokens], ext.tokens
-            described = await client.describe(rows, refs, options=options, model_id=model_id)
-            body = await self._settled(client, described.raw, "results")
+            described = await client.describe(
+                rows, refs, options=options, model_id=model_id, timeout=VECTOR_TIMEOUT
+            )
+            metrics = await self._compact_metrics(client)
         results = []
-        for i, r in enumerate(body["results"]):
+        for i, r in enumerate(described.results):
             out: dict[str, Any] = {"index": r.get("index", i)}
             if where is not None:
                 out["position"] = where[i]["position"]
@@ -335,7 +349,7 @@ class Tools:
                 "token": r.get("token"),
                 "token_assumed": r.get("token_assumed"),
                 "explanation": r["explanation"],
-                **S.metrics_of(r),
+                **S.metrics_of(r, metrics),
                 "norm": S.rounded(r.get("norm")),
             }
             words = S.salient_words(r)
@@ -343,8 +357,8 @@ class Tools:
                 out["salient_words"] = words
             results.append(out)
         return {
-            "request_id": body["request_id"],
-            "model_id": body.get("model_id"),
+            "request_id": described.request_id,
+            "model_id": described.raw.get("model_id"),
             "results": results,
         }
 
@@ -397,17 +411,23 @@ class Tools:
                 rows, where = ext.activations, ext.tokens[0]
                 ref = where["token_id"]
             scored = await client.score(
-                list(explanations), rows[0], token=ref, salience=salience, model_id=model_id
+                list(explanations),
+                rows[0],
+                token=ref,
+                salience=salience,
+                model_id=model_id,
+                timeout=VECTOR_TIMEOUT,
             )
-            body = await self._settled(client, scored.raw, "results")
+            metrics = await self._compact_metrics(client)
+        body = scored.raw
         results = []
-        for r in body["results"]:
-            out = {"explanation": r["explanation"], **S.metrics_of(r)}
+        for r in scored.results:
+            out = {"explanation": r["explanation"], **S.metrics_of(r, metrics)}
             words = S.salient_words(r)
             if words is not None:
                 out["salient_words"] = words
             results.append(out)
-        head: dict[str, Any] = {"request_id": body["request_id"], "model_id": body.get("model_id")}
+        head: dict[str, Any] = {"request_id": scored.request_id, "model_id": body.get("model_id")}
         if where is not None:
             head |= {"position": where["position"], "token": where["token"]}
         else:
@@ -438,9 +458,11 @@ class Tools:
         if best_of_k is not None:
             options["optimize_explanations_config"] = {"best_of_k": best_of_k}
         async with self._client(ctx) as client:
-            body = await client.diff(a.wire(), b.wire(), options=options, model_id=model_id)
-            body = await self._settled(client, body, "difference", timeout_s)
-        return S.compact_diff(body)
+            body = await client.diff(
+                a.wire(), b.wire(), options=options, model_id=model_id, timeout=timeout_s
+            )
+            metrics = await self._compact_metrics(client)
+        return S.compact_diff(body, metrics)
 
     async def steer_generate(
         self,
@@ -560,9 +582,10 @@ class Tools:
         cancelled) and no results remain."""
         results: list[dict[str, Any]] = []
         async with self._client(ctx) as client:
+            metrics = await self._compact_metrics(client)
             with anyio.move_on_after(wait_s):
                 async for item in client.batch_results(batch_id, after, poll=self._poll):
-                    results.append(S.batch_result(item.raw))
+                    results.append(S.batch_result(item.raw, metrics))
                     if len(results) >= limit:
                         break
             state = await client.batch_status(batch_id)

@@ -31,8 +31,20 @@ def row(**extra: object) -> dict[str, object]:
     return base | extra
 
 
-def test_a_compact_row_keeps_the_token_its_explanation_main_metrics_flags_and_salient_words() -> None:
-    out = S.compact_row(row())
+#: the legend's entries as `GET /api/v1/metrics/legend` gives them, cut down to what compact rows read
+LEGEND = [
+    {"name": "fve", "role": "headline"},
+    {"name": "relative_rmse", "role": "headline"},
+    {"name": "cosine", "role": "headline"},
+    {"name": "kl_divergence", "role": "headline"},
+    {"name": "mse", "role": "detail"},
+    {"name": "nmse", "role": "derived"},
+]
+METRICS = S.compact_metrics(LEGEND)
+
+
+def test_a_compact_row_keeps_the_token_its_explanation_metrics_flags_and_salient_words() -> None:
+    out = S.compact_row(row(), METRICS)
     assert out == {
         "position": 3,
         "token": " Paris",
@@ -46,10 +58,19 @@ def test_a_compact_row_keeps_the_token_its_explanation_main_metrics_flags_and_sa
     }
 
 
+def test_compact_rows_keep_the_legends_metrics_but_the_derived_ones_in_its_order() -> None:
+    legend = [*LEGEND, {"name": "probe_agreement", "role": "detail"}, {"name": "half_cos", "role": "derived"}]
+    metrics = S.compact_metrics(legend)
+    assert metrics == ("fve", "relative_rmse", "cosine", "kl_divergence", "mse", "probe_agreement")
+    out = S.compact_row(row(probe_agreement=0.123456, half_cos=0.25), metrics)
+    assert out["probe_agreement"] == 0.1235 and "half_cos" not in out and "nmse" not in out
+    assert "probe_agreement" not in S.compact_row(row(), metrics)  # a metric without a value is left out
+
+
 def test_salient_words_need_scores_that_match_the_words() -> None:
     assert S.salient_words(row(token_salience=None)) is None
     assert S.salient_words(row(token_salience=[0.1, 0.2])) is None
-    assert "salient_words" not in S.compact_row(row(explanation_structured=None))
+    assert "salient_words" not in S.compact_row(row(explanation_structured=None), METRICS)
 
 
 def test_vectors_round_trip_through_base64_and_bad_payloads_say_why() -> None:

@@ -13,8 +13,16 @@ import httpx
 from mcp import Client
 from mcp.server.mcpserver import Context
 
-from talkative.client import Accepted, APIError, JobFailed, JobStatus, VectorResults
+from talkative.client import Accepted, APIError, AsyncClient, JobFailed, JobStatus
 from talkative.mcp import build_server
+
+#: the server's metric legend, cut down to what the tools read, with a metric no tool names itself
+LEGEND = [
+    {"name": "fve", "role": "headline"},
+    {"name": "mse", "role": "detail"},
+    {"name": "probe_agreement", "role": "detail"},
+    {"name": "nmse", "role": "derived"},
+]
 
 
 class FakeAPI:
@@ -27,6 +35,7 @@ class FakeAPI:
         self.finishes = finishes
         self.result = result or {"tokens": [], "metadata": {"model_id": "m"}}
         self.cancelled: list[str] = []
+        self.legends_read = 0
 
     async def models(self) -> Any:
         assert self.fail is not None
@@ -40,17 +49,16 @@ class FakeAPI:
         result = self.result if self.finishes else None
         return JobStatus(request_id, status, "analyze", result, None, None, None)
 
-    async def describe(self, *args: Any, **kwargs: Any) -> VectorResults:
-        """The answer of a describe that outlasted the server's wait: 202 with its id."""
-        body = {"request_id": "job-2", "status": "processing", "message": "still processing"}
-        return VectorResults("job-2", [], {}, None, body)
+    async def metric_legend(self) -> list[dict[str, Any]]:
+        self.legends_read += 1
+        return LEGEND
 
     async def cancel(self, request_id: str) -> dict[str, Any]:
         self.cancelled.append(request_id)
         return {}
 
 
-def server_over(api: FakeAPI) -> Any:
+def server_over(api: Any) -> Any:
     @asynccontextmanager
     async def connect(ctx: Context) -> AsyncIterator[Any]:
         yield api
@@ -58,7 +66,7 @@ def server_over(api: FakeAPI) -> Any:
     return build_server(connect, poll=0.01)
 
 
-async def call(api: FakeAPI, name: str, arguments: dict[str, Any]) -> tuple[bool, str, Any]:
+async def call(api: Any, name: str, arguments: dict[str, Any]) -> tuple[bool, str, Any]:
     async with Client(server_over(api)) as client:
         result = await client.call_tool(name, arguments)
         text = result.content[0].text if result.content else ""  # type: ignore[union-attr]
@@ -96,9 +104,64 @@ def test_a_finished_analysis_is_compact() -> None:
     assert not is_error and structured["request_id"] == "job-1" and structured["rows"] == []
 
 
-def test_a_vector_job_that_outlasts_the_servers_wait_is_waited_for() -> None:
+def test_compact_rows_carry_every_metric_of_the_servers_legend_read_once() -> None:
+    row = {"position": 0, "token": "hi", "explanation": "a greeting", "fve": 0.5, "mse": 2.0}
+    row |= {"probe_agreement": 0.123456, "nmse": 0.7, "flags": []}
+    api = FakeAPI(result={"tokens": [row], "metadata": {"model_id": "m"}})
+
+    async def twice() -> list[Any]:
+        async with Client(server_over(api)) as client:
+            return [(await client.call_tool("analyze", {"text": "hi"})).structured_content for _ in range(2)]
+
+    for structured in asyncio.run(twice()):
+        (compact,) = structured["rows"]
+        assert compact["probe_agreement"] == 0.1235 and (compact["fve"], compact["mse"]) == (0.5, 2.0)
+        assert "nmse" not in compact  # derived: a function of cosine, said once
+    assert api.legends_read == 1
+
+
+class ScriptedClient(AsyncClient):
+    """The real API client over a scripted server: `answers` maps `METHOD /path` to its answers, in turn."""
+
+    def __init__(self, answers: dict[str, list[httpx.Response]]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+        super().__init__("http://talkative.test", api_key="")
+
+    def _http_client(self) -> httpx.AsyncClient:
+        def answer(request: httpx.Request) -> httpx.Response:
+            asked = f"{request.method} {request.url.path}"
+            self.asked.append(asked)
+            return self.answers[asked].pop(0)
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url=self.base_url)
+
+
+def test_vector_jobs_that_outlast_the_servers_wait_are_followed_by_the_client() -> None:
+    """describe from a text: its extract and its describe are both answered 202, and both are waited for."""
+
+    def still(job: str) -> httpx.Response:
+        return httpx.Response(202, json={"request_id": job, "status": "processing", "message": "still"})
+
+    def status(job: str, result: dict[str, Any] | None = None) -> httpx.Response:
+        body = {"request_id": job, "status": "completed" if result else "processing", "model_id": "m"}
+        return httpx.Response(200, json=body | {"result": result})
+
+    token = {"position": 1, "token": " x", "token_id": 7, "norm": 3.0}
+    extracted = {"layer": 2, "prompt": "a x", "tokens": [token], "activations": [[1.0, 2.0]]}
     row = {"index": 0, "token": " x", "token_assumed": False, "explanation": "words", "mse": 1.5, "norm": 3.0}
-    api = FakeAPI(result={"results": [row], "metadata": {}})
-    is_error, _, structured = asyncio.run(call(api, "describe", {"vectors": [[1.0, 2.0]]}))
-    assert not is_error and structured["request_id"] == "job-2"
-    assert structured["results"][0]["explanation"] == "words" and structured["results"][0]["mse"] == 1.5
+    api = ScriptedClient(
+        {
+            "POST /api/v1/extract": [still("job-1")],
+            "GET /status/job-1": [status("job-1"), status("job-1", extracted)],
+            "POST /api/v1/describe": [still("job-2")],
+            "GET /status/job-2": [status("job-2", {"results": [row], "metadata": {}})],
+            "GET /api/v1/metrics/legend": [httpx.Response(200, json={"metrics": LEGEND})],
+        }
+    )
+    is_error, text, structured = asyncio.run(call(api, "describe", {"text": "a x", "positions": [1]}))
+    assert not is_error, text
+    assert (structured["request_id"], structured["model_id"]) == ("job-2", "m")
+    (result,) = structured["results"]
+    assert (result["position"], result["explanation"], result["mse"]) == (1, "words", 1.5)
+    assert api.asked.count("GET /status/job-1") == 2 and api.asked.count("GET /status/job-2") == 1
