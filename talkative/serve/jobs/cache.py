@@ -206,13 +206,16 @@ class ResultCache:
     def _record(self, job_id: str, rows: dict[str, str], key: str, entry: str) -> None:
         conn = self._conn()
         now = time.time()
+        added = 0  # bytes, less those of the entries replaced: the total is kept without scanning the tables
         conn.execute("BEGIN")
         try:
             for row_key_, row in rows.items():
+                added += len(row) - self._size("cache_rows", row_key_)
                 conn.execute(
                     "INSERT OR REPLACE INTO cache_rows (key, job_id, row, size, used_at) VALUES (?, ?, ?, ?, ?)",
                     (row_key_, job_id, row, len(row), now),
                 )
+            added += len(entry) - self._size("cache_inputs", key)
             conn.execute(
                 "INSERT OR REPLACE INTO cache_inputs (key, job_id, entry, size, used_at) VALUES (?, ?, ?, ?, ?)",
                 (key, job_id, entry, len(entry), now),
@@ -221,7 +224,7 @@ class ResultCache:
         except Exception:
             conn.execute("ROLLBACK")
             raise
-        self._bytes = self._total()
+        self._bytes += added
         if self._bytes > self.max_bytes:
             self._evict()
 
@@ -243,11 +246,17 @@ class ResultCache:
             log.info("result cache above RESULT_CACHE_MAX_MB: evicted what was last used before %s", cutoff)
         self._bytes = self._total()
 
+    def _size(self, table: str, key: str) -> int:
+        found = self._conn().execute(f"SELECT size FROM {table} WHERE key = ?", (key,)).fetchone()
+        return int(found[0]) if found else 0
+
     def _forget(self, job_id: str) -> int:
         conn = self._conn()
+        for table in ("cache_rows", "cache_inputs"):
+            gone = conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM {table} WHERE job_id = ?", (job_id,))
+            self._bytes -= int(gone.fetchone()[0])
         n = conn.execute("DELETE FROM cache_rows WHERE job_id = ?", (job_id,)).rowcount
         conn.execute("DELETE FROM cache_inputs WHERE job_id = ?", (job_id,))
-        self._bytes = self._total()
         return int(n)
 
     # -- async API ------------------------------------------------------------------------------------------------

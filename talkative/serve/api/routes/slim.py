@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ...catalog import listing, visibility
 from ...catalog.registry import GroupEntry
 from ...jobs.record import COMPLETED, Job, UnknownRequest
 from ...scheduling.types import SchedulerError
 from ...service import Service
-from ..deps import Catalog, GenerationsDep, Identity, ServiceDep, client_identity
+from ..deps import Catalog, GenerationsDep, Identity, ServiceDep, client_identity, refund_cache_hit
 from ..schemas import (
     AnalyzeRequest,
     ErrorBody,
@@ -117,7 +117,7 @@ async def slim_generate(
 
 
 @router.post("/analyze", response_model=SlimAccepted, summary="Explain every token of a conversation")
-async def slim_analyze(body: SlimAnalyze, svc: ServiceDep, who: Identity) -> dict[str, Any]:
+async def slim_analyze(body: SlimAnalyze, svc: ServiceDep, who: Identity, request: Request) -> dict[str, Any]:
     options: dict[str, Any] = {
         "seed": SEED,
         "no_eval": False,
@@ -140,6 +140,7 @@ async def slim_analyze(body: SlimAnalyze, svc: ServiceDep, who: Identity) -> dic
     job = await svc.submit_analysis(
         req.engine_request(), model_id=req.model_id, client_request_id=req.client_request_id, owner=who.key
     )
+    refund_cache_hit(request, who, job)
     return _accepted(svc, job, body.model_group)
 
 

@@ -4,6 +4,7 @@ input they are read for), a job's rows forgotten, and the size bound evicting th
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,14 @@ def test_a_position_is_keyed_by_its_prefix_only() -> None:
     assert a != input_key("", "nla", opts, {"text": "a b"}, 1)
 
 
+def _stored_bytes(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return sum(
+            int(conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM {t}").fetchone()[0])
+            for t in ("cache_rows", "cache_inputs")
+        )
+
+
 def _row(q: int, flags: list[str]) -> dict[str, Any]:
     return {"position": q, "token": f"t{q}", "explanation": f"row {q}", "mse": 0.1 * q, "flags": flags}
 
@@ -98,6 +107,8 @@ def test_rows_and_inputs_round_trip_and_a_deleted_job_takes_its_rows(tmp_path: P
             await cache.answer("input-1") is None and await cache.answer("input-2") is None
         )  # rows are gone
         assert set(await cache.rows([f"x-key-{q}" for q in range(4)])) == {"x-key-3"}
+        await cache.rows([])  # queued after the writes: they are done
+        assert cache.size_bytes == _stored_bytes(tmp_path / "jobs.sqlite3")  # kept without scanning, yet exact
         cache.close()
         store.close()
 
@@ -113,7 +124,7 @@ def test_the_bound_evicts_the_least_recently_used_first(tmp_path: Path) -> None:
             cache.record(f"job-{i}", plan, [_row(q, []) for q in range(4)], {})
             await cache.rows([f"j0-key-{q}" for q in range(4)])  # job 0's rows stay in use
             time.sleep(0.01)
-        assert cache.size_bytes <= 2500
+        assert cache.size_bytes <= 2500 and cache.size_bytes == _stored_bytes(tmp_path / "jobs.sqlite3")
         kept = await cache.rows([f"j{i}-key-0" for i in range(6)])
         assert "j0-key-0" in kept and "j5-key-0" in kept  # used recently, written last
         assert "j1-key-0" not in kept  # the least recently used went first
