@@ -346,6 +346,16 @@ def test_a_keyed_server_refuses_mcp_without_a_key(keyed: Server) -> None:
     assert result["isError"] is False and result["structuredContent"]["current_model"] == "tiny-a-l1"
 
 
+def test_mcp_takes_post_only(keyed: Server) -> None:
+    """A GET (the standing stream) or DELETE (a session's end) has nothing to do on a stateless transport: 405
+    naming POST, not the web UI's 404; the gate still asks for a key first."""
+    for method in ("GET", "DELETE", "PUT"):
+        r = httpx.request(method, keyed.url + "/mcp", headers=auth("alice"), timeout=30)
+        assert (r.status_code, r.headers.get("allow")) == (405, "POST"), (method, r.status_code, r.text)
+        assert "POST only" in r.json()["detail"]
+    assert httpx.get(keyed.url + "/mcp", timeout=30).status_code == 401
+
+
 def test_tool_calls_spend_the_callers_rate_limit(make_server: Callable[..., Server]) -> None:
     server = make_server(API_KEYS=API_KEYS, RATE_LIMIT_PER_MINUTE="3")
     call = {"name": "list_models", "arguments": {}}

@@ -42,7 +42,7 @@ from ..auth.policy import PROXY_HEADERS
 PATH = "/mcp"
 #: POST only: a stateless transport has no session to DELETE and nothing to push on a standing GET stream (which
 #: would stay open, holding a connection, for nothing), so both are answered 405 as the protocol allows
-METHODS = ["POST"]
+METHODS = ("POST",)
 #: the base URL of in-process requests; never resolved, the transport is the app itself
 INTERNAL_URL = "http://talkative.internal"
 #: the caller's headers an in-process request carries: who it is (key, proxy), and the host it asked for
@@ -114,6 +114,9 @@ class McpEndpoint:
                 self._manager = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in METHODS:
+            await _not_allowed(send)
+            return
         if self._manager is None:
             await _unavailable(send)
             return
@@ -121,13 +124,22 @@ class McpEndpoint:
 
 
 def route(endpoint: McpEndpoint) -> Route:
-    """`/mcp` as a route of the app: the gate protects what the app's routes match, and so protects it."""
-    return Route(PATH, endpoint, methods=METHODS, include_in_schema=False)
+    """`/mcp` as a route of the app: the gate protects what the app's routes match, and so protects it. It
+    matches every method, and the endpoint refuses all but POST itself: a route limited to POST would only
+    half-match a GET, which the web UI's catch-all files at `/` would then answer with a 404."""
+    return Route(PATH, endpoint, include_in_schema=False)
 
 
 def build_endpoint(*, max_body: int) -> McpEndpoint:
     """The `/mcp` endpoint over the tools, each call's client built for its caller."""
     return McpEndpoint(build_server(CallerConnector(REQUEST_TIMEOUT)), max_body=max_body)
+
+
+async def _not_allowed(send: Send) -> None:
+    raw = json.dumps({"detail": "/mcp takes POST only (a stateless MCP transport)"}).encode()
+    headers = [(b"content-type", b"application/json"), (b"allow", ", ".join(METHODS).encode())]
+    await send({"type": "http.response.start", "status": 405, "headers": headers})
+    await send({"type": "http.response.body", "body": raw})
 
 
 async def _unavailable(send: Send) -> None:
