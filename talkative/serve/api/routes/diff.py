@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, HTTPException
 
 from ..deps import Identity, ServiceDep, client_identity, model_for
 from ..schemas import DiffRequest, ErrorBody
-from .vectors import _run as run_vector_job
+from ..vector_jobs import run_vector_job
 
 router = APIRouter(
     prefix="/api/v1",

@@ -20,14 +20,12 @@ import math
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
-from fastapi.responses import JSONResponse
 
 from ....nla import vectors as V
-from ...errors import failure_status
-from ...jobs.record import CANCELLED, COMPLETED, FAILED
 from ...service import Service
 from ..deps import Identity, ServiceDep, client_identity, model_for
 from ..schemas import DescribeRequest, ErrorBody, ExtractRequest, ScoreRequest, TokenizeRequest
+from ..vector_jobs import run_vector_job
 
 router = APIRouter(
     prefix="/api/v1",
@@ -40,8 +38,6 @@ router = APIRouter(
         503: {"model": ErrorBody},
     },
 )
-#: how long a request waits for its job when REQUEST_TIMEOUT is off, before answering 202 with its id
-DEFAULT_WAIT = 300.0
 
 
 def _wire(value: Any, what: str) -> Any:
@@ -96,26 +92,6 @@ def _check_dimension(svc: Service, model_id: str, value: Any, what: str) -> int 
     return shape[0] if shape is not None else None
 
 
-async def _run(svc: Service, who: Identity, kind: str, job_request: dict[str, Any], model_id: str) -> Any:
-    """Queue the job and answer with its result; a job still running after the wait is answered 202."""
-    job = await svc.scheduler.submit(kind, job_request, model_id=model_id, owner=who.key)
-    job = await svc.scheduler.wait(job.id, timeout=svc.settings.request_timeout or DEFAULT_WAIT)
-    if job.status == COMPLETED:
-        return {"request_id": job.id, "model_id": job.model_id, **(job.result or {})}
-    if job.status == FAILED:
-        raise HTTPException(failure_status(job.error), job.error or "failed")
-    if job.status == CANCELLED:
-        raise HTTPException(409, job.error or "the request was cancelled")
-    return JSONResponse(
-        {
-            "request_id": job.id,
-            "status": job.status,
-            "message": f"still {job.status}; follow it with GET /status/{job.id}",
-        },
-        status_code=202,
-    )
-
-
 def _check_length(svc: Service, body: ExtractRequest | TokenizeRequest) -> None:
     if body.text_length() > svc.settings.max_text_length:
         raise HTTPException(400, f"the input has {body.text_length()} characters, more than MAX_TEXT_LENGTH")
@@ -144,7 +120,7 @@ async def describe(body: DescribeRequest, svc: ServiceDep, who: Identity) -> Any
         "options": body.options.model_dump(exclude_unset=True) if body.options else {},
         "encoding": body.encoding,
     }
-    return await _run(svc, who, "describe", job_request, model_id)
+    return await run_vector_job(svc, who, "describe", job_request, model_id)
 
 
 @router.post("/score", summary="The reconstruction metrics of a text (an explanation) for a vector")
@@ -165,7 +141,7 @@ async def score(body: ScoreRequest, svc: ServiceDep, who: Identity) -> Any:
         "return_vectors": body.return_vectors,
         "encoding": body.encoding,
     }
-    return await _run(svc, who, "score", job_request, model_id)
+    return await run_vector_job(svc, who, "score", job_request, model_id)
 
 
 @router.post("/extract", summary="Activations of a text at the model's layer")
@@ -175,7 +151,7 @@ async def extract(body: ExtractRequest, svc: ServiceDep, who: Identity) -> Any:
     _check_length(svc, body)
     model_id = model_for(svc, body.model_id, who)
     job_request = {**body.input(), "positions": body.positions, "encoding": body.encoding}
-    return await _run(svc, who, "extract", job_request, model_id)
+    return await run_vector_job(svc, who, "extract", job_request, model_id)
 
 
 @router.post("/tokenize", summary="The model's tokens of a text or a rendered chat")
@@ -184,4 +160,4 @@ async def tokenize(body: TokenizeRequest, svc: ServiceDep, who: Identity) -> Any
     come from (for messages: rendered with the chat template, as analysis renders them)."""
     _check_length(svc, body)
     model_id = model_for(svc, body.model_id, who)
-    return await _run(svc, who, "tokenize", body.input(), model_id)
+    return await run_vector_job(svc, who, "tokenize", body.input(), model_id)
