@@ -97,6 +97,7 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
             max_bytes=int(settings.result_cache_max_mb * 2**20),
             shared=settings.result_cache_shared,
             monitor=metrics,
+            retention_seconds=settings.result_retention_days * 86400,
         )
         if settings.result_cache
         else None

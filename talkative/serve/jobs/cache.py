@@ -21,7 +21,8 @@ so that an identical request is answered when it is submitted, without a device)
 a device (its identity is known only once it is loaded) is looked up row by row after it is prepared. Scoped per
 client (its identity key) unless RESULT_CACHE_SHARED: a shared cache answers one client's text from another's
 rows, so a fast answer tells that someone analysed that text before. Bounded by RESULT_CACHE_MAX_MB: beyond it the
-least recently used rows (and inputs) go first. Deleting a job removes the rows it computed.
+least recently used rows (and inputs) go first; rows unused for RESULT_RETENTION_DAYS go like the jobs they came
+from. Deleting a job removes the rows it computed.
 
 Everything runs on one thread of its own, in submission order: a job's rows are written before its result is
 announced, so a request sent after it sees them.
@@ -130,9 +131,18 @@ class CachePlan:
 class ResultCache:
     """The cache's tables, on a connection and a thread of their own (WAL lets it write beside the job store)."""
 
-    def __init__(self, path: Path, *, max_bytes: int, shared: bool, monitor: CacheMonitor) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        shared: bool,
+        monitor: CacheMonitor,
+        retention_seconds: float | None = None,
+    ) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.retention_seconds = retention_seconds  # rows unused this long go, like the jobs they came from
         self.shared = shared
         self.monitor = monitor
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-cache")
@@ -225,6 +235,8 @@ class ResultCache:
             conn.execute("ROLLBACK")
             raise
         self._bytes += added
+        if self.retention_seconds is not None:
+            self._expire(now - self.retention_seconds)
         if self._bytes > self.max_bytes:
             self._evict()
 
@@ -245,6 +257,15 @@ class ResultCache:
             conn.execute("DELETE FROM cache_inputs WHERE used_at <= ?", (cutoff,))
             log.info("result cache above RESULT_CACHE_MAX_MB: evicted what was last used before %s", cutoff)
         self._bytes = self._total()
+
+    def _expire(self, cutoff: float) -> None:
+        """Drop what was last used before `cutoff`: a text stays in the cache no longer than its job would stay
+        in the store, unless someone keeps asking for it."""
+        conn = self._conn()
+        for table in ("cache_rows", "cache_inputs"):
+            old = conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM {table} WHERE used_at < ?", (cutoff,))
+            self._bytes -= int(old.fetchone()[0])
+            conn.execute(f"DELETE FROM {table} WHERE used_at < ?", (cutoff,))
 
     def _size(self, table: str, key: str) -> int:
         found = self._conn().execute(f"SELECT size FROM {table} WHERE key = ?", (key,)).fetchone()

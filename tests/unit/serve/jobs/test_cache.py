@@ -108,7 +108,9 @@ def test_rows_and_inputs_round_trip_and_a_deleted_job_takes_its_rows(tmp_path: P
         )  # rows are gone
         assert set(await cache.rows([f"x-key-{q}" for q in range(4)])) == {"x-key-3"}
         await cache.rows([])  # queued after the writes: they are done
-        assert cache.size_bytes == _stored_bytes(tmp_path / "jobs.sqlite3")  # kept without scanning, yet exact
+        assert cache.size_bytes == _stored_bytes(
+            tmp_path / "jobs.sqlite3"
+        )  # kept without scanning, yet exact
         cache.close()
         store.close()
 
@@ -128,6 +130,28 @@ def test_the_bound_evicts_the_least_recently_used_first(tmp_path: Path) -> None:
         kept = await cache.rows([f"j{i}-key-0" for i in range(6)])
         assert "j0-key-0" in kept and "j5-key-0" in kept  # used recently, written last
         assert "j1-key-0" not in kept  # the least recently used went first
+        cache.close()
+        store.close()
+
+    asyncio.run(go())
+
+
+def test_rows_unused_for_the_retention_period_go_with_the_next_write(tmp_path: Path) -> None:
+    async def go() -> None:
+        path = tmp_path / "jobs.sqlite3"
+        store = JobStore(path)
+        cache = ResultCache(path, max_bytes=10**9, shared=False, monitor=Counts(), retention_seconds=0.2)
+        old = _plan(2, tag="old")
+        old.input_key = "old-input"
+        cache.record("old-job", old, [_row(0, []), _row(1, [])], {})
+        assert len(await cache.rows(["old-key-0", "old-key-1"])) == 2
+        time.sleep(0.3)
+        new = _plan(2, tag="new")
+        new.input_key = "new-input"
+        cache.record("new-job", new, [_row(0, []), _row(1, [])], {})
+        assert await cache.rows(["old-key-0", "old-key-1"]) == {}
+        assert await cache.answer("old-input") is None and await cache.answer("new-input") is not None
+        assert cache.size_bytes == _stored_bytes(path)
         cache.close()
         store.close()
 
