@@ -141,22 +141,18 @@ class LayerReplacementVerbalizer(nn.Module):
         return torch.nn.functional.linear(A.float(), self.proj_weight[i], self.proj_bias[i]).to(self.lm.dtype)
 
     def _left(self, ov: PromptOverrides) -> Tensor:
-        if ov.replace_left_ids is not None:
-            return self.lm.embed_rows(
-                torch.tensor(ov.replace_left_ids, dtype=torch.long, device=self.lm.device)
-            )
-        if ov.hard_tokens:
-            return self.lm.embed_rows(torch.tensor(self.left_ids, dtype=torch.long, device=self.lm.device))
-        return self.prompt_left_emb.to(self.lm.dtype)
+        return self._side(ov.replace_left_ids, self.left_ids, self.prompt_left_emb, hard=ov.hard_tokens)
 
     def _right(self, ov: PromptOverrides) -> Tensor:
-        if ov.replace_right_ids is not None:
-            return self.lm.embed_rows(
-                torch.tensor(ov.replace_right_ids, dtype=torch.long, device=self.lm.device)
-            )
-        if ov.hard_tokens:
-            return self.lm.embed_rows(torch.tensor(self.right_ids, dtype=torch.long, device=self.lm.device))
-        return self.prompt_right_emb.to(self.lm.dtype)
+        return self._side(ov.replace_right_ids, self.right_ids, self.prompt_right_emb, hard=ov.hard_tokens)
+
+    def _side(self, replaced: list[int] | None, ids: list[int], soft: Tensor, *, hard: bool) -> Tensor:
+        """One side of the soft prompt: the request's own tokens, the prompt's tokens embedded as hard tokens,
+        or (by default) the trained soft embeddings."""
+        if replaced is not None or hard:
+            chosen = replaced if replaced is not None else ids
+            return self.lm.embed_rows(torch.tensor(chosen, dtype=torch.long, device=self.lm.device))
+        return soft.to(self.lm.dtype)
 
     def _scale(self, x: Tensor) -> Tensor:
         s = self.lm.arch.embed_scale
