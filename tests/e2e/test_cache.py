@@ -143,9 +143,15 @@ def test_the_setting_off_computes_everything_and_a_fresh_row_equals_the_cached_o
 def test_a_cache_hit_costs_no_rate_limit_budget(make_server: Callable[..., Server]) -> None:
     limit = 5
     server = make_server(API_KEYS=API_KEYS, RATE_LIMIT_PER_MINUTE=str(limit), RESULT_CACHE_SHARED="true")
-    with ws_connect(server, "alice") as ws:  # two hits of alice's budget: the handshake and the analysis
+    with ws_connect(server, "alice") as ws:  # the handshake and the analysis cost; the identical one does not
         ws.send(json.dumps({"type": "analyze", "text": TEXT, "options": OPTIONS}))
         assert next_of(ws, {"result", "error"}, timeout=120)["type"] == "result"
+        ws.send(
+            json.dumps({"type": "analyze", "text": TEXT, "options": OPTIONS, "client_request_id": "again"})
+        )
+        again = next_of(ws, {"result", "error"}, timeout=30)
+        assert again["type"] == "result" and again["client_request_id"] == "again", again
+        assert again["metadata"]["cached"] is True and again["tokens"]
     # bob's identical requests are answered from the (shared) cache: each is refunded
     for _ in range(limit + 2):
         r = server.post("/analyze", {"text": TEXT, "options": OPTIONS}, headers=auth("bob"))
