@@ -62,7 +62,9 @@ class Engine:
         if text.startswith("bad"):
             raise AnalysisError("bad input")
         words = text.split()
-        return FakePrep(text, list(range(len(words))), options.seed, ids=[zlib.crc32(w.encode()) for w in words])
+        return FakePrep(
+            text, list(range(len(words))), options.seed, ids=[zlib.crc32(w.encode()) for w in words]
+        )
 
     def run_batch(
         self, nla: Any, parts: Any, opts: Any, tuned: Any = None, timings: Any = None, **kw: Any

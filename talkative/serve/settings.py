@@ -218,7 +218,8 @@ class Settings(BaseSettings):
         "answer never tells one client what another analysed.",
     )
     public_shares: bool = Field(
-        False, description="Shares (/s/{id}, GET /api/v1/shares/{id}) open to anyone with the link, without a key."
+        False,
+        description="Shares (/s/{id}, GET /api/v1/shares/{id}) open to anyone with the link, without a key.",
     )
 
     # -- HTTP -----------------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def test_analyze_waits_or_streams_progress(tiny_server: Server) -> None:
         assert isinstance(waited, Analysis) and len(waited.tokens) >= 7
         assert waited.metadata["model_id"] == "tiny-a-l1" and len(waited.explanations) == len(waited.tokens)
         seen: list[Progress] = []
-        streamed = client.analyze(TEXT, options={**FAST, "batch_size": 2}, on_progress=seen.append)
+        # another seed: a request the result cache cannot answer, so the work (and its progress) really happens
+        streamed = client.analyze(TEXT, options={**FAST, "batch_size": 2, "seed": 7}, on_progress=seen.append)
         assert [row["token"] for row in streamed.tokens] == [row["token"] for row in waited.tokens]
         stages = [p.stage for p in seen]
         assert stages[0] == "queued" and "preparing" in stages and stages.count("explanation_generation") >= 4
@@ -116,9 +117,10 @@ def test_async_client(tiny_server: Server) -> None:
             async def progress(p: Progress) -> None:
                 seen.append(p.stage)
 
-            analysis = await client.analyze(TEXT, options=FAST, on_progress=progress)
+            fresh = "The capital of Italy is Rome."  # not analysed before on this server: no cached answer
+            analysis = await client.analyze(fresh, options=FAST, on_progress=progress)
             assert analysis.tokens and seen[0] == "queued"
-            polled = await client.analyze(TEXT, options=FAST)
+            polled = await client.analyze(fresh, options=FAST)
             assert [r["explanation"] for r in polled.tokens] == [r["explanation"] for r in analysis.tokens]
             stream = await client.generate("Hello", max_new_tokens=4)
             tokens = [t async for t in stream]

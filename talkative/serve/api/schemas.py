@@ -346,7 +346,9 @@ ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ITEM_ID_CHARS)] | int
 class BatchItem(TextOrMessages):
     """One item of a batch: the client's id, a text or chat messages, and options over the batch's defaults."""
 
-    id: ItemId = Field(description="The client's id of the item (a string or an integer), unique in the batch.")
+    id: ItemId = Field(
+        description="The client's id of the item (a string or an integer), unique in the batch."
+    )
     text: Text | None = Field(None, description="Text to analyse (or give `messages`).")
     options: dict[str, Any] | None = Field(
         None, description="Analysis options over the batch's `options` (each key given here wins)."
@@ -384,7 +386,9 @@ class BatchDefaults(StrictBody):
     """What a batch's items share: the model (default: the caller's current model) and default options."""
 
     model_config = ConfigDict(extra="forbid")
-    model_id: ModelId | None = Field(None, description="Model every item runs on; default: your current model.")
+    model_id: ModelId | None = Field(
+        None, description="Model every item runs on; default: your current model."
+    )
     options: AnalyzeOptions | None = Field(None, description="Options of every item (an item's own win).")
 
     def option_defaults(self) -> dict[str, Any]:
@@ -402,7 +406,9 @@ class BatchRequest(BatchDefaults):
         for i, item in enumerate(self.items):
             key = json.dumps(item.id)
             if key in seen:
-                raise ValueError(f"items.{i}.id: {item.id!r} is the id of an earlier item; ids must be unique")
+                raise ValueError(
+                    f"items.{i}.id: {item.id!r} is the id of an earlier item; ids must be unique"
+                )
             seen.add(key)
         return self
 

@@ -46,7 +46,9 @@ class GroupRuntime:
     nlas: dict[str, NLA] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # model id -> why it could not be loaded
     tuned: dict[str, TunedLens] = field(default_factory=dict)
-    identities: dict[str, str] = field(default_factory=dict)  # model id -> its NLA's content hash (result cache)
+    identities: dict[str, str] = field(
+        default_factory=dict
+    )  # model id -> its NLA's content hash (result cache)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
 
