@@ -24,17 +24,16 @@ import itertools
 import json
 import logging
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..catalog.registry import UnknownModel
 from ..scheduling.types import SchedulerError
+from .database import Database
 from .record import CANCELLED, COMPLETED, FAILED, Job, UnknownRequest, iso, new_id
 
 if TYPE_CHECKING:
@@ -111,33 +110,16 @@ class BatchStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-store")
-        self._local = threading.local()
+        self.db = Database(self.path, "batch-store")
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(
-            self._local, "conn", None
-        )  # one per store thread, made lazily
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+        return self.db.connection()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self.db.call(fn, *args)
 
     def close(self) -> None:
-        def shut() -> None:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
-                conn.close()
-                self._local.conn = None
-
-        self._executor.submit(shut).result()
-        self._executor.shutdown(wait=True)
+        self.db.close()
 
     # -- on the store thread ------------------------------------------------------------------------------------
     def _create(self, batch: Batch, items: Sequence[ItemSpec]) -> None:

@@ -30,22 +30,20 @@ announced, so a request sent after it sees them.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import json
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from ...nla.flags import with_position_flags
 from ...nla.options import Resolved
+from .database import Database
 
 T = TypeVar("T")
 log = logging.getLogger("talkative.serve.jobs.cache")
@@ -145,36 +143,21 @@ class ResultCache:
         self.retention_seconds = retention_seconds  # rows unused this long go, like the jobs they came from
         self.shared = shared
         self.monitor = monitor
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-cache")
-        self._local = threading.local()
-        self._bytes = self._executor.submit(self._total).result()
+        self.db = Database(self.path, "result-cache")
+        self._bytes = self.db.call_sync(self._total)
 
     def scope(self, owner: str | None) -> str:
         return "" if self.shared else owner or ""
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)  # one for the cache's thread
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+        return self.db.connection()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self.db.call(fn, *args)
 
     def close(self) -> None:
-        def shut() -> None:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
-                conn.close()
-                self._local.conn = None
-
-        self._executor.submit(shut).result()
-        self._executor.shutdown(wait=True)
+        self.db.close()
 
     # -- on the cache's thread ------------------------------------------------------------------------------------
     def _total(self) -> int:
@@ -320,7 +303,7 @@ class ResultCache:
             "metadata": {k: v for k, v in metadata.items() if k not in ("cached", "positions_cached")},
         }
         dumped = json.dumps(entry, separators=(",", ":"), allow_nan=False)
-        future = self._executor.submit(self._record, job_id, computed, plan.input_key, dumped)
+        future = self.db.submit(self._record, job_id, computed, plan.input_key, dumped)
         future.add_done_callback(_log_failure)
 
     async def forget(self, job_id: str) -> int:

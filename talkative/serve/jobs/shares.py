@@ -9,17 +9,15 @@ draws); it is checked against the result when the share is made, and resolved to
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .database import Database
 from .record import new_id
 
 T = TypeVar("T")
@@ -75,30 +73,16 @@ class ShareStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="share-store")
-        self._local = threading.local()
+        self.db = Database(self.path, "share-store")
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)  # one for the store's thread
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            self._local.conn = conn
-        return conn
+        return self.db.connection()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self.db.call(fn, *args)
 
     def close(self) -> None:
-        def shut() -> None:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
-                conn.close()
-                self._local.conn = None
-
-        self._executor.submit(shut).result()
-        self._executor.shutdown(wait=True)
+        self.db.close()
 
     # -- on the store's thread ------------------------------------------------------------------------------------
     def _put(self, share: Share) -> None:

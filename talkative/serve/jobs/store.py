@@ -8,19 +8,17 @@ loop never waits on the disk.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import sqlite3
 import stat
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .database import Database
 from .record import PROCESSING, QUEUED, TERMINAL, Job
 
 T = TypeVar("T")
@@ -189,29 +187,18 @@ class JobStore:
         self.path = Path(path)
         _private_directory(self.path.parent)
         _private_file(self.path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
-        self._local = threading.local()
-        self._call_sync(self._init)
+        self.db = Database(self.path, "job-store")
+        self.db.call_sync(self._init)
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+        return self.db.connection()
 
     def _init(self) -> None:
         self._conn().executescript(SCHEMA)
 
-    def _call_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        return self._executor.submit(fn, *args).result()
-
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self.db.call(fn, *args)
 
     # -- operations (run on the store thread) ---------------------------------------------------------------------
     def _put(self, job: Job) -> None:
@@ -263,12 +250,6 @@ class JobStore:
             out.append(item)
         return out, total
 
-    def _close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
     # -- async API ------------------------------------------------------------------------------------------------
     async def put(self, job: Job) -> None:
         """Insert or replace the whole record (jobs are small apart from results, written once)."""
@@ -298,5 +279,4 @@ class JobStore:
         return await self._call(self._owned, owner, kinds, limit, offset)
 
     def close(self) -> None:
-        self._call_sync(self._close)
-        self._executor.shutdown(wait=True)
+        self.db.close()
