@@ -266,16 +266,7 @@ class Scheduler:
         (`group_switch_queued` for a switch that has to wait), so it can never miss one.
         """
         self._admit_check(owner)
-        model = self.registry.model(model_id)
-        job = Job(
-            id=new_id(),
-            kind=kind,
-            request=request,
-            model_id=model_id,
-            group_id=model.group_id,
-            client_request_id=client_request_id,
-            owner=owner,
-        )
+        job = self._new_job(kind, request, model_id, client_request_id, owner)
         await self.store.put(job)
         self.jobs[job.id] = job
         self.queue.append(job)
@@ -304,12 +295,12 @@ class Scheduler:
                 {
                     "type": "group_switch_queued",
                     "model_id": model_id,
-                    "target_group_id": model.group_id,
+                    "target_group_id": job.group_id,
                     "queue_position": position,
                     "queue_size": summary["queue_size"],
                     "active_requests": summary["processing_requests"],
                     "queued_ahead": position - 1,
-                    "message": f"loading group {model.group_id} once the work running on its device has finished",
+                    "message": f"loading group {job.group_id} once the work running on its device has finished",
                 },
             )
         return job
@@ -327,25 +318,32 @@ class Scheduler:
     ) -> Job:
         """A job answered without running (the result cache held its result): completed at once, stored, and
         its subscriber told like any job's (its final message). It takes no place in the queue and no device."""
-        model = self.registry.model(model_id)
-        now = time.time()
-        job = Job(
-            id=new_id(),
-            kind=kind,
-            request=request,
-            model_id=model_id,
-            group_id=model.group_id,
-            client_request_id=client_request_id,
-            owner=owner,
-            created_at=now,
-            started_at=now,
-        )
+        job = self._new_job(kind, request, model_id, client_request_id, owner)
+        job.started_at = job.created_at
         self.jobs[job.id] = job  # until its end is stored, so that it is readable by id meanwhile
         self.stats["submitted"] += 1
         if subscriber is not None:
             self.sink.subscribe(job, subscriber)
         self.finish(job, COMPLETED, result=result)
         return job
+
+    def _new_job(
+        self,
+        kind: str,
+        request: dict[str, Any],
+        model_id: str,
+        client_request_id: str | None,
+        owner: str | None,
+    ) -> Job:
+        return Job(
+            id=new_id(),
+            kind=kind,
+            request=request,
+            model_id=model_id,
+            group_id=self.registry.model(model_id).group_id,
+            client_request_id=client_request_id,
+            owner=owner,
+        )
 
     def _admit_check(self, owner: str | None) -> None:
         """Backpressure: refuse while draining, beyond MAX_QUEUE_SIZE (429, or 503 before the server is ready)
