@@ -11,16 +11,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import HTTPException
+from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse
 
 from ..auth.policy import ClientIdentity
 from ..errors import failure_status
 from ..jobs.record import CANCELLED, COMPLETED, FAILED
 from ..service import Service
+from .deps import client_identity
+from .schemas import ErrorBody
 
 #: how long a request waits for its job when REQUEST_TIMEOUT is off, before answering 202 with its id
 DEFAULT_WAIT = 300.0
+
+
+def vector_router() -> APIRouter:
+    """A router of `/api/v1` vector routes: keyed, and documented with the refusals every vector job can meet."""
+    return APIRouter(
+        prefix="/api/v1",
+        tags=["vectors"],
+        dependencies=[Depends(client_identity)],
+        responses={
+            400: {"model": ErrorBody},
+            403: {"model": ErrorBody},
+            404: {"model": ErrorBody},
+            503: {"model": ErrorBody},
+        },
+    )
 
 
 async def run_vector_job(

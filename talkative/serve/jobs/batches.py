@@ -29,17 +29,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..catalog.registry import UnknownModel
 from ..scheduling.types import SchedulerError
-from .database import Database
+from .database import Database, Tables
 from .record import CANCELLED, COMPLETED, FAILED, Job, UnknownRequest, iso, new_id
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-T = TypeVar("T")
 log = logging.getLogger("talkative.serve.jobs.batches")
 
 #: the key of an analysis job's request that names the batch it is an item of (what marks it as batch work)
@@ -104,22 +103,13 @@ def _line(spec_id: Any, status: str, line: int | None, **fields: Any) -> str:
 
 
 # -- the store ---------------------------------------------------------------------------------------------------------
-class BatchStore:
+class BatchStore(Tables):
     """The batches' tables of the job store's SQLite database, on a connection and a thread of their own (WAL lets
     it write beside the job store's connection; the event loop never waits on the disk)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.db = Database(self.path, "batch-store")
-
-    def _conn(self) -> sqlite3.Connection:
-        return self.db.connection()
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.db.call(fn, *args)
-
-    def close(self) -> None:
-        self.db.close()
 
     # -- on the store thread ------------------------------------------------------------------------------------
     def _create(self, batch: Batch, items: Sequence[ItemSpec]) -> None:

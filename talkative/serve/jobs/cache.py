@@ -34,18 +34,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from ...nla.flags import with_position_flags
 from ...nla.options import Resolved
-from .database import Database
+from .database import Database, Tables
 
-T = TypeVar("T")
 log = logging.getLogger("talkative.serve.jobs.cache")
 
 #: options that change how the work is split or which positions are chosen, never a row
@@ -126,7 +124,7 @@ class CachePlan:
 
 
 # -- the cache ----------------------------------------------------------------------------------------------------------
-class ResultCache:
+class ResultCache(Tables):
     """The cache's tables, on a connection and a thread of their own (WAL lets it write beside the job store)."""
 
     def __init__(
@@ -150,15 +148,6 @@ class ResultCache:
         return "" if self.shared else owner or ""
 
     # -- plumbing -------------------------------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        return self.db.connection()
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.db.call(fn, *args)
-
-    def close(self) -> None:
-        self.db.close()
-
     # -- on the cache's thread ------------------------------------------------------------------------------------
     def _total(self) -> int:
         conn = self._conn()

@@ -55,3 +55,19 @@ class Database:
 
         self._executor.submit(shut).result()
         self._executor.shutdown(wait=True)
+
+
+class Tables:
+    """Base of a store whose tables live in a `Database`: its methods that run on the database's thread read
+    `_conn()`, and its async API awaits `_call(...)`."""
+
+    db: Database
+
+    def _conn(self) -> sqlite3.Connection:
+        return self.db.connection()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.db.call(fn, *args)
+
+    def close(self) -> None:
+        self.db.close()

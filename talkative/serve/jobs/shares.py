@@ -10,17 +10,14 @@ draws); it is checked against the result when the share is made, and resolved to
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from .database import Database
+from .database import Database, Tables
 from .record import new_id
-
-T = TypeVar("T")
 
 
 class AnchorError(ValueError):
@@ -68,21 +65,12 @@ def anchored_positions(anchor: dict[str, Any], rows: Sequence[dict[str, Any]], n
     return covered
 
 
-class ShareStore:
+class ShareStore(Tables):
     """The `shares` table, on a connection and a thread of its own (WAL lets it write beside the job store)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.db = Database(self.path, "share-store")
-
-    def _conn(self) -> sqlite3.Connection:
-        return self.db.connection()
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.db.call(fn, *args)
-
-    def close(self) -> None:
-        self.db.close()
 
     # -- on the store's thread ------------------------------------------------------------------------------------
     def _put(self, share: Share) -> None:

@@ -14,14 +14,12 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from .database import Database
+from .database import Database, Tables
 from .record import PROCESSING, QUEUED, TERMINAL, Job
 
-T = TypeVar("T")
 log = logging.getLogger("talkative.serve.jobs.store")
 
 SCHEMA = """
@@ -182,7 +180,7 @@ def _private_file(path: Path) -> None:
             os.chmod(part, 0o600)
 
 
-class JobStore:
+class JobStore(Tables):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         _private_directory(self.path.parent)
@@ -191,14 +189,8 @@ class JobStore:
         self.db.call_sync(self._init)
 
     # -- plumbing -------------------------------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        return self.db.connection()
-
     def _init(self) -> None:
         self._conn().executescript(SCHEMA)
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self.db.call(fn, *args)
 
     # -- operations (run on the store thread) ---------------------------------------------------------------------
     def _put(self, job: Job) -> None:
@@ -277,6 +269,3 @@ class JobStore:
         """One owner's jobs of the given kinds, newest first, without their results (a page of a history list),
         and how many there are in all."""
         return await self._call(self._owned, owner, kinds, limit, offset)
-
-    def close(self) -> None:
-        self.db.close()

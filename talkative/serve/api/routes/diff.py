@@ -11,23 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import HTTPException
 
-from ..deps import Identity, ServiceDep, client_identity, model_for
-from ..schemas import DiffRequest, ErrorBody
-from ..vector_jobs import run_vector_job
+from ..deps import Identity, ServiceDep, model_for
+from ..schemas import DiffRequest
+from ..vector_jobs import run_vector_job, vector_router
 
-router = APIRouter(
-    prefix="/api/v1",
-    tags=["vectors"],
-    dependencies=[Depends(client_identity)],
-    responses={
-        400: {"model": ErrorBody},
-        403: {"model": ErrorBody},
-        404: {"model": ErrorBody},
-        503: {"model": ErrorBody},
-    },
-)
+router = vector_router()
 
 
 @router.post("/diff", summary="Explain the difference of two activations (A − B), and each of them")

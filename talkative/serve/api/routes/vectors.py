@@ -19,25 +19,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import HTTPException
 
 from ....nla import vectors as V
 from ...service import Service
-from ..deps import Identity, ServiceDep, client_identity, model_for
-from ..schemas import DescribeRequest, ErrorBody, ExtractRequest, ScoreRequest, TokenizeRequest
-from ..vector_jobs import run_vector_job
+from ..deps import Identity, ServiceDep, model_for
+from ..schemas import DescribeRequest, ExtractRequest, ScoreRequest, TokenizeRequest
+from ..vector_jobs import run_vector_job, vector_router
 
-router = APIRouter(
-    prefix="/api/v1",
-    tags=["vectors"],
-    dependencies=[Depends(client_identity)],
-    responses={
-        400: {"model": ErrorBody},
-        403: {"model": ErrorBody},
-        404: {"model": ErrorBody},
-        503: {"model": ErrorBody},
-    },
-)
+router = vector_router()
 
 
 def _wire(value: Any, what: str) -> Any:
