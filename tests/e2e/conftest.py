@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser_helpers import launch
 from e2e_helpers import REPO, Server
+from playwright.sync_api import BrowserContext, Page, Playwright, sync_playwright
 
 
 @pytest.fixture(scope="session")
@@ -151,3 +153,27 @@ def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     server.start(timeout=300)
     yield server
     server.stop()
+
+
+# -- the browser tests' chromium: one Playwright per module, a fresh profile per test ----------------------------------
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture
+def browser(playwright: Playwright, tmp_path: Path) -> Iterator[BrowserContext]:
+    context = launch(playwright, tmp_path / "profile")
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def page(browser: BrowserContext) -> Iterator[Page]:
+    """A page whose uncaught JavaScript errors fail the test."""
+    page = browser.pages[0] if browser.pages else browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    assert not errors, f"uncaught JavaScript errors: {errors}"

@@ -4,29 +4,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from browser_helpers import launch
 from e2e_helpers import FAST, Server
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-
-
-@pytest.fixture
-def page(tmp_path: Path) -> Iterator[Page]:
-    """A page whose uncaught JavaScript errors fail the test."""
-    with sync_playwright() as p:
-        context = launch(p, tmp_path / "profile")
-        page = context.pages[0] if context.pages else context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        yield page
-        context.close()
-        assert not errors, f"uncaught JavaScript errors: {errors}"
 
 
 def test_history_lists_batches_and_downloads_their_results(

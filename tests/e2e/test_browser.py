@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-from browser_helpers import PHONE, analyse, job_id, launch, open_ui, screenshot
+from browser_helpers import PHONE, analyse, job_id, open_ui, screenshot
 from e2e_helpers import REPO, Server
-from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
@@ -60,29 +60,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.start(timeout=300)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    with sync_playwright() as p:
-        yield p
-
-
-@pytest.fixture
-def browser(playwright: Playwright, tmp_path: Path) -> Iterator[BrowserContext]:
-    context = launch(playwright, tmp_path / "profile")
-    yield context
-    context.close()
-
-
-@pytest.fixture
-def page(browser: BrowserContext) -> Iterator[Page]:
-    """A page whose uncaught JavaScript errors fail the test."""
-    page = browser.pages[0] if browser.pages else browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    assert not errors, f"uncaught JavaScript errors: {errors}"
 
 
 # -- serving ---------------------------------------------------------------------------------------------------------

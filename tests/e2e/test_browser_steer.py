@@ -6,38 +6,13 @@ server refusal is shown."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from browser_helpers import analyse, launch, open_ui
+from browser_helpers import analyse, open_ui
 from e2e_helpers import Server
-from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    with sync_playwright() as p:
-        yield p
-
-
-@pytest.fixture
-def browser(playwright: Playwright, tmp_path: Path) -> Iterator[BrowserContext]:
-    context = launch(playwright, tmp_path / "profile")
-    yield context
-    context.close()
-
-
-@pytest.fixture
-def page(browser: BrowserContext) -> Iterator[Page]:
-    """A page whose uncaught JavaScript errors fail the test."""
-    page = browser.pages[0] if browser.pages else browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    assert not errors, f"uncaught JavaScript errors: {errors}"
 
 
 def set_alpha(page: Page, value: float) -> None:
