@@ -180,6 +180,9 @@ def main() -> int:
             "MAX_ACTIVE_JOBS": str(max(args.clients, 8)),
             "NUM_WORKERS_PER_GPU": str(args.workers),
             "LOG_LEVEL": "warning",
+            # the same texts go sequentially, then concurrently: without this the second phase would be answered
+            # from the result cache and measure a lookup, not batching
+            "RESULT_CACHE": "false",
         }
         if args.row_budget:
             env["GLOBAL_AUTO_BATCH_SIZE_MAX"] = str(args.row_budget)
