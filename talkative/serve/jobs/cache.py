@@ -189,7 +189,9 @@ class ResultCache(Tables):
         conn = self._conn()
         now = time.time()
         added = 0  # bytes, less those of the entries replaced: the total is kept without scanning the tables
-        conn.execute("BEGIN")
+        # IMMEDIATE: take the write lock before reading the old sizes. A transaction that reads first cannot wait
+        # for another store's writer on the same file (its snapshot goes stale: "database is locked" at once).
+        conn.execute("BEGIN IMMEDIATE")
         try:
             for row_key_, row in rows.items():
                 added += len(row) - self._size("cache_rows", row_key_)

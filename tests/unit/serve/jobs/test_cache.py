@@ -156,3 +156,24 @@ def test_rows_unused_for_the_retention_period_go_with_the_next_write(tmp_path: P
         store.close()
 
     asyncio.run(go())
+
+
+def test_recording_waits_for_another_writer_instead_of_failing(tmp_path: Path) -> None:
+    """The cache shares its database file with the job, batch and share stores. A write transaction that starts
+    as a reader (a deferred BEGIN, then a SELECT of the old sizes) and only then writes cannot wait for another
+    connection's write: once that one commits, the reader's snapshot is stale and SQLite answers "database is
+    locked" at once. Recording must take the write lock first and wait its turn."""
+    store, cache, _ = _store(tmp_path)
+    other = sqlite3.connect(store.path, timeout=30, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another store is writing
+    other.execute(
+        "INSERT INTO cache_inputs (key, job_id, entry, size, used_at) VALUES ('other', 'j0', '{}', 2, 0)"
+    )
+    done = cache.db.submit(cache._record, "j1", {"row-a": '{"q": 0}'}, "input-a", '{"n": 1}')
+    time.sleep(0.5)  # the recording has begun and waits for the lock
+    other.execute("COMMIT")
+    done.result(timeout=30)  # recorded after the other writer, not refused
+    other.close()
+    assert asyncio.run(cache.rows(["row-a"])) != {}
+    cache.close()
+    store.close()
