@@ -7,6 +7,7 @@ import contextlib
 import json
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -48,7 +49,7 @@ BATCHES = "/api/v1/batches"
 R = TypeVar("R")
 
 
-class Operations:
+class Operations(ABC):
     """The settings of a client and its operations. The API key comes from `api_key`, else
     `$TALKATIVE_API_KEY`. Requests refused for room or rate (429, 503) are retried up to `max_retries` times,
     after the server's `Retry-After` (at most `max_retry_wait` seconds), and so are connections that could not
@@ -70,9 +71,9 @@ class Operations:
         self.max_retry_wait = max_retry_wait
         self._http = self._http_client()
 
+    @abstractmethod
     def _http_client(self) -> httpx.Client | httpx.AsyncClient:
         """The HTTP client that carries the requests out, blocking or awaited: the subclass' to build."""
-        raise NotImplementedError
 
     # -- transport ----------------------------------------------------------------------------------------------
     def _send(

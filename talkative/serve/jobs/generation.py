@@ -34,7 +34,7 @@ from ..catalog.registry import Registry
 from ..scheduling.types import EventSink, SchedulerError
 from ..scheduling.workers import JobContext
 from ..settings import Settings
-from .kinds import JobKind
+from .kinds import WholeJobKind
 from .record import CANCELLED, COMPLETED, QUEUED, Job, UnknownRequest, text_length
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def replay(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-class GenerateKind(JobKind):
+class GenerateKind(WholeJobKind):
     """Runs `generate` jobs whole: samples the completions on a worker thread, one message per token."""
 
     names = (KIND,)

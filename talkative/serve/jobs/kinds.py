@@ -2,9 +2,9 @@
 
 A kind says how an admitted job of it runs on a device and what its last WebSocket message is. The app gives the
 scheduler its kinds when it builds it (analysis, generation, the vector kinds); the scheduler never learns of a
-kind later. Most kinds run *whole*: one call of `run` on a worker thread does the job (a generation streams its
-tokens through `ctx.emit` meanwhile), and this base class carries that out through the device's worker. The
-analysis kind overrides the hooks instead: it prepares on the device, then shares engine batches between jobs
+kind later. Most kinds run *whole* (`WholeJobKind`): one call of `run` on a worker thread does the job (a
+generation streams its tokens through `ctx.emit` meanwhile), carried out through the device's worker. The
+analysis kind implements the hooks itself: it prepares on the device, then shares engine batches between jobs
 (`jobs/analysis.py`).
 
 A `switch` is not a kind: it changes which model a client runs on, state only the scheduler keeps, and it needs
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,7 +26,7 @@ from .record import CANCELLED, COMPLETED, FAILED, Job
 if TYPE_CHECKING:
     from ..scheduling.types import DeviceState, Monitor
 
-__all__ = ["SWITCH", "JobContext", "JobControl", "JobKind", "final_message"]
+__all__ = ["SWITCH", "JobContext", "JobControl", "JobKind", "WholeJobKind", "final_message"]
 
 SWITCH = "switch"  # the scheduler's own kind of job: it changes which model a client runs on
 
@@ -50,32 +51,53 @@ class JobControl(Protocol):
     ) -> None: ...
 
 
-class JobKind:
-    """A kind of job, run whole by default: subclasses name their kinds and define `run`."""
+class JobKind(ABC):
+    """A kind of job: the hooks the scheduler calls for the jobs of its `names`."""
 
     #: the `kind` values of the jobs this object runs
     names: tuple[str, ...] = ()
-
-    def run(self, ctx: JobContext) -> dict[str, Any]:
-        """Do the whole job on a worker thread and return its result (blocking; asks `ctx.cancelled()`)."""
-        raise NotImplementedError(f"{type(self).__name__} runs no whole jobs")
 
     def final_message(self, job: Job) -> dict[str, Any]:
         """The WebSocket message of a completed job (also what `subscribe` replays for a finished one)."""
         return {"type": f"{job.kind}_complete", "result": job.result or {}}
 
-    # -- hooks the scheduler calls -------------------------------------------------------------------------------
+    @abstractmethod
     def start(self, job: Job, device: DeviceState, control: JobControl) -> None:
         """The job was admitted to `device`: begin it (it holds one of the device's job places until it ends)."""
+
+    @abstractmethod
+    def dispatch(self, device: DeviceState, control: JobControl) -> None:
+        """Start what can run on the device now."""
+
+    @abstractmethod
+    def expire(self, device: DeviceState, control: JobControl, now: float, limit: float) -> None:
+        """Fail this kind's jobs on the device whose own time passed REQUEST_TIMEOUT (`limit` seconds)."""
+
+    @abstractmethod
+    def drop(self, job_id: str, device: DeviceState) -> None:
+        """A job of this kind on the device was cancelled: forget what it holds."""
+
+    @abstractmethod
+    def remaining_rows(self, device: DeviceState) -> int:
+        """Engine rows this kind still has to run on the device (which busy device drains first)."""
+
+
+class WholeJobKind(JobKind):
+    """A kind whose jobs run whole: subclasses name their kinds and define `run`."""
+
+    @abstractmethod
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        """Do the whole job on a worker thread and return its result (blocking; asks `ctx.cancelled()`)."""
+
+    def start(self, job: Job, device: DeviceState, control: JobControl) -> None:
         device.whole.add(job.id)
         control.spawn(self._run_whole(job, device, control))
 
     def dispatch(self, device: DeviceState, control: JobControl) -> None:
-        """Start what can run on the device now (a whole job started in `start`: nothing more to do)."""
+        """A whole job started in `start`: nothing more to do."""
 
     def expire(self, device: DeviceState, control: JobControl, now: float, limit: float) -> None:
-        """Fail this kind's jobs on the device whose own time passed REQUEST_TIMEOUT (`limit` seconds): a whole
-        job's `run` sees `ctx.cancelled()` and stops, and its place on the device frees at once."""
+        """A whole job's `run` sees `ctx.cancelled()` and stops, and its place on the device frees at once."""
         message = f"the request took longer than REQUEST_TIMEOUT ({limit:g} s) of engine time and was stopped"
         for job_id in list(device.whole):
             job = control.jobs.get(job_id)
@@ -88,11 +110,9 @@ class JobKind:
                 control.finish(job, FAILED, error=message)
 
     def drop(self, job_id: str, device: DeviceState) -> None:
-        """A job of this kind on the device was cancelled: forget what it holds (a whole job's `run` stops by
-        itself at its next `ctx.cancelled()`)."""
+        """A whole job's `run` stops by itself at its next `ctx.cancelled()`."""
 
     def remaining_rows(self, device: DeviceState) -> int:
-        """Engine rows this kind still has to run on the device (which busy device drains first)."""
         return 0
 
     async def _run_whole(self, job: Job, dev: DeviceState, control: JobControl) -> None:

@@ -18,10 +18,10 @@ from ...nla.options import resolve
 from ..catalog.registry import Registry
 from ..scheduling.workers import JobContext
 from ..settings import Settings
-from .kinds import JobKind
+from .kinds import WholeJobKind
 
 
-class VectorKind(JobKind):
+class VectorKind(WholeJobKind):
     """The four vector kinds; `run` calls the one the job names."""
 
     names = ("describe", "score", "extract", "tokenize", "diff")

@@ -34,7 +34,7 @@ from ..jobs.record import Job
 
 if TYPE_CHECKING:
     from ..catalog.residency import Residency
-    from ..jobs.kinds import JobKind
+    from ..jobs.kinds import WholeJobKind
 
 log = logging.getLogger("talkative.serve.scheduling.workers")
 
@@ -44,7 +44,7 @@ Part = tuple[str, object, list[int]]
 
 @dataclass
 class JobContext:
-    """What a whole job's `run` (`jobs.kinds.JobKind`) gets, on a device's worker thread."""
+    """What a whole job's `run` (`jobs.kinds.WholeJobKind`) gets, on a device's worker thread."""
 
     job: Job
     nla: NLA
@@ -132,7 +132,7 @@ class Worker(Protocol):
     ) -> BatchResult: ...
     async def run_job(
         self,
-        kind: JobKind,
+        kind: WholeJobKind,
         job: Job,
         emit: Callable[[dict[str, Any]], None],
         started: Callable[[], None],
@@ -426,7 +426,7 @@ class LocalWorker:
     # -- whole jobs -----------------------------------------------------------------------------------------------
     async def run_job(
         self,
-        kind: JobKind,
+        kind: WholeJobKind,
         job: Job,
         emit: Callable[[dict[str, Any]], None],
         started: Callable[[], None],

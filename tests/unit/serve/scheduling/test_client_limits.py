@@ -16,7 +16,7 @@ import torch
 from scheduler_fakes import Engine, FakeResidency, Recorder, Sink, analyze, run, until, words
 
 from talkative.nla.analysis import Cancelled
-from talkative.serve.jobs.kinds import JobKind
+from talkative.serve.jobs.kinds import WholeJobKind
 from talkative.serve.lifecycle import drain
 from talkative.serve.scheduling.scheduler import Scheduler
 from talkative.serve.scheduling.types import SchedulerError
@@ -86,7 +86,7 @@ def test_a_whole_job_past_the_timeout_is_failed_and_told_to_stop(
 ) -> None:
     stopped = threading.Event()
 
-    class Endless(JobKind):
+    class Endless(WholeJobKind):
         names = ("generate",)
 
         def run(self, ctx: JobContext) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from scheduler_fakes import BUDGET, Engine, FakeResidency, Sink, analyze, run, until, words
 
-from talkative.serve.jobs.kinds import JobKind
+from talkative.serve.jobs.kinds import WholeJobKind
 from talkative.serve.jobs.record import Job
 from talkative.serve.jobs.store import JobStore
 from talkative.serve.scheduling.scheduler import Scheduler
@@ -167,7 +167,7 @@ def test_a_group_that_cannot_load_fails_its_jobs(tmp_path: Path, monkeypatch: py
     run(tmp_path, body, broken=frozenset({"gb"}))
 
 
-class Greeting(JobKind):
+class Greeting(WholeJobKind):
     """A whole-job kind: one message, then its result."""
 
     names = ("generate",)
