@@ -126,7 +126,7 @@ async def message_gate(conn: Connection, data: dict[str, Any]) -> None:
     limiter: RateLimiter = state.rate_limiter
     identity: ClientIdentity = conn.identity
     if data.get("type") not in FREE_MESSAGES and identity.metered:
-        wait = limiter.hit(identity.key)
+        wait = await limiter.hit(identity.key)
         if wait is not None:
             metrics: Metrics = state.metrics
             metrics.reject("rate_limited")
@@ -141,11 +141,11 @@ async def message_gate(conn: Connection, data: dict[str, Any]) -> None:
         await ensure_owner(service_of(conn.websocket), identity, job_id)
 
 
-def refund_cache_hit(conn: HTTPConnection, identity: ClientIdentity, job: Job) -> None:
+async def refund_cache_hit(conn: HTTPConnection, identity: ClientIdentity, job: Job) -> None:
     """A request the result cache answered whole costs no rate-limit budget: give back what the gate charged."""
     if job.terminal and identity.metered and (job.result or {}).get("metadata", {}).get("cached") is True:
         limiter: RateLimiter = conn.app.state.rate_limiter
-        limiter.refund(identity.key)
+        await limiter.refund(identity.key)
 
 
 # -- which model, and what the catalogue looks like to this client ---------------------------------------------------

@@ -113,7 +113,7 @@ class Guard:
             await self.app(scope, receive, send)
 
     # -- decisions ------------------------------------------------------------------------------------------------
-    def _check(self, scope: Scope, *, protected: bool) -> ClientIdentity | None:
+    async def _check(self, scope: Scope, *, protected: bool) -> ClientIdentity | None:
         """The caller's identity for a protected path (None for a public one); raises Refusal."""
         policy = self.policy
         host = scope_header(scope, "host")
@@ -139,14 +139,14 @@ class Guard:
             token = _query_param(scope, "api_key")
         identity = policy.identify(address, token, proxied)
         if identity is None:
-            wait = self.limiter.hit(f"auth-failures:{address}")
+            wait = await self.limiter.hit(f"auth-failures:{address}")
             if wait is not None:
                 raise Refusal(429, "rate_limited", "too many requests with a wrong API key; slow down", wait)
             raise Refusal(
                 401, "unauthorized", "missing or wrong API key: send Authorization: Bearer <API_KEY>"
             )
         if identity.metered:
-            wait = self.limiter.hit(identity.key)
+            wait = await self.limiter.hit(identity.key)
             if wait is not None:
                 raise Refusal(
                     429,
@@ -185,7 +185,7 @@ class Guard:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         protected = self._protected(scope)
         try:
-            identity = self._check(scope, protected=protected)
+            identity = await self._check(scope, protected=protected)
         except Refusal as refusal:
             await self._refuse_http(refusal, send)
             return
@@ -244,7 +244,7 @@ class Guard:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         protected = self._protected(scope)
         try:
-            identity = self._check(scope, protected=protected)
+            identity = await self._check(scope, protected=protected)
         except Refusal as refusal:
             await self._refuse_websocket(refusal, receive, send)
             return

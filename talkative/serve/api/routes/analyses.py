@@ -34,7 +34,7 @@ async def analyze(body: AnalyzeRequest, svc: ServiceDep, who: Identity, request:
     job = await svc.submit_analysis(
         body.engine_request(), model_id=body.model_id, client_request_id=body.client_request_id, owner=who.key
     )
-    refund_cache_hit(request, who, job)
+    await refund_cache_hit(request, who, job)
     return svc.accepted(job)
 
 

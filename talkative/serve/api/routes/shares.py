@@ -53,7 +53,7 @@ async def _reader(
         return await client_identity(request, credentials)
     limiter: RateLimiter = request.app.state.rate_limiter
     address, _proxied = client_address(request.scope, request.app.state.settings.trusted_proxy_header)
-    wait = limiter.hit(f"share-reads:{address}")
+    wait = await limiter.hit(f"share-reads:{address}")
     if wait is not None:
         raise Refusal(429, "rate_limited", f"too many share reads; retry in {wait} s", wait)
     return None

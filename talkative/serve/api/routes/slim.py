@@ -140,7 +140,7 @@ async def slim_analyze(body: SlimAnalyze, svc: ServiceDep, who: Identity, reques
     job = await svc.submit_analysis(
         req.engine_request(), model_id=req.model_id, client_request_id=req.client_request_id, owner=who.key
     )
-    refund_cache_hit(request, who, job)
+    await refund_cache_hit(request, who, job)
     return _accepted(svc, job, body.model_group)
 
 

@@ -197,7 +197,7 @@ async def analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
         owner=conn.identity.key,
         subscriber=conn,
     )
-    refund_cache_hit(conn.websocket, conn.identity, job)
+    await refund_cache_hit(conn.websocket, conn.identity, job)
 
 
 @handles("cancel_request", "interrupt")

@@ -196,17 +196,6 @@ def test_scrub_removes_anything_shaped_like_a_key() -> None:
     assert scrub("nothing to see", ("short",)) == "nothing to see"
 
 
-# -- rate limiter -----------------------------------------------------------------------------------------------------
-def test_rate_limiter_counts_per_bucket_and_says_how_long_to_wait() -> None:
-    limiter = RateLimiter(3)
-    assert [limiter.hit("a") for _ in range(3)] == [None, None, None]
-    wait = limiter.hit("a")
-    assert wait is not None and 1 <= wait <= 60
-    assert limiter.hit("b") is None
-    off = RateLimiter(0)
-    assert not off.enabled and all(off.hit("a") is None for _ in range(1000))
-
-
 # -- logs -------------------------------------------------------------------------------------------------------------
 def _record(message: str, *args: Any, **extra: Any) -> logging.LogRecord:
     record = logging.getLogger("talkative.test").makeRecord(
