@@ -202,6 +202,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         app.state.shares = serving.shares
         log_access(access)
         await serving.start()
+        metrics.start()  # a cluster's replicas post their metrics to the shared board from now on
         log.info(
             "serving %d model groups on %s; data in %s",
             len(registry.groups),
@@ -212,6 +213,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             async with mcp_endpoint.running():
                 yield
         finally:
+            await metrics.stop()
             await serving.stop()
 
     docs = settings.enable_docs

@@ -6,15 +6,19 @@
   group, jobs by status, busy workers per device, positions analysed, tokens generated, model loads, WebSocket
   connections) is read from the scheduler when scraped, so it can never drift from the truth.
 
+* **A cluster** (`--backend ray`): each replica keeps its own registry and posts it to a shared board
+  (`SharedMetrics`, `cluster/metrics_board.py`); `/metrics` on any ingress replica renders every replica's series,
+  labelled `replica`.
+
 Logs are `logs.py`'s; the middleware that times requests and gives them ids is `request_context.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -31,10 +35,25 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 HIDDEN_LABEL = "hidden"
 
 
-class Metrics:
-    """The per-app registry and the event metrics; `bind(service)` adds the state read at scrape time."""
+class SharedMetrics(Protocol):
+    """Where the replicas of a cluster post their registries, and read everyone's."""
 
-    def __init__(self) -> None:
+    def start(self, registry: CollectorRegistry) -> None:
+        """Post `registry` every few seconds until stopped (call on the event loop)."""
+
+    async def stop(self) -> None: ...
+
+    async def exposition(self, registry: CollectorRegistry) -> bytes:
+        """Prometheus text of `registry` now and of every other live replica's latest post."""
+        ...
+
+
+class Metrics:
+    """The per-app registry and the event metrics; `bind(service)` adds the state read at scrape time. `shared`
+    (a cluster's board) makes `exposition` the whole cluster's."""
+
+    def __init__(self, shared: SharedMetrics | None = None) -> None:
+        self.shared = shared
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -109,6 +128,20 @@ class Metrics:
         self.completed_seconds = 0.0
         self.service: Service | None = None
         r.register(_StateCollector(self))
+
+    def start(self) -> None:
+        if self.shared is not None:
+            self.shared.start(self.registry)
+
+    async def stop(self) -> None:
+        if self.shared is not None:
+            await self.shared.stop()
+
+    async def exposition(self) -> bytes:
+        """`GET /metrics` as Prometheus text: this server's, or every replica's of its cluster."""
+        if self.shared is None:
+            return generate_latest(self.registry)
+        return await self.shared.exposition(self.registry)
 
     def bind(self, service: Service) -> None:
         self.service = service

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import MetricsDep, StatsDep, client_identity
 
@@ -61,7 +61,7 @@ async def metrics(
     )
     if wants_json:
         return JSONResponse(registry.summary())
-    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(await registry.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/api/gpu_stats", summary="GPU utilisation and memory (CPU figures when there is no GPU)")

@@ -1,0 +1,9 @@
+"""The Ray Serve backend (`BACKEND=ray`): the only package that imports ray.
+
+`pools.py` reads the worker pools from model_groups.json (no ray), `runner.py` is today's engine inside one worker
+replica (no ray: a scheduler over one `LocalWorker`), `replica.py` wraps it as the worker deployment, `dispatch.py`
+is the ingress side of the worker seam (a `Worker` per group and the `RemoteKind` that runs every job whole on a
+replica, re-dispatched when its replica dies), `transport.py` its Serve handles, `leases.py` the job store's lease
+calls, `ingress.py` the FastAPI app as the ingress deployment and `deploy.py` starts or joins the cluster and
+deploys both. The data path is drawn in docs/architecture.md.
+"""
