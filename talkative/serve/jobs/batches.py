@@ -1,7 +1,7 @@
 """Batch jobs: many analyses submitted as one, run as ordinary analysis jobs, kept item by item in the store.
 
 A batch is a list of items (`{id, text | messages, options}`) with shared defaults (a model, options). It is
-written to the job store's database (tables `batches` and `batch_items`, in `jobs/store.py`'s schema) before the
+written to the job store's database (tables `batches` and `batch_items`, in `jobs/migrations.py`) before the
 client hears of it; then `Batches` feeds its items to the scheduler as analysis jobs, a few at a time, marked as
 batch items so that the scheduling policy gives interactive requests priority (`scheduling/policy.py`). Each item's
 result line is written to the store the moment its job ends, before any reader can see it; results are read back in
@@ -23,7 +23,6 @@ import contextlib
 import itertools
 import json
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..catalog.registry import UnknownModel
 from ..scheduling.types import SchedulerError
-from .database import Database, Tables
+from .database import Database, Row, Tables
 from .record import CANCELLED, COMPLETED, FAILED, Job, UnknownRequest, iso, new_id
 
 if TYPE_CHECKING:
@@ -104,18 +103,16 @@ def _line(spec_id: Any, status: str, line: int | None, **fields: Any) -> str:
 
 # -- the store ---------------------------------------------------------------------------------------------------------
 class BatchStore(Tables):
-    """The batches' tables of the job store's SQLite database, on a connection and a thread of their own (WAL lets
-    it write beside the job store's connection; the event loop never waits on the disk)."""
+    """The batches' tables of the job store's database, on a channel of their own (the event loop never waits on
+    the database, and the job store's calls never wait behind the batches')."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.db = Database(self.path, "batch-store")
+    def __init__(self, database: Database | Path) -> None:
+        super().__init__(database, "batch-store")
 
     # -- on the store thread ------------------------------------------------------------------------------------
     def _create(self, batch: Batch, items: Sequence[ItemSpec]) -> None:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with conn.transaction():
             conn.execute(
                 "INSERT INTO batches (id, owner, status, model_id, options, source, total, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -148,12 +145,8 @@ class BatchStore(Tables):
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
-    def _batch(self, row: sqlite3.Row) -> Batch:
+    def _batch(self, row: Row) -> Batch:
         conn = self._conn()
         counts: dict[str, int] = {}
         positions = 0
@@ -185,7 +178,7 @@ class BatchStore(Tables):
 
     def _listing(self, owner: str | None, limit: int, offset: int) -> tuple[list[Batch], int]:
         conn = self._conn()
-        where, args = ("WHERE owner IS ?", (owner,)) if owner is not None else ("", ())
+        where, args = (f"WHERE owner {self.dialect.same} ?", (owner,)) if owner is not None else ("", ())
         total = int(conn.execute(f"SELECT COUNT(*) FROM batches {where}", args).fetchone()[0])
         rows = conn.execute(
             f"SELECT * FROM batches {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
@@ -205,7 +198,8 @@ class BatchStore(Tables):
         row = (
             self._conn()
             .execute(
-                "SELECT COUNT(*) FROM batches WHERE owner IS ? AND status IN (?, ?)", (owner, *UNFINISHED)
+                f"SELECT COUNT(*) FROM batches WHERE owner {self.dialect.same} ? AND status IN (?, ?)",
+                (owner, *UNFINISHED),
             )
             .fetchone()
         )
@@ -240,8 +234,8 @@ class BatchStore(Tables):
     ) -> int | None:
         """An item's end, numbered in completion order; a line only for completed and failed items."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        # read-then-write (the next completion number): one writer of a batch's items at a time
+        with conn.transaction(lock=f"batch:{batch_id}"):
             done = None
             if result is not None:
                 row = conn.execute(
@@ -253,10 +247,6 @@ class BatchStore(Tables):
                 " WHERE batch_id = ? AND seq = ?",
                 (status, done, positions, result, batch_id, seq),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return done
 
     def _set_batch(self, batch_id: str, status: str, column: str | None, when: float | None) -> None:
@@ -290,14 +280,9 @@ class BatchStore(Tables):
     def _delete(self, batch_id: str) -> None:
         """The batch and its items (their jobs are removed by the job store and the result cache, `Batches`)."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with conn.transaction():
             conn.execute("DELETE FROM batch_items WHERE batch_id = ?", (batch_id,))
             conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def _purge(self, before: float) -> int:
         rows = (

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from ...nla.flags import with_position_flags
 from ...nla.options import Resolved
 from .database import Database, Tables
+from .dialect import upsert
 
 log = logging.getLogger("talkative.serve.jobs.cache")
 
@@ -125,29 +126,27 @@ class CachePlan:
 
 # -- the cache ----------------------------------------------------------------------------------------------------------
 class ResultCache(Tables):
-    """The cache's tables, on a connection and a thread of their own (WAL lets it write beside the job store)."""
+    """The cache's tables, on a channel of their own (its writes never wait behind the job store's calls)."""
 
     def __init__(
         self,
-        path: Path,
+        database: Database | Path,
         *,
         max_bytes: int,
         shared: bool,
         monitor: CacheMonitor,
         retention_seconds: float | None = None,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(database, "result-cache")
         self.max_bytes = max_bytes
         self.retention_seconds = retention_seconds  # rows unused this long go, like the jobs they came from
         self.shared = shared
         self.monitor = monitor
-        self.db = Database(self.path, "result-cache")
-        self._bytes = self.db.call_sync(self._total)
+        self._bytes = self.channel.call_sync(self._total)
 
     def scope(self, owner: str | None) -> str:
         return "" if self.shared else owner or ""
 
-    # -- plumbing -------------------------------------------------------------------------------------------------
     # -- on the cache's thread ------------------------------------------------------------------------------------
     def _total(self) -> int:
         conn = self._conn()
@@ -189,25 +188,21 @@ class ResultCache(Tables):
         conn = self._conn()
         now = time.time()
         added = 0  # bytes, less those of the entries replaced: the total is kept without scanning the tables
-        # IMMEDIATE: take the write lock before reading the old sizes. A transaction that reads first cannot wait
-        # for another store's writer on the same file (its snapshot goes stale: "database is locked" at once).
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        # read the old sizes and replace the entries as one: under the write lock (SQLite's BEGIN IMMEDIATE: a
+        # transaction that reads first cannot wait for another store's writer on the same file), and one recording
+        # at a time across replicas on PostgreSQL
+        with conn.transaction(lock="result-cache"):
             for row_key_, row in rows.items():
                 added += len(row) - self._size("cache_rows", row_key_)
                 conn.execute(
-                    "INSERT OR REPLACE INTO cache_rows (key, job_id, row, size, used_at) VALUES (?, ?, ?, ?, ?)",
+                    upsert("cache_rows", ("key", "job_id", "row", "size", "used_at"), "key"),
                     (row_key_, job_id, row, len(row), now),
                 )
             added += len(entry) - self._size("cache_inputs", key)
             conn.execute(
-                "INSERT OR REPLACE INTO cache_inputs (key, job_id, entry, size, used_at) VALUES (?, ?, ?, ?, ?)",
+                upsert("cache_inputs", ("key", "job_id", "entry", "size", "used_at"), "key"),
                 (key, job_id, entry, len(entry), now),
             )
-            conn.execute("COMMIT")
-        except Exception:
-            conn.execute("ROLLBACK")
-            raise
         self._bytes += added
         if self.retention_seconds is not None:
             self._expire(now - self.retention_seconds)
@@ -294,7 +289,7 @@ class ResultCache(Tables):
             "metadata": {k: v for k, v in metadata.items() if k not in ("cached", "positions_cached")},
         }
         dumped = json.dumps(entry, separators=(",", ":"), allow_nan=False)
-        future = self.db.submit(self._record, job_id, computed, plan.input_key, dumped)
+        future = self.channel.submit(self._record, job_id, computed, plan.input_key, dumped)
         future.add_done_callback(_log_failure)
 
     async def forget(self, job_id: str) -> int:

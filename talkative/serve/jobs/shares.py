@@ -1,6 +1,6 @@
 """Shares: read-only links to one completed analysis, anchored at what the sharer wants a colleague to see.
 
-A share is `{request_id, anchor, comment}` in the store's `shares` table (`jobs/store.py`'s schema). It holds no
+A share is `{request_id, anchor, comment}` in the store's `shares` table (`jobs/migrations.py`). It holds no
 copy of the result: reading a share reads the job, so a deleted (or purged) job makes its shares answer 404, and a
 share never outlives what it points at. The anchor is one position with a row, a half-open span of token
 positions, or a half-open span of characters of the shown text (the rows' tokens joined, which is what the web UI
@@ -66,11 +66,10 @@ def anchored_positions(anchor: dict[str, Any], rows: Sequence[dict[str, Any]], n
 
 
 class ShareStore(Tables):
-    """The `shares` table, on a connection and a thread of its own (WAL lets it write beside the job store)."""
+    """The `shares` table, on a channel of its own."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.db = Database(self.path, "share-store")
+    def __init__(self, database: Database | Path) -> None:
+        super().__init__(database, "share-store")
 
     # -- on the store's thread ------------------------------------------------------------------------------------
     def _put(self, share: Share) -> None:

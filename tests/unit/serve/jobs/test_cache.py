@@ -169,7 +169,7 @@ def test_recording_waits_for_another_writer_instead_of_failing(tmp_path: Path) -
     other.execute(
         "INSERT INTO cache_inputs (key, job_id, entry, size, used_at) VALUES ('other', 'j0', '{}', 2, 0)"
     )
-    done = cache.db.submit(cache._record, "j1", {"row-a": '{"q": 0}'}, "input-a", '{"n": 1}')
+    done = cache.channel.submit(cache._record, "j1", {"row-a": '{"q": 0}'}, "input-a", '{"n": 1}')
     time.sleep(0.5)  # the recording has begun and waits for the lock
     other.execute("COMMIT")
     done.result(timeout=30)  # recorded after the other writer, not refused
