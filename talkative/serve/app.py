@@ -40,6 +40,7 @@ from .catalog.residency import Residency
 from .jobs.analysis import AnalysisKind
 from .jobs.batches import Batches, BatchStore
 from .jobs.cache import ResultCache
+from .jobs.database import Database, open_database
 from .jobs.generation import GenerateKind, Generations, TokenLogs
 from .jobs.kinds import JobKind, final_message
 from .jobs.shares import ShareStore
@@ -73,6 +74,7 @@ class Serving:
     logs: TokenLogs
     batches: Batches
     shares: ShareStore
+    database: Database  # every store's; closed after them
 
     async def start(self) -> None:
         await self.service.start()
@@ -85,15 +87,17 @@ class Serving:
         await self.generations.close()
         self.logs.close()
         await self.service.stop()
+        self.database.close()
 
 
 def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, metrics: Metrics) -> Serving:
     """Every serving object, in order, each given its parts (call on the event loop, before starting)."""
     residency = Residency(registry, settings)
-    store = JobStore(settings.store_path())
+    database = open_database(settings)
+    store = JobStore(database)
     cache = (
         ResultCache(
-            settings.store_path(),
+            database,
             max_bytes=int(settings.result_cache_max_mb * 2**20),
             shared=settings.result_cache_shared,
             monitor=metrics,
@@ -139,14 +143,14 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
     generations = Generations(scheduler, registry, settings, logs, service.submit_analysis)
     batches = Batches(
         settings,
-        BatchStore(settings.store_path()),
+        BatchStore(database),
         scheduler,
         service.submit_analysis,
         service.delete_job,
         devices=len(workers),
     )
     metrics.bind(service)
-    return Serving(service, generations, logs, batches, ShareStore(settings.store_path()))
+    return Serving(service, generations, logs, batches, ShareStore(database), database)
 
 
 def protect(

@@ -36,6 +36,7 @@ from pydantic_settings import (
 )
 
 from ..defaults import repo_root
+from .jobs.database import check_url
 
 #: settings that `MODEL_<id>_*`, `MODEL_GROUP_<gid>_*`, `GLOBAL_*` and the JSON may set per model or group
 MODEL_SETTINGS = (
@@ -124,7 +125,12 @@ class Settings(BaseSettings):
     """Every knob of the server; field names are the environment variable names (case-insensitive)."""
 
     model_config = SettingsConfigDict(
-        extra="ignore", case_sensitive=False, env_file_encoding="utf-8", env_ignore_empty=True
+        extra="ignore",
+        case_sensitive=False,
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        # a refused value is never echoed: API keys and DATABASE_URL's password must not reach a terminal or a log
+        hide_input_in_errors=True,
     )
 
     # -- models ---------------------------------------------------------------------------------------------------
@@ -202,6 +208,16 @@ class Settings(BaseSettings):
 
     # -- storage --------------------------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Job store (jobs.sqlite3) lives here.")
+    database_url: str = Field(
+        "",
+        repr=False,  # it may hold a password
+        description="The job store's database: empty = the SQLite file DATA_DIR/jobs.sqlite3; "
+        "postgresql://user:password@host:port/database = a PostgreSQL store that several ingress replicas share. "
+        "Other schemes are refused at startup.",
+    )
+    database_pool_size: int = Field(
+        8, ge=1, description="Most connections to PostgreSQL this process opens (the stores share them)."
+    )
     result_retention_days: float = Field(7, gt=0, description="Finished jobs are purged after this long.")
     purge_interval_seconds: float = Field(3600, gt=0)
 
@@ -331,6 +347,11 @@ class Settings(BaseSettings):
             dotenv_settings,
             JsonGroupsSettings(settings_cls, init_kwargs),
         )
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, v: str) -> str:
+        return check_url(v)
+
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:

@@ -22,10 +22,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from .dialect import Dialect
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 T = TypeVar("T")
 
@@ -142,7 +145,7 @@ class Tables:
         if isinstance(database, Database):
             self.database = database
         else:
-            from .sqlite import SQLiteDatabase
+            from .sqlite import SQLiteDatabase  # sqlite.py builds on this module
 
             self.database = SQLiteDatabase(Path(database))
         self.channel = self.database.channel(name)
@@ -196,14 +199,15 @@ def check_url(url: str) -> str:
     return url
 
 
-def open_database(url: str, data_dir: Path, pool_size: int = 8) -> Database:
-    """The database the settings name: PostgreSQL for a postgresql:// URL, else the SQLite file under `data_dir`.
-    Migrated and ready when it returns."""
-    url = check_url(url)
+def open_database(settings: Settings) -> Database:
+    """The database the settings name (DATABASE_URL): PostgreSQL for a postgresql:// URL, else the SQLite file
+    under DATA_DIR. Migrated and ready when it returns; the stores are given it, and it is closed after them."""
+    url = check_url(settings.database_url)
     if url:
+        # imported only here: psycopg is the optional [cluster] extra, unused by a SQLite server
         from .postgres import PostgresDatabase
 
-        return PostgresDatabase(url, pool_size=pool_size)
+        return PostgresDatabase(url, pool_size=settings.database_pool_size)
     from .sqlite import SQLiteDatabase
 
-    return SQLiteDatabase(Path(data_dir) / "jobs.sqlite3")
+    return SQLiteDatabase(settings.store_path())
