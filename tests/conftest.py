@@ -121,3 +121,20 @@ def tiny_llama_dir(tmp_path_factory, make_tiny, tokenizer):
     lm.model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway PostgreSQL server (tests/pg_cluster.py), started once per session and removed after it."""
+    from pg_cluster import pg_cluster
+
+    with pg_cluster() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """The URL of a fresh, empty PostgreSQL database for one test, dropped after it."""
+    url = pg_server.fresh_database()
+    yield url
+    pg_server.drop_database(url)

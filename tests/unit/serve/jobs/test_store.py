@@ -1,12 +1,15 @@
-"""The SQLite job store: round trips, unfinished jobs in order, retention, WAL, reopening."""
+"""The job store on both backends: round trips, unfinished jobs in order, retention, reopening, history pages; and
+the SQLite file's WAL mode and privacy."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from talkative.serve.jobs.database import Database
 from talkative.serve.jobs.record import Job, iso
 from talkative.serve.jobs.store import JobStore
 
@@ -25,9 +28,9 @@ def job(i: int, status: str = "queued", completed_at: float | None = None) -> Jo
     )
 
 
-def test_round_trip_order_and_retention(tmp_path: Path) -> None:
+def test_round_trip_order_and_retention(open_database: Callable[[], Database]) -> None:
     async def go() -> None:
-        store = JobStore(tmp_path / "data" / "jobs.sqlite3")
+        store = JobStore(open_database())
         done = job(0, "completed", completed_at=time.time() - 10 * 86400)
         done.result = {
             "tokens": [{"position": 0, "token": "a", "mse": 0.5, "explanation": "é ✓"}],
@@ -40,18 +43,53 @@ def test_round_trip_order_and_retention(tmp_path: Path) -> None:
         got = await store.get("j0")
         assert got is not None and got.result == done.result and got.request == done.request
         assert got.client_request_id == "c0" and got.status == "completed"
+        assert got.created_at == 1000.0 and got.completed_at == done.completed_at  # doubles, not floats
         assert [j.id for j in await store.unfinished()] == ["j1", "j2"]
         assert await store.get("nope") is None
         assert await store.purge(7 * 86400) == 1  # only the old finished job
         assert await store.get("j0") is None and await store.count() == 3
         store.close()
-        reopened = JobStore(tmp_path / "data" / "jobs.sqlite3")
+        reopened = JobStore(open_database())
         assert [j.id for j in await reopened.unfinished()] == ["j1", "j2"]
         reopened.close()
 
     asyncio.run(go())
-    mode = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
+
+
+def test_history_lists_an_owners_jobs_without_batch_items(database: Database) -> None:
+    async def go() -> None:
+        store = JobStore(database)
+        for i in range(4):
+            j = job(i, "completed", completed_at=2000.0 + i)
+            j.owner = "key:a"
+            j.result = {"tokens": [{"position": p} for p in range(i + 1)], "metadata": {"summary": {"n": i}}}
+            await store.put(j)
+        item = job(9)
+        item.owner, item.request = "key:a", {"text": "in a batch", "batch_id": "b1"}
+        await store.put(item)
+        other = job(8)
+        other.owner = "key:b"
+        await store.put(other)
+        rows, total = await store.owned("key:a", ("analyze",), limit=2, offset=1)
+        assert total == 4 and [r["id"] for r in rows] == ["j2", "j1"]  # newest first, the batch item left out
+        assert (
+            rows[0]["summary"] == {"n": 2}
+            and rows[0]["n_tokens"] == 3
+            and rows[0]["request"]["text"] == "text 2"
+        )
+        assert "result" not in rows[0]
+        await store.put(job(5))  # no owner, no result: nothing to summarise
+        assert await store.delete("j0") and not await store.delete("j0")
+        assert (await store.owned("key:a", ("analyze",), limit=10))[1] == 3
+        store.close()
+
+    asyncio.run(go())
+
+
+def test_the_sqlite_store_runs_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "jobs.sqlite3"
+    JobStore(path).close()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_status_body_times_are_iso_utc() -> None:
