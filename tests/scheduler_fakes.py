@@ -142,6 +142,7 @@ class Recorder:
 class Sink:
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
+        self.relayed: list[tuple[str, dict[str, Any]]] = []  # ends of jobs other runners ran
         self.broadcasts: list[dict[str, Any]] = []
 
     def subscribe(self, job: Job, subscriber: Any) -> None:
@@ -149,6 +150,9 @@ class Sink:
 
     def job_event(self, job: Job, message: dict[str, Any]) -> None:
         self.events.append((job.id, message))
+
+    def relay(self, job: Job, message: dict[str, Any]) -> None:
+        self.relayed.append((job.id, message))
 
     def queue_changed(self) -> None:
         pass

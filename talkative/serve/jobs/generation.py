@@ -121,6 +121,9 @@ class TokenLogs:
     def subscribe(self, job: Job, subscriber: Any) -> None:
         self.inner.subscribe(job, subscriber)
 
+    def relay(self, job: Job, message: dict[str, Any]) -> None:
+        self.inner.relay(job, message)  # the token log of a job run elsewhere is that replica's
+
     def job_event(self, job: Job, message: dict[str, Any]) -> None:
         self.inner.job_event(job, message)
         if job.kind != KIND:

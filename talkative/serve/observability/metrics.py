@@ -313,6 +313,9 @@ class TelemetrySink:
         if job.terminal and message.get("type") == self.final_message(job).get("type"):
             self.metrics.job_finished(job)
 
+    def relay(self, job: Job, message: dict[str, Any]) -> None:
+        self.inner.relay(job, message)  # another replica's job: its runner observed it
+
     def queue_changed(self) -> None:
         self.inner.queue_changed()
 

@@ -17,6 +17,11 @@ calls the engine or moves weights itself; everything that blocks runs on a worke
   of its chunk in flight are dropped; nothing partial is kept.
 * **REQUEST_TIMEOUT** is checked whenever a device dispatches and every second (a stuck engine call wakes
   nobody, yet its job must fail on time).
+* **Several replicas on one store** (`leases`, an ingress replica of a cluster): this scheduler runs the jobs it
+  claimed (`leases.py`), renews their leases, hands over those another runner took, cancels those a client asked
+  any replica to cancel, and adopts the jobs of runners that died (instead of running every unfinished job at
+  start, which would run the live replicas' jobs twice). A job another replica runs is *followed*: its listeners
+  and waiters here hear its end, read from the store (`FOLLOW_SECONDS`), once.
 
 Clients hear of changes through an `EventSink` (the WebSocket hub, wrapped by the token logs and the metrics).
 """
@@ -39,6 +44,7 @@ from ..jobs.kinds import SWITCH, JobKind, final_message
 from ..jobs.record import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Job, UnknownRequest, new_id
 from ..jobs.store import JobStore
 from ..settings import Settings
+from .leases import Leases
 from .policy import (
     Admit,
     Decision,
@@ -55,6 +61,12 @@ from .types import MAX_ATTEMPTS, DeviceState, EventSink, Monitor, SchedulerError
 from .workers import Loaded, LoadFailed, Worker
 
 log = logging.getLogger("talkative.serve.scheduling.scheduler")
+
+#: how often a job another replica runs is read from the store while someone here follows it: polling works on
+#: every store (SQLite has no notifications), and one indexed read per followed job every half second is cheap
+FOLLOW_SECONDS = 0.5
+#: the reason stored for a cancellation asked on another replica (the store carries the request, not its words)
+REMOTE_CANCEL_REASON = "Cancelled by user"
 
 STAT_NAMES = (
     "submitted",
@@ -87,6 +99,7 @@ class Scheduler:
         monitor: Monitor,
         policy: SchedulingPolicy,
         client_cap: Callable[[str | None], int | None],
+        leases: Leases | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -127,6 +140,11 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._preloads: dict[str, asyncio.Task[Any]] = {}  # group id -> its load into the CPU cache
         self._resetting = False
+        #: None: this process owns the store; else this replica's hold on the jobs it runs in a shared store
+        self.leases = leases
+        #: job id -> when (monotonic) this runner claimed it, for the jobs it holds
+        self._held: dict[str, float] = {}
+        self._followers: dict[str, asyncio.Task[Any]] = {}  # job id -> its reader, for jobs run elsewhere
 
     @property
     def queue(self) -> list[Job]:
@@ -146,7 +164,10 @@ class Scheduler:
     # -- life cycle -----------------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self._recover()
+        if self.leases is None:
+            await self._recover()
+        else:
+            self.spawn(self._keep_leases())
         self.spawn(self._purge_loop())
         self.spawn(self._watchdog())
         if self.default_group and not self.settings.lazy_load_model:
@@ -163,28 +184,134 @@ class Scheduler:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.leases is not None:  # what this replica leaves unfinished is adoptable at once
+            for job_id in list(self._held):
+                with contextlib.suppress(Exception):
+                    await self.leases.release(job_id)
+            self._held.clear()
         for dev in self.devices:
             dev.worker.close()
 
     async def _recover(self) -> None:
         """Jobs a previous process left queued or processing run again, in their original order."""
         for job in await self.store.unfinished():
-            if job.attempts >= MAX_ATTEMPTS:
-                job.status, job.completed_at = FAILED, time.time()
-                job.error = f"the server stopped {job.attempts} times while running this request; giving up"
-                await self.store.put(job)
-                continue
-            job.status, job.started_at, job.progress = QUEUED, None, {}
-            if job.model_id is not None and job.model_id not in self.registry.models:
-                job.status, job.completed_at = FAILED, time.time()
-                job.error = f"model {job.model_id} is no longer configured on this server"
-                await self.store.put(job)
-                continue
-            await self.store.put(job)
-            self.jobs[job.id] = job
-            self.queue.append(job)
+            await self._requeue(job)
         if self.queue:
             log.info("recovered %d unfinished jobs from %s", len(self.queue), self.store.path)
+
+    async def _requeue(self, job: Job) -> bool:
+        """Queue again a job a previous runner left unfinished (whether it was queued); it fails instead when it
+        stopped its runners MAX_ATTEMPTS times or names a model no longer configured."""
+        if job.attempts >= MAX_ATTEMPTS:
+            job.status, job.completed_at = FAILED, time.time()
+            job.error = f"the server stopped {job.attempts} times while running this request; giving up"
+            await self._store_end(job)
+            return False
+        job.status, job.started_at, job.progress = QUEUED, None, {}
+        if job.model_id is not None and job.model_id not in self.registry.models:
+            job.status, job.completed_at = FAILED, time.time()
+            job.error = f"model {job.model_id} is no longer configured on this server"
+            await self._store_end(job)
+            return False
+        await self.store.put(job)
+        self.jobs[job.id] = job
+        self.queue.append(job)
+        return True
+
+    async def _store_end(self, job: Job) -> bool:
+        """Write a terminal job: once, and only while this runner holds it, when replicas share the store.
+        False when another runner took it over (or it had already ended): then its stored end stands."""
+        if self.leases is not None and self._held.pop(job.id, None) is not None:
+            return await self.leases.finish(job)
+        await self.store.put(job)
+        return True
+
+    # -- leases: several replicas on one store ----------------------------------------------------------------------
+    async def _keep_leases(self) -> None:
+        assert self.leases is not None
+        while True:
+            try:
+                await self._renew_and_adopt(self.leases)
+            except Exception:
+                log.exception("renewing leases or adopting jobs failed; retrying")
+            await asyncio.sleep(self.leases.interval)
+
+    async def _renew_and_adopt(self, leases: Leases) -> None:
+        """Renew this runner's leases; give up the jobs another runner took over; cancel those someone asked to
+        cancel on any replica; then claim and queue the jobs of runners that stopped renewing."""
+        asked = time.monotonic()
+        renewal = await leases.renew()
+        held = set(renewal.held)
+        for job_id in [j for j, at in self._held.items() if j not in held and at < asked]:
+            self._relinquish(job_id)
+        for job_id in renewal.cancel_requested:
+            job = self.jobs.get(job_id)
+            if job is not None and not job.terminal:
+                with contextlib.suppress(SchedulerError):
+                    await self.cancel(job_id, REMOTE_CANCEL_REASON)
+        if self.draining or self.stopping:
+            return
+        adopted = 0
+        for job in await leases.adoptable():
+            if job.id in self.jobs or not await leases.claim(job.id):
+                continue  # another replica was quicker
+            self._held[job.id] = time.monotonic()
+            if await self._requeue(job):
+                adopted += 1
+        if adopted:
+            log.info("adopted %d jobs whose runner stopped renewing its leases", adopted)
+            self.sink.queue_changed()
+            self.schedule()
+
+    def _relinquish(self, job_id: str) -> None:
+        """Another runner holds this job now (this one was too slow to renew): stop it here without writing
+        anything, and follow it through the store so its listeners here still hear its end."""
+        self._held.pop(job_id, None)
+        self._follow(job_id)  # also when its kind already let it go: its listeners here still hear its end
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return
+        log.warning("job %s was taken over by another runner; stopping it here", job_id)
+        if job in self.queue:
+            self.queue.remove(job)
+        elif (kind := self.kinds.get(job.kind)) is not None:
+            for dev in self.devices:
+                kind.drop(job_id, dev)
+        self.sink.queue_changed()
+        self.schedule()
+
+    # -- following jobs another replica runs ----------------------------------------------------------------------
+    def follow(self, job: Job, subscriber: Any) -> None:
+        """`subscriber` hears the job's messages from now on: from this scheduler when it runs the job, else its
+        end, read from the store once the replica running it has written it."""
+        self.sink.subscribe(job, subscriber)
+        if not job.terminal and job.id not in self.jobs:
+            self._follow(job.id)
+
+    def _follow(self, job_id: str) -> None:
+        if job_id not in self._followers and self._loop is not None:
+            self._followers[job_id] = self.spawn(self._read_until_end(job_id))
+
+    async def _read_until_end(self, job_id: str) -> None:
+        try:
+            while True:
+                await asyncio.sleep(FOLLOW_SECONDS)
+                if job_id in self.jobs:
+                    return  # adopted by this runner meanwhile: it announces the end itself
+                job = await self.store.get(job_id)
+                if job is None or job.terminal:
+                    break
+            if job is not None:  # not observed as this replica's work: the runner's metrics count it
+                self.sink.relay(job, self._addressed(job, self.final_message(job)))
+            for fut in self._waiters.pop(job_id, []):
+                if fut.done():
+                    continue
+                if job is None:
+                    fut.set_exception(UnknownRequest(job_id))  # deleted meanwhile
+                else:
+                    fut.set_result(job)
+        finally:
+            self._followers.pop(job_id, None)
 
     async def _purge_loop(self) -> None:
         retention = self.settings.result_retention_days * 86400
@@ -268,6 +395,8 @@ class Scheduler:
         self._admit_check(owner)
         job = self._new_job(kind, request, model_id, client_request_id, owner)
         await self.store.put(job)
+        if self.leases is not None and await self.leases.claim(job.id):
+            self._held[job.id] = time.monotonic()
         self.jobs[job.id] = job
         self.queue.append(job)
         self.stats["submitted"] += 1
@@ -397,6 +526,8 @@ class Scheduler:
             return job
         fut: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append(fut)
+        if job_id not in self.jobs:
+            self._follow(job_id)  # another replica runs it: its end is read from the store
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
@@ -408,7 +539,13 @@ class Scheduler:
             stored = await self.store.get(job_id)
             if stored is None:
                 raise UnknownRequest(job_id)
-            raise SchedulerError(409, f"request {job_id} is already {stored.status}")
+            if self.leases is None or stored.terminal or not await self.store.request_cancel(job_id):
+                raise SchedulerError(409, f"request {job_id} is already {stored.status}")
+            # another replica runs it: it hears of the request when it next renews its leases
+            ended = await self.wait(job_id, timeout=self.leases.lease_seconds)
+            if ended.terminal and ended.status != CANCELLED:
+                raise SchedulerError(409, f"request {job_id} is already {ended.status}")
+            return ended
         if job.terminal:
             raise SchedulerError(409, f"request {job_id} is already {job.status}")
         if job.status == QUEUED:
@@ -469,9 +606,11 @@ class Scheduler:
             self.emit(job, message)
 
     def emit(self, job: Job, message: dict[str, Any]) -> None:
-        self.sink.job_event(
-            job, {**message, "request_id": job.id, "client_request_id": job.client_request_id}
-        )
+        self.sink.job_event(job, self._addressed(job, message))
+
+    @staticmethod
+    def _addressed(job: Job, message: dict[str, Any]) -> dict[str, Any]:
+        return {**message, "request_id": job.id, "client_request_id": job.client_request_id}
 
     def finish(
         self, job: Job, status: str, *, result: dict[str, Any] | None = None, error: str | None = None
@@ -485,11 +624,16 @@ class Scheduler:
         self.sink.queue_changed()
 
     async def _announce(self, job: Job) -> None:
+        ended_here = True
         try:
-            await self.store.put(job)
+            ended_here = await self._store_end(job)
         except Exception:
             log.exception("storing the end of job %s failed", job.id)
         self.jobs.pop(job.id, None)
+        if not ended_here:
+            log.warning("job %s ended here after another runner took it over; the stored end stands", job.id)
+            self._follow(job.id)  # its listeners and waiters here hear the stored end, once
+            return
         self.emit(job, self.final_message(job))
         for fut in self._waiters.pop(job.id, []):
             if not fut.done():

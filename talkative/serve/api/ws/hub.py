@@ -188,6 +188,9 @@ class Hub:
             for conn in self.subscribers.pop(job.id, set()):
                 conn.jobs.discard(job.id)
 
+    def relay(self, job: Job, message: dict[str, Any]) -> None:
+        self.job_event(job, message)
+
     def queue_changed(self) -> None:
         """Coalesce bursts of changes into one queue_update per connection."""
         if self._flush_scheduled:

@@ -270,7 +270,7 @@ async def subscribe(svc: Service, conn: Connection, data: dict[str, Any]) -> Non
         final = svc.scheduler.final_message(job)
         conn.send({**final, "request_id": job.id, "client_request_id": job.client_request_id})
     else:
-        svc.hub.subscribe(job, conn)
+        svc.scheduler.follow(job, conn)  # run here, or by another replica: its end is read from the store
 
 
 @handles("status")
