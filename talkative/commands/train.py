@@ -1,7 +1,9 @@
-"""`talkative train STAGE --config FILE [--resume]` for STAGE in ar-sft, av-sft, grpo; plus `data` and `chats`.
+"""`talkative train STAGE --config FILE [--resume]` for STAGE in ar-sft, av-sft, grpo; plus `data`, `chats` and
+`modern`.
 
 `talkative train data --config data.yaml --out DIR` extracts an activation dataset; `talkative train chats --out
-FILE` writes chat transcripts by the subject model. Every stage checkpoints every few minutes and resumes exactly
+FILE` writes chat transcripts by the subject model; `talkative train modern --out FILE` has it write documents in
+twelve modern genres (resumable). Every stage checkpoints every few minutes and resumes exactly
 with `--resume`.
 """
 
@@ -15,7 +17,7 @@ from typing import Any
 
 import yaml
 
-ACTIONS = ("ar-sft", "av-sft", "grpo", "data", "chats")
+ACTIONS = ("ar-sft", "av-sft", "grpo", "data", "chats", "modern")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-every", type=int, help="checkpoint every N steps instead of every few minutes"
     )
+    p.add_argument(
+        "--limit", type=int, help="modern: write at most this many documents in this run (resumable later)"
+    )
+    p.add_argument("--batch", type=int, default=8, help="modern: documents generated together")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -37,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         return _data(args)
     if args.stage == "chats":
         return _chats(args)
+    if args.stage == "modern":
+        return _modern(args)
     from ..nla.train.config import load_config
     from ..nla.train.data import DatasetMismatch
     from ..nla.train.loop import Run
@@ -91,4 +99,16 @@ def _chats(args: argparse.Namespace) -> int:
     lm = load_lm(DEFAULT_SOURCE, dtype="bfloat16", progress=not args.no_progress)
     n = write_chats(lm, Path(args.out or "data/chats.jsonl"))
     print(f"{n} transcripts written")
+    return 0
+
+
+def _modern(args: argparse.Namespace) -> int:
+    from ..nla.lm import load_lm
+    from ..nla.sources import DEFAULT_SOURCE
+    from ..nla.train.modern import write_modern
+
+    lm = load_lm(DEFAULT_SOURCE, dtype="bfloat16", progress=not args.no_progress)
+    out = Path(args.out or "data/modern.jsonl")
+    n = write_modern(lm, out, batch=args.batch, limit=args.limit, progress=not args.no_progress)
+    print(f"{n} documents written to {out}")
     return 0

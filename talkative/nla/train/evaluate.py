@@ -12,6 +12,8 @@ Baselines that mean what they say:
 * selection control, per k: best of k over the explanations sampled for *other* activations (a seeded pairing
   across documents), reconstructed with this sample's current token: what oracle selection alone buys;
 * the untrained init of the same architecture, per k.
+The claims of the explanations (genre, quoted words, expected next token: `nla/explanations.py`) are checked
+against each sample (`claims.py`), for the trained k = 1 and best of 8 and for the selection control.
 Gaps are quoted at equal k only (trained best of k against the control's best of k; k = 1 against the token mean
 and the untrained k = 1). The blank explanation (spaces only) is kept as a diagnostic: the reconstructor never saw
 such an input, so it is no baseline.
@@ -20,7 +22,7 @@ such an input, so it is no baseline.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,12 @@ from torch import Tensor
 
 from .. import metrics as M
 from ..checkpoint import NLA
+from ..explanations import RECENT_TOKENS, check_claims
 from ..kvcache import KVCache, PrefixView
 from ..reconstructor import SoftPromptReconstructor
 from ..sampling import step_seeds
 from ..verbalizer import LayerReplacementVerbalizer
+from .claims import claim_report, claims_markdown
 from .data import ActivationSet, cross_document_derangement, same_document_fraction
 
 KS = (1, 2, 4, 8, 16)
@@ -251,6 +255,12 @@ def evaluate(
             report["untrained"][str(k)] = with_kl(row(u_hats), kl(untrained, u_hats) if k == 8 else None)
             gaps[str(k)]["vs_untrained"] = _gap(A, best[k], u_hats, variance)
     report["gaps"] = gaps
+    tok = nla.subject.tokenizer
+    report["claims"] = {
+        "trained, k = 1": claim_report(tok, data, idx, scored.ids[:, 0]),
+        f"trained, best of {min(8, kmax)}": claim_report(tok, data, idx, best_of(scored, min(8, kmax))[1]),
+        "selection control, k = 1": claim_report(tok, data, idx, ctrl.ids[:, 0]),
+    }
     blank = torch.full((n, v.t_text), r.space_id, dtype=torch.long)
     report["blank_diagnostic"] = row(unit(_reconstruct(r, blank, cur)))
     report["samples"] = _examples(nla, data, scored, idx)
@@ -270,15 +280,26 @@ def _examples(
     step = max(1, len(idx) // count)
     out = []
     var = nla.fve_variance or 1.0
+    genres = data.genres()
     for i in list(range(0, len(idx), step))[:count]:
         ctx = [t for t in data.ctx[int(idx[i])].tolist() if t >= 0]
         A = data.acts[int(idx[i])]
         n = float(M.nmse(A, hats8[i]))
+        explanation = tok.decode(ids8[i].tolist())
+        top = data.top[int(idx[i])].tolist()
+        verdict = check_claims(
+            explanation,
+            genres[int(idx[i])],
+            tok.decode(ctx[-RECENT_TOKENS:]),
+            [tok.decode([t]) for t in top if t >= 0],
+        )
         out.append(
             {
                 "context": tok.decode(ctx[-24:-1]),
                 "token": tok.decode([ctx[-1]]),
-                "explanation": tok.decode(ids8[i].tolist()),
+                "explanation": explanation,
+                "genre": genres[int(idx[i])],
+                "claims": asdict(verdict),
                 "fve": 1 - n / var,
                 "cosine": float(M.cosine(A, hats8[i])),
                 "relative_rmse": float(M.relative_rmse(A, hats8[i])),
@@ -340,6 +361,8 @@ def write_report(report: dict[str, Any], out: Path, title: str) -> None:
     for k, g in report["gaps"].items():
         cells = [f"{g[key]['fve_gap']:+.4f} ± {g[key]['se']:.4f}" if key in g else "–" for key in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if report.get("claims"):
+        lines += ["", *claims_markdown(report["claims"])]
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

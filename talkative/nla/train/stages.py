@@ -8,9 +8,11 @@
   advantages are normalised within the group; optional KL to a reference verbalizer and entropy bonus; the
   reconstructor keeps training on the rollouts (online), as in the official recipe.
 
-Warm-start explanations come from the data itself: the T tokens of context just before the position. The
-activation at layer L is a function of that context, so recovering it is the most faithful short explanation
-there is, and it needs no hosted model (see docs/training.md).
+Warm-start explanations come from the data itself (`targets.py`, no hosted model): the T tokens of context just
+before the position (the activation at layer L is a function of that context, so recovering it is the most
+faithful short explanation there is), or a sentence of the explanation language (`nla/explanations.py`: the
+genre, the last words, the subject's likely next tokens), which a person can read and check; GRPO then keeps
+sentences in the language with `parse_penalty` (see docs/training.md).
 """
 
 from __future__ import annotations
@@ -23,21 +25,32 @@ from torch import Tensor
 
 from .. import metrics as M
 from ..checkpoint import NLA
+from ..explanations import Form, parse
 from ..loading import open_nla
 from ..reconstructor import SoftPromptReconstructor
 from ..sampling import SEED_BOUND
 from ..verbalizer import LayerReplacementVerbalizer
 from .data import ActivationSet, cross_document_derangement
 from .loop import Run
+from .targets import WarmStart, context_ids
 
 
 def warm_start_ids(data: ActivationSet, idx: Tensor, t_text: int, space_id: int) -> Tensor:
-    """The t_text context tokens before each sample's position (left-filled with spaces when short)."""
-    ctx = data.ctx[idx]
-    if ctx.shape[1] < t_text + 1:
-        raise ValueError(f"the dataset keeps {ctx.shape[1] - 1} context tokens; t_text {t_text} needs more")
-    tail = ctx[:, -t_text - 1 : -1]
-    return torch.where(tail < 0, torch.full_like(tail, space_id), tail)
+    """The t_text context tokens before each sample's position (the `context` language's warm start)."""
+    return context_ids(data, idx, t_text, space_id)
+
+
+def warm_start(run: Run, data: ActivationSet) -> WarmStart:
+    """The warm-start explanations of `data` in the run's configured language."""
+    v, r = _require_upstream(run.nla)
+    cfg = run.cfg
+    form = Form(cfg.state_genre, cfg.quote_tokens, cfg.next_tokens)
+    return WarmStart(data, cfg.explanations, v.lm.tokenizer, form, v.t_text, r.space_id)
+
+
+def parse_rate(tokenizer: Any, ids: Tensor) -> Tensor:
+    """[n] 1.0 where the explanation (token ids) parses in the sentence language, else 0.0."""
+    return torch.tensor([float(parse(tokenizer.decode(row)) is not None) for row in ids.tolist()])
 
 
 def reconstruction_loss(A: Tensor, A_hat: Tensor, scale_weight: float) -> tuple[Tensor, Tensor]:
@@ -74,7 +87,7 @@ def _fve(run: Run, n: Tensor) -> float:
 
 
 # -- evaluation used during training --------------------------------------------------------------------------
-def heldout_eval(run: Run, *, with_generation: bool) -> dict[str, float]:
+def heldout_eval(run: Run, warm_of: WarmStart | None = None, *, with_generation: bool) -> dict[str, float]:
     """FVE of warm-start texts and of a blank explanation (the AR's bounds), plus the AV's k=1 FVE and losses.
 
     Measured on the held-out split, or on the training split when the data have none: the loop logs which
@@ -83,6 +96,7 @@ def heldout_eval(run: Run, *, with_generation: bool) -> dict[str, float]:
     data = run.heldout if run.heldout is not None else run.train
     nla = run.nla
     v, r = _require_upstream(nla)
+    warm_of = warm_of if warm_of is not None else warm_start(run, data)
     n = min(run.cfg.eval_samples, len(data))
     idx = torch.arange(n)
     A = data.acts[idx].to(run.device)
@@ -90,7 +104,7 @@ def heldout_eval(run: Run, *, with_generation: bool) -> dict[str, float]:
     T = v.t_text
     out: dict[str, float] = {}
     with torch.no_grad():
-        warm = warm_start_ids(data, idx, T, r.space_id).to(run.device)
+        warm = warm_of(idx).to(run.device)
         out["fve_warm_start"] = _fve(run, M.nmse(A, _batched(lambda i: r(warm[i], cur[i]), n)))
         blank = torch.full_like(warm, r.space_id)
         out["fve_blank"] = _fve(run, M.nmse(A, _batched(lambda i: r(blank[i], cur[i]), n)))
@@ -100,6 +114,8 @@ def heldout_eval(run: Run, *, with_generation: bool) -> dict[str, float]:
             expl = v.generate(A, 1, u, 1.0)
             ids = torch.tensor([e.ids for e in expl], device=run.device)
             out["fve_k1"] = _fve(run, M.nmse(A, _batched(lambda i: r(ids[i], cur[i]), n)))
+            if run.cfg.explanations == "sentence":
+                out["parse_rate_k1"] = float(parse_rate(v.lm.tokenizer, ids).mean())
             out["av_loss"] = float(-_batched_logp(v, A, warm).mean())
             perm = cross_document_derangement(data.doc_key[idx], seed=1234)
             out["av_loss_shuffled"] = float(-_batched_logp(v, A[perm], warm).mean())
@@ -119,39 +135,41 @@ def _batched_logp(v: LayerReplacementVerbalizer, A: Tensor, ids: Tensor, size: i
 # -- stages -----------------------------------------------------------------------------------------------------
 def ar_sft(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[str, float]]]:
     nla = run.nla
-    v, r = _require_upstream(nla)
+    _, r = _require_upstream(nla)
     _freeze(nla)
     run.add_optimizer("reconstructor", _params(r, run.cfg.trainable), run.cfg.lr)
     data = run.train
+    warm, held = _warm_starts(run)
 
     def step() -> dict[str, float]:
         idx = run.next_batch(run.cfg.batch_size)
-        units = warm_start_ids(data, idx, v.t_text, r.space_id)
+        units = warm(idx)
         A = data.acts[idx].to(run.device)
         loss, n = reconstruction_loss(A, r(units, data.current[idx]), run.cfg.scale_weight)
         gnorm = run.step_optimizer("reconstructor", loss)
         return {"loss": float(loss.detach()), "fve": _fve(run, n), "grad_norm": gnorm}
 
-    return step, lambda: heldout_eval(run, with_generation=False)
+    return step, lambda: heldout_eval(run, held, with_generation=False)
 
 
 def av_sft(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[str, float]]]:
     nla = run.nla
-    v, r = _require_upstream(nla)
+    v, _ = _require_upstream(nla)
     _freeze(nla)
     run.add_optimizer("verbalizer", _params(v, run.cfg.trainable), run.cfg.lr)
     data = run.train
+    warm, held = _warm_starts(run)
 
     def step() -> dict[str, float]:
         idx = run.next_batch(run.cfg.batch_size)
-        ids = warm_start_ids(data, idx, v.t_text, r.space_id).to(run.device)
+        ids = warm(idx).to(run.device)
         logp, _ = v.token_logprobs(data.acts[idx].to(run.device), ids)
         loss = -logp.mean()
         gnorm = run.step_optimizer("verbalizer", loss)
         acc = float((logp.detach() > -0.6931).float().mean())  # tokens given probability > 1/2
         return {"loss": float(loss.detach()), "token_p_gt_half": acc, "grad_norm": gnorm}
 
-    return step, lambda: heldout_eval(run, with_generation=True)
+    return step, lambda: heldout_eval(run, held, with_generation=True)
 
 
 def grpo(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[str, float]]]:
@@ -165,6 +183,8 @@ def grpo(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[st
     reference = _reference(run) if cfg.kl_weight > 0 else None
     data = run.train
     G = cfg.group_size
+    _, held = _warm_starts(run, train=False)
+    tokenizer = v.lm.tokenizer
 
     def step() -> dict[str, float]:
         idx = run.next_batch(cfg.batch_size)
@@ -175,12 +195,17 @@ def grpo(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[st
         with torch.no_grad():
             ids = torch.tensor([e.ids for e in v.generate(A, G, u, cfg.temperature)], device=run.device)
             n = M.nmse(A_rep, r(ids, cur))
-        reward = -n.view(-1, G)
+        reward = -n
+        rec: dict[str, Any] = {}
+        if cfg.parse_penalty > 0:
+            parses = parse_rate(tokenizer, ids).to(n.device)
+            reward = reward - cfg.parse_penalty * (1 - parses)
+            rec["parse_rate"] = float(parses.mean())
+        reward = reward.view(-1, G)
         adv = ((reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-6)).view(-1)
         logp, entropy = v.token_logprobs(A_rep, ids)
         pg = -(adv.unsqueeze(1) * logp).mean()
         loss = pg - cfg.entropy_weight * entropy.mean()
-        rec: dict[str, Any] = {}
         if reference is not None:
             with torch.no_grad():
                 ref_logp, _ = reference.token_logprobs(A_rep, ids)
@@ -204,7 +229,16 @@ def grpo(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[st
         )
         return rec
 
-    return step, lambda: heldout_eval(run, with_generation=True)
+    return step, lambda: heldout_eval(run, held, with_generation=True)
+
+
+def _warm_starts(run: Run, *, train: bool = True) -> tuple[WarmStart, WarmStart]:
+    """Warm starts of the training split (when the stage trains on them) and of the evaluation split."""
+    data = run.heldout if run.heldout is not None else run.train
+    held = warm_start(run, data)
+    if not train:
+        return held, held
+    return (held if data is run.train else warm_start(run, run.train)), held
 
 
 def _reference(run: Run) -> LayerReplacementVerbalizer:
