@@ -187,14 +187,25 @@ def log_access(access: AccessPolicy) -> None:
         log.info("serving the host names %s (ALLOWED_HOSTS)", ", ".join(access.allowed_hosts))
 
 
+def _limiter_and_metrics(settings: Settings) -> tuple[RateLimiter, Metrics]:
+    """In one process, both count there; the replicas of a cluster count rate limits in one shared place and post
+    their metrics to one board, so that any replica answers for all of them."""
+    if settings.backend != "ray":
+        return RateLimiter(settings.rate_limit_per_minute), Metrics()
+    from .cluster.metrics_board import ClusterMetrics, replica_label
+    from .cluster.shared_limits import SharedRateStorage
+
+    limiter = RateLimiter(settings.rate_limit_per_minute, SharedRateStorage())
+    return limiter, Metrics(ClusterMetrics(replica_label("ingress")))
+
+
 def build_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.load()
     registry = load_registry(settings.model_groups_file)
     registry.bind_environment(settings.environment_overrides)
     registry.default_group(settings)  # a default group the file does not define fails here, at startup
     access = AccessPolicy(settings)
-    limiter = RateLimiter(settings.rate_limit_per_minute)
-    metrics = Metrics()
+    limiter, metrics = _limiter_and_metrics(settings)
     mcp_endpoint = mcp.build_endpoint(max_body=settings.max_request_bytes)
 
     @asynccontextmanager

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -39,6 +41,12 @@ REPLICA_LABEL = "replica"
 Sample = tuple[str, dict[str, str], float]
 #: one metric family as plain data: name, type, documentation, samples
 Family = tuple[str, str, str, list[Sample]]
+
+
+def replica_label(role: str) -> str:
+    """`<role>:<node>:<pid>`: which process a series came from, readable by an operator (an ingress replica and
+    a worker replica on one node differ by role and pid)."""
+    return f"{role}:{socket.gethostname()}:{os.getpid()}"
 
 
 def snapshot(registry: CollectorRegistry) -> list[Family]:
