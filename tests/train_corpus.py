@@ -3,6 +3,7 @@ the same on every run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,27 @@ def tiny_data_config(corpus: Path, source: str, **kw: Any) -> DataConfig:
     )
     base.update(kw)
     return DataConfig(**base)
+
+
+def write_modern_records(path: Path, families: int = 8) -> None:
+    """A modern-text JSONL (`talkative train modern`'s records) by hand: every family in three genres, then one
+    exact and one near copy of earlier documents under new families."""
+    recs = []
+    for f in range(families):
+        for g, genre in enumerate(("news", "recipe", "code")):
+            text = random_text(100 * f + g, 220, sentences=True)
+            recs.append(
+                {
+                    "id": f"{genre}/{f:03d}",
+                    "genre": genre,
+                    "family": f"topic:{f:03d}",
+                    "reply": text,
+                    "text": text,
+                    "prompt": f"p{f}{g}",
+                }
+            )
+    copy = dict(recs[0], id="news/900", family="topic:900")
+    near = dict(recs[1], id="recipe/901", family="topic:901")
+    near["reply"] = near["text"] = near["text"].replace("stone", "pebble", 3)
+    recs += [copy, near]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))

@@ -4,10 +4,9 @@ near-duplicates dropped, a split by topic that shares no text, and genres carrie
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
-from train_corpus import random_text, tiny_data_config
+from train_corpus import random_text, tiny_data_config, write_modern_records
 
 from talkative.nla.explanations import GENRE_LABELS, RECENT_TOKENS, clean_piece, render
 from talkative.nla.prompts import end_of_turn_ids
@@ -70,32 +69,9 @@ def test_near_duplicates_are_found():
     assert near_duplicates(texts) == {2: 0}  # a short prefix shares too small a part of its word set
 
 
-def _write_records(path: Path, families: int = 8) -> None:
-    """Hand-made records: every family in three genres, one exact and one near copy across families."""
-    recs = []
-    for f in range(families):
-        for g, genre in enumerate(("news", "recipe", "code")):
-            text = random_text(100 * f + g, 220, sentences=True)
-            recs.append(
-                {
-                    "id": f"{genre}/{f:03d}",
-                    "genre": genre,
-                    "family": f"topic:{f:03d}",
-                    "reply": text,
-                    "text": text,
-                    "prompt": f"p{f}{g}",
-                }
-            )
-    copy = dict(recs[0], id="news/900", family="topic:900")
-    near = dict(recs[1], id="recipe/901", family="topic:901")
-    near["reply"] = near["text"] = near["text"].replace("stone", "pebble", 3)
-    recs += [copy, near]
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-
-
 def test_the_split_is_by_family_and_shares_no_text(tmp_path, tiny_llama):
     path = tmp_path / "modern.jsonl"
-    _write_records(path)
+    write_modern_records(path)
     docs = list(documents(f"modern:{path}"))
     ids = {d.doc_id for d in docs}
     assert "modern/news/900" not in ids and "modern/recipe/901" not in ids  # copies dropped, whatever family
@@ -133,7 +109,7 @@ def test_genres_reach_the_activation_data_and_the_claim_checks(tmp_path, tiny_ll
     from talkative.nla.lm import load_lm
 
     path = tmp_path / "modern.jsonl"
-    _write_records(path)
+    write_modern_records(path)
     lm = load_lm(str(tiny_llama_dir), progress=False)
     cfg = tiny_data_config(
         path, str(tiny_llama_dir), corpora=[f"modern:{path}"], heldout_fraction=0.3, predictions=True, top_k=5
