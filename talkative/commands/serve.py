@@ -1,7 +1,9 @@
 """`talkative serve`: run the analysis server under uvicorn (what `make run` calls).
 
 Settings come from the environment, `.env` files and model_groups.json (see `talkative/serve/settings.py`);
-`--host`, `--port` and `--log-level` override HOST, PORT and LOG_LEVEL. Logs go to stderr.
+`--host`, `--port` and `--log-level` override HOST, PORT and LOG_LEVEL. Logs go to stderr. `--backend ray`
+(BACKEND) serves the same API from a Ray cluster instead (`talkative/serve/cluster/deploy.py`): Serve's proxy on
+HOST:PORT, the app as its ingress, the engines as worker deployments.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model-groups", help="model groups file (default: MODEL_GROUPS_FILE, else ./model_groups.json)"
     )
     p.add_argument("--data-dir", help="job store directory (default: DATA_DIR, else ./data)")
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        help="local: this process runs everything; ray: a Ray Serve cluster, joined at RAY_ADDRESS or started "
+        "here (default: BACKEND, else local)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             ("log_level", args.log_level),
             ("model_groups_file", args.model_groups),
             ("data_dir", args.data_dir),
+            ("backend", args.backend),
         )
         if value is not None
     }
@@ -59,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
         if refusal is not None:
             print(f"error: {refusal}", file=sys.stderr)
             return 2
+        if settings.backend == "ray":
+            from ..serve.cluster.deploy import application, serve_forever
+
+            application(settings)  # a bad model_groups.json or pool setting stops here, before any cluster
+            return serve_forever(settings)
         app = create_app(settings)
     except (RegistryError, SecurityConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

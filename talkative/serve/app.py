@@ -49,10 +49,11 @@ from .jobs.vectors import VectorKind
 from .observability.metrics import Metrics, TelemetrySink
 from .observability.request_context import RequestContext
 from .observability.system import SystemStats
+from .scheduling.leases import Leases, runner_id
 from .scheduling.policy import DEFAULT_POLICY
 from .scheduling.queue import JobQueue
 from .scheduling.scheduler import Scheduler
-from .scheduling.workers import LocalWorker
+from .scheduling.workers import LocalWorker, Worker
 from .service import Service
 from .settings import Settings
 
@@ -117,27 +118,37 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
     ]
     by_name = {name: kind for kind in kinds for name in kind.names}
     sink = TelemetrySink(logs, metrics, partial(final_message, kinds=by_name))
-    workers = [
-        LocalWorker(
-            device,
-            slots=settings.num_workers_per_gpu,
-            residency=residency,
-            max_tokens=settings.max_tokens,
-            row_token_budget=settings.row_token_budget,
-        )
-        for device in settings.resolved_devices()
-    ]
+    workers: list[Worker]
+    if settings.backend == "ray":  # the engines are Serve worker deployments (ray is imported only here)
+        from .cluster.wiring import remote_backend
+
+        remote = remote_backend(settings, registry, kinds)
+        workers, scheduler_kinds, scheduler_settings = remote.workers, remote.kinds, remote.settings
+    else:
+        workers = [
+            LocalWorker(
+                device,
+                slots=settings.num_workers_per_gpu,
+                residency=residency,
+                max_tokens=settings.max_tokens,
+                row_token_budget=settings.row_token_budget,
+            )
+            for device in settings.resolved_devices()
+        ]
+        scheduler_kinds, scheduler_settings = kinds, settings
     scheduler = Scheduler(
-        settings,
+        scheduler_settings,
         registry,
         store,
         workers=workers,
-        kinds=kinds,
+        kinds=scheduler_kinds,
         queue=queue,
         sink=sink,
         monitor=metrics,
         policy=policy,
         client_cap=access.client_cap,
+        # replicas of a cluster share the store: each runs the jobs it holds a lease on and adopts dead ones'
+        leases=Leases(store, runner_id(), settings.lease_seconds) if settings.backend == "ray" else None,
     )
     service = Service(settings, registry, residency, store, scheduler, hub, cache)
     generations = Generations(scheduler, registry, settings, logs, service.submit_analysis)

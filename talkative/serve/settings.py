@@ -238,6 +238,24 @@ class Settings(BaseSettings):
         description="Shares (/s/{id}, GET /api/v1/shares/{id}) open to anyone with the link, without a key.",
     )
 
+    # -- cluster (BACKEND=ray; docs/deploy.md) --------------------------------------------------------------------
+    backend: Literal["local", "ray"] = Field(
+        "local",
+        description="local: one process runs everything (the default); ray: the API is a Ray Serve ingress and the "
+        "engines are worker deployments on a Ray cluster.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="With BACKEND=ray, the Ray cluster to join (ray://… or host:port); empty: start a local one.",
+    )
+    ingress_replicas: int = Field(1, ge=1, description="With BACKEND=ray, replicas of the ingress (the API).")
+    lease_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="With BACKEND=ray, how long an ingress's claim on a job lasts without renewal (renewed every "
+        "third of it); a job whose ingress died is another's to run after this.",
+    )
+
     # -- HTTP -----------------------------------------------------------------------------------------------------
     host: str | None = Field(
         None,
@@ -311,13 +329,20 @@ class Settings(BaseSettings):
         return _split(v)
 
     @field_validator(
-        "api_key", "api_keys", "tuned_lens_dir", "default_group", "device", "host", mode="before"
+        "api_key",
+        "api_keys",
+        "tuned_lens_dir",
+        "default_group",
+        "device",
+        "host",
+        "ray_address",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
 
-    @field_validator("log_format", "trusted_proxy_header", mode="before")
+    @field_validator("log_format", "trusted_proxy_header", "backend", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v

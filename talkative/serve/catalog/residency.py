@@ -198,6 +198,15 @@ class Residency:
             _free_device_memory(device)
         return [rt.group_id for rt in runtimes]
 
+    def evict(self, group_id: str) -> bool:
+        """Drop one parked group for good (a worker replica that no longer serves it); False when not parked."""
+        with self._lock:
+            rt = self._cache.pop(group_id, None)
+        if rt is None:
+            return False
+        self.drop([rt])
+        return True
+
     def clear_cache(self) -> list[str]:
         """Drop every parked group (a reset); their ids."""
         with self._lock:

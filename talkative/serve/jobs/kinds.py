@@ -61,6 +61,12 @@ class JobKind(ABC):
         """The WebSocket message of a completed job (also what `subscribe` replays for a finished one)."""
         return {"type": f"{job.kind}_complete", "result": job.result or {}}
 
+    async def accepted(self, job: Job) -> None:
+        """Awaited by `Scheduler.submit` for a job admitted at once, before the client is answered: a kind whose
+        work runs elsewhere raises `SchedulerError` when that elsewhere refused it (a full cluster: 429/503).
+        Local kinds accept at once."""
+        return None
+
     @abstractmethod
     def start(self, job: Job, device: DeviceState, control: JobControl) -> None:
         """The job was admitted to `device`: begin it (it holds one of the device's job places until it ends)."""

@@ -416,6 +416,13 @@ class Scheduler:
             )
         self.sink.queue_changed()
         self.schedule()
+        runner = self.kinds.get(kind)
+        if runner is not None and job.status == PROCESSING:
+            try:
+                await runner.accepted(job)  # a kind that runs elsewhere may still be refused there
+            except SchedulerError as refusal:
+                self.monitor.reject(refusal.reason or "refused")
+                raise
         if kind == SWITCH and job.status == QUEUED:
             summary = self.queue_summary()
             position = self.queue_position(job.id) or 1
