@@ -2,8 +2,10 @@
 
 Copies the native checkpoint (nla.json + weights.safetensors: trained tensors only), runs `talkative eval` against
 its baselines at equal k (token mean, selection control, untrained init), and keeps the report (eval.md, eval.json, best_of_k.png)
-and the training curves of every stage beside it. Then writes docs/demo-model.md from those reports, so every
-figure and example there is what the evaluation measured (the examples are eval's fixed-rule picks).
+and the training curves of every stage beside it. Then writes the model's page from those reports, so every
+figure and example there is what the evaluation measured (the examples are eval's fixed-rule picks): for the first
+demo docs/demo-model.md, for a checkpoint in the sentence language (`--doc docs/demo-model-v2.md`) a page with
+the claims table (how often each kind of claim is true) beside FVE and the baselines.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ sys.path.insert(0, str(ROOT))
 from talkative.defaults import DEMO_CHECKPOINT_NAME  # noqa: E402
 
 TARGET_FVE, TARGET_GAP = 0.6, 0.15
+# the second demo's targets: FVE at best of 8 on modern held-out text, the gap over the token mean, the parse rate
+# and the share of explanations with each kind of claim true
+V2_FVE, V2_GAP, V2_PARSE, V2_CLAIM = 0.70, 0.15, 0.95, 0.70
 
 
 def _cell(text: str) -> str:
@@ -140,6 +145,81 @@ def write_demo_doc(ckpt: Path, doc: Path) -> None:
     doc.write_text("\n".join(lines) + "\n")
 
 
+def write_v2_doc(ckpt: Path, doc: Path) -> None:
+    """The page of a sentence-language checkpoint: FVE, baselines and claims per held-out set, then examples."""
+    cfg = json.loads((ckpt / "nla.json").read_text())
+    rel = ckpt.relative_to(ROOT)
+    lines = [
+        f"# {ckpt.name}: results",
+        "",
+        f"`{rel}` explains layer {cfg['layer']} of SmolLM2-135M-Instruct in the sentence language of "
+        "[demo-model.md](demo-model.md) (genre, quoted recent words, the subject's likely next tokens). Trained by "
+        "`scripts/train_demo.sh` (configs `configs/*-v2.yaml`), evaluated and written by `scripts/publish_demo.py`. "
+        "FVE is on held-out activations, ± one standard error; gaps are paired at equal k.",
+        "",
+        f"Targets: FVE ≥ {V2_FVE} at best of 8 on the modern held-out set and ≥ {V2_GAP} above the token mean at "
+        f"equal k (k = 1, the only k the token mean has); ≥ {V2_PARSE:.0%} of explanations parse; each kind of "
+        f"claim true in ≥ {V2_CLAIM:.0%} of explanations (best of 8).",
+        "",
+        "| held-out set | n | FVE k = 1 | FVE best of 8 | selection control k = 8 | token mean | gap vs token mean "
+        "(k = 1) | gap vs control (k = 8) | parse rate (k = 8) | genre true | quote true | next true |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts, samples = [], []
+    for report_dir in sorted(ckpt.glob("eval-*")):
+        report = json.loads((report_dir / "eval.json").read_text())
+        name = report_dir.name.removeprefix("eval-")
+        link = f"[{name}]({Path('..') / rel / report_dir.name / 'eval.md'})"
+        k1, k8 = report["best_of_k"]["1"], report["best_of_k"]["8"]
+        tm = report.get("token_mean")
+        g1, g8 = report["gaps"]["1"], report["gaps"]["8"]
+        claims = report["claims"]["trained, best of 8"]
+        lines.append(
+            f"| {link} | {report['n']} | {_fve(k1)} | {_fve(k8)} | {_fve(report['selection_control']['8'])} | "
+            f"{_fve(tm) if tm else '–'} | {_gap(g1.get('vs_token_mean'))} | "
+            f"{_gap(g8.get('vs_selection_control'))} | {claims['parse_rate']:.0%} | "
+            f"{claims['genre']['true']:.0%} | {claims['quote']['true']:.0%} | {claims['next']['true']:.0%} |"
+        )
+        gap = (g1.get("vs_token_mean") or {}).get("fve_gap", float("nan"))
+        checks = {
+            f"FVE {k8['fve']:.3f}": k8["fve"] >= V2_FVE or "modern" not in name,
+            f"gap vs token mean {gap:+.3f}": gap >= V2_GAP,
+            f"parse {claims['parse_rate']:.0%}": claims["parse_rate"] >= V2_PARSE,
+            **{
+                f"{kind} {claims[kind]['true']:.0%}": claims[kind]["true"] >= V2_CLAIM
+                for kind in ("genre", "quote", "next")
+            },
+        }
+        missed = [k for k, ok in checks.items() if not ok]
+        verdicts.append(f"{name}: " + ("met" if not missed else "**not met**: " + ", ".join(missed)))
+        samples += report["samples"]
+    lines += ["", "Targets: " + "; ".join(verdicts) + ".", ""]
+    lines += [
+        "## Twenty held-out tokens",
+        "",
+        "Every (n / 20)-th sample of each held-out set, in order (a fixed rule: "
+        "`talkative.nla.train.evaluate._examples`), ten per set; the explanation is the best of 8 at temperature "
+        "1, and each claim is marked true (✓) or false (✗) against the sample.",
+        "",
+        "| context | token | genre | explanation | claims | FVE |",
+        "|---|---|---|---|---|---|",
+    ]
+    per_set = max(1, 20 // max(1, len(verdicts)))
+    picked = [s for i in range(len(verdicts)) for s in samples[i * 20 : i * 20 + per_set]]
+    for s in picked[:20]:
+        c = s.get("claims", {})
+        marks = " ".join(
+            f"{kind} {'✓' if c.get(kind) else '✗'}"
+            for kind in ("genre", "quote", "next")
+            if c.get(kind) is not None
+        ) or ("parses" if c.get("parses") else "does not parse")
+        lines.append(
+            f"| …{_cell(s['context'][-60:])} | `{_cell(s['token'])}` | {s.get('genre', '')} | "
+            f"{_cell(s['explanation'].strip())} | {marks} | {s['fve']:.2f} |"
+        )
+    doc.write_text("\n".join(lines) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("run", type=Path, help="the final stage's run directory (runs/demo/grpo)")
@@ -148,16 +228,26 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / DEMO_CHECKPOINT_NAME)
     ap.add_argument("-n", "--samples", type=int, default=512)
+    ap.add_argument("--kl-samples", type=int, default=128)
     ap.add_argument(
-        "--doc-only", action="store_true", help="only rewrite docs/demo-model.md from the reports"
+        "--doc",
+        type=Path,
+        help="the page to write (default: docs/demo-model.md for the first demo, docs/demo-model-v2.md for a "
+        "checkpoint in the sentence language)",
     )
+    ap.add_argument(
+        "--skip-done", action="store_true", help="keep the copy and the reports already published (resuming)"
+    )
+    ap.add_argument("--doc-only", action="store_true", help="only rewrite the page from the reports")
     args = ap.parse_args()
     if args.doc_only:
-        write_demo_doc(args.out, ROOT / "docs" / "demo-model.md")
+        _write_doc(args.out, args.doc)
         return 0
     src = args.run / "checkpoint"
     args.out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src / "weights.safetensors", args.out / "weights.safetensors")
+    done = args.skip_done and (args.out / "weights.safetensors").is_file()
+    if not done:
+        shutil.copy2(src / "weights.safetensors", args.out / "weights.safetensors")
     cfg = json.loads((src / "nla.json").read_text())
     cfg["name"] = args.out.name
     cfg["provenance"] = {
@@ -166,7 +256,8 @@ def main() -> int:
         if src.resolve().is_relative_to(ROOT)
         else str(src),
     }
-    (args.out / "nla.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if not done:
+        (args.out / "nla.json").write_text(json.dumps(cfg, indent=2) + "\n")
     curves = args.out / "training"
     curves.mkdir(exist_ok=True)
     for stage_dir in sorted(args.run.parent.iterdir()):
@@ -179,6 +270,8 @@ def main() -> int:
     heldout = [h for h in args.heldout if Path(h).is_dir()]
     for h in heldout:
         name = Path(h).parent.name
+        if args.skip_done and (args.out / f"eval-{name}" / "eval.json").is_file():
+            continue
         cmd = [
             sys.executable,
             "-m",
@@ -189,13 +282,27 @@ def main() -> int:
             h,
             "-n",
             str(args.samples),
+            "--kl-samples",
+            str(args.kl_samples),
             "--out",
             str(args.out / f"eval-{name}"),
         ]
         subprocess.run(cmd, check=True)
-    write_demo_doc(args.out, ROOT / "docs" / "demo-model.md")
+    _write_doc(args.out, args.doc)
     print(f"published {args.out}")
     return 0
+
+
+def _write_doc(ckpt: Path, doc: Path | None) -> None:
+    """The first demo's page, or the results page of a checkpoint trained on the sentence language."""
+    train_config = ckpt / "training" / "grpo-config.json"
+    sentence = (
+        train_config.is_file() and json.loads(train_config.read_text()).get("explanations") == "sentence"
+    )
+    if sentence:
+        write_v2_doc(ckpt, doc or ROOT / "docs" / "demo-model-v2.md")
+    else:
+        write_demo_doc(ckpt, doc or ROOT / "docs" / "demo-model.md")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""Speed and precision of a demo checkpoint: what decides the default dtype and the default best_of_k.
+
+1. Held-out FVE in bf16 against fp32 (`talkative.nla.train.evaluate.evaluate`, same samples, same seeds, best of
+   1 and 8): bf16 becomes the default where the hardware supports it only if FVE stays within 0.01.
+2. Analysis time of the 51-token benchmark text of bench/analyze.py at the server's default options (best of 8,
+   salience and KL on), per dtype, for the checkpoint and for a reference checkpoint (the first demo): the second
+   demo's explanations are longer (24 tokens against 8), and the issue allows at most 2x the first demo's time.
+3. Time at each best_of_k (1, 2, 4, 8) next to the FVE the checkpoint's own held-out report gives at that k (its
+   best-of-k curve): the default best_of_k is the smallest k within 0.01 FVE of the best measured k whose time
+   stays within the 2x budget.
+
+    python scripts/speed_and_dtype.py checkpoints/smollm2-135m-l12-v2 --reference checkpoints/smollm2-135m-l12 \
+        --data data/smollm2-l12-modern/heldout --out docs/figures/speed-and-dtype-v2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.analyze import TEXT  # noqa: E402
+from talkative.nla.analysis import analyze  # noqa: E402
+from talkative.nla.lm import LMPool  # noqa: E402
+from talkative.nla.loading import open_nla  # noqa: E402
+from talkative.nla.train.data import ActivationSet  # noqa: E402
+from talkative.nla.train.evaluate import evaluate  # noqa: E402
+
+DTYPES = ("float32", "bfloat16")
+FVE_TOLERANCE = 0.01
+TIME_BUDGET = 2.0  # the second demo may take at most this many times the first demo's analysis time
+
+
+def heldout_fve(checkpoint: str, data: list[str], n: int, seed: int) -> dict[str, dict[str, float]]:
+    """FVE at best of 1 and 8 per dtype on the same held-out samples."""
+    out = {}
+    for dtype in DTYPES:
+        nla = open_nla(checkpoint, pool=LMPool(dtype=dtype))
+        report = evaluate(nla, ActivationSet(data), n=n, kl_samples=0, seed=seed, ks=(1, 8))
+        out[dtype] = {k: report["best_of_k"][k]["fve"] for k in ("1", "8")}
+    return out
+
+
+def analysis_seconds(checkpoint: str, dtype: str, best_of_k: int, repeats: int) -> float:
+    """Best wall time of `repeats` analyses of the benchmark text at the server defaults (after a warm-up)."""
+    nla = open_nla(checkpoint, pool=LMPool(dtype=dtype))
+    options: dict[str, Any] = {"optimize_explanations_config": {"best_of_k": best_of_k}}
+    analyze(nla, TEXT, options=options)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        analyze(nla, TEXT, options=options)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def choose_best_of_k(curve: dict[int, float], seconds: dict[int, float], budget: float) -> int:
+    """The smallest k within FVE_TOLERANCE of the best FVE among the ks whose time fits the budget."""
+    fitting = [k for k in sorted(curve) if seconds.get(k, float("inf")) <= budget]
+    if not fitting:
+        return min(curve)
+    best = max(curve[k] for k in fitting)
+    return min(k for k in fitting if curve[k] >= best - FVE_TOLERANCE)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--reference", help="the checkpoint whose analysis time sets the budget (the first demo)")
+    ap.add_argument("--data", nargs="+", required=True, help="held-out activation directories")
+    ap.add_argument("--report", type=Path, help="the checkpoint's eval.json (its best-of-k curve)")
+    ap.add_argument("-n", "--samples", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    result: dict[str, Any] = {
+        "checkpoint": args.checkpoint,
+        "reference": args.reference,
+        "text_tokens": len(open_nla(args.checkpoint).subject.encode(TEXT)),
+        "bf16_supported_here": torch.backends.mkldnn.is_available() and _has_bf16_cpu(),
+    }
+    result["heldout_fve"] = heldout_fve(args.checkpoint, args.data, args.samples, args.seed)
+    drop = {k: result["heldout_fve"]["float32"][k] - result["heldout_fve"]["bfloat16"][k] for k in ("1", "8")}
+    result["bf16_fve_drop"] = drop
+    result["bf16_within_tolerance"] = all(abs(d) <= FVE_TOLERANCE for d in drop.values())
+    result["seconds"] = {
+        dtype: {str(k): analysis_seconds(args.checkpoint, dtype, k, args.repeats) for k in (1, 2, 4, 8)}
+        for dtype in DTYPES
+    }
+    if args.reference:
+        result["reference_seconds"] = {
+            dtype: analysis_seconds(args.reference, dtype, 8, args.repeats) for dtype in DTYPES
+        }
+    if args.report and args.reference:
+        curve = {
+            int(k): m["fve"]
+            for k, m in json.loads(args.report.read_text())["best_of_k"].items()
+            if int(k) <= 8
+        }
+        dtype = "bfloat16" if result["bf16_within_tolerance"] else "float32"
+        budget = TIME_BUDGET * result["reference_seconds"][dtype]
+        seconds = {int(k): s for k, s in result["seconds"][dtype].items()}
+        result["best_of_k_curve"] = curve
+        result["time_budget_seconds"] = budget
+        result["default_best_of_k"] = choose_best_of_k(curve, seconds, budget)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _has_bf16_cpu() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), which make bf16 matmuls faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
