@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from talkative.serve.jobs import batches as B
 from talkative.serve.jobs.batches import Batches, BatchStore, ItemSpec, is_batch_item
+from talkative.serve.jobs.database import Database
 from talkative.serve.jobs.record import CANCELLED, COMPLETED, FAILED, QUEUED, Job, new_id
-from talkative.serve.jobs.store import JobStore
 from talkative.serve.scheduling.types import SchedulerError
 from talkative.serve.settings import Settings
 
@@ -91,24 +90,24 @@ async def settle() -> None:
         await asyncio.sleep(0.005)
 
 
-def run(tmp_path: Path, body: Callable[[Path], Awaitable[None]]) -> None:
-    path = tmp_path / "jobs.sqlite3"
-    JobStore(path).close()  # the job store makes the tables (its schema holds the batches' too)
-    asyncio.run(body(path))
+def run(database: Database, body: Callable[[Database], Awaitable[None]]) -> None:
+    asyncio.run(body(database))
 
 
-async def started(path: Path, sched: FakeScheduler, **kw: Any) -> Batches:
-    batches = Batches(settings(**kw), BatchStore(path), sched, sched.submit, sched.forget, devices=1)
+async def started(database: Database, sched: FakeScheduler, **kw: Any) -> Batches:
+    batches = Batches(settings(**kw), BatchStore(database), sched, sched.submit, sched.forget, devices=1)
     await batches.start()
     return batches
 
 
-def test_items_are_fed_a_few_at_a_time_and_results_come_in_completion_order(tmp_path: Path) -> None:
-    async def body(path: Path) -> None:
+def test_items_are_fed_a_few_at_a_time_and_results_come_in_completion_order(database: Database) -> None:
+    async def body(db: Database) -> None:
         sched = FakeScheduler()
-        batches = await started(path, sched)
+        batches = await started(db, sched)
         batch = await batches.submit("key:a", "m", {"seed": 1}, specs(4), "json")
-        assert (await BatchStore(path).get(batch.id)) is not None  # stored before the submitter returns
+        other = BatchStore(db)  # another reader of the same database
+        assert (await other.get(batch.id)) is not None  # stored before the submitter returns
+        other.close()
         await settle()
         assert len(sched.submitted) == batches.depth == 2  # 1 device × 1 batch place + 1 waiting
         first, second = sched.submitted
@@ -138,13 +137,13 @@ def test_items_are_fed_a_few_at_a_time_and_results_come_in_completion_order(tmp_
         ] == [json.loads(x)["id"] for x in (await batches.results(batch.id, 0))[2:]]
         await batches.stop()
 
-    run(tmp_path, body)
+    run(database, body)
 
 
-def test_unreadable_items_fail_at_once_and_never_run(tmp_path: Path) -> None:
-    async def body(path: Path) -> None:
+def test_unreadable_items_fail_at_once_and_never_run(database: Database) -> None:
+    async def body(db: Database) -> None:
         sched = FakeScheduler()
-        batches = await started(path, sched)
+        batches = await started(db, sched)
         items = [
             ItemSpec(None, None, "line 1: not JSON", 1),
             ItemSpec("ok", {"text": "x", "options": {}}, None, 2),
@@ -157,13 +156,13 @@ def test_unreadable_items_fail_at_once_and_never_run(tmp_path: Path) -> None:
         assert [j.request["text"] for j in sched.submitted] == ["x"]
         await batches.stop()
 
-    run(tmp_path, body)
+    run(database, body)
 
 
-def test_a_restart_follows_jobs_in_flight_and_runs_only_what_never_finished(tmp_path: Path) -> None:
-    async def body(path: Path) -> None:
+def test_a_restart_follows_jobs_in_flight_and_runs_only_what_never_finished(database: Database) -> None:
+    async def body(db: Database) -> None:
         sched = FakeScheduler()
-        first = await started(path, sched)
+        first = await started(db, sched)
         batch = await first.submit("key:a", "m", {}, specs(5), "json")
         await settle()
         done = sched.submitted[0]
@@ -175,7 +174,7 @@ def test_a_restart_follows_jobs_in_flight_and_runs_only_what_never_finished(tmp_
         later = FakeScheduler()
         for job in in_flight:
             later.recover(job)  # the scheduler's own recovery of unfinished jobs
-        second = await started(path, later)
+        second = await started(db, later)
         await settle()
         assert not {j.id for j in in_flight} & {
             j.id for j in later.submitted
@@ -194,13 +193,13 @@ def test_a_restart_follows_jobs_in_flight_and_runs_only_what_never_finished(tmp_
         assert len(later.submitted) == 2  # exactly the two items that never started
         await second.stop()
 
-    run(tmp_path, body)
+    run(database, body)
 
 
-def test_cancel_stops_running_items_and_never_starts_pending_ones(tmp_path: Path) -> None:
-    async def body(path: Path) -> None:
+def test_cancel_stops_running_items_and_never_starts_pending_ones(database: Database) -> None:
+    async def body(db: Database) -> None:
         sched = FakeScheduler()
-        batches = await started(path, sched)
+        batches = await started(db, sched)
         batch = await batches.submit("key:a", "m", {}, specs(6), "json")
         await settle()
         sched.end(sched.submitted[0], COMPLETED)
@@ -219,13 +218,13 @@ def test_cancel_stops_running_items_and_never_starts_pending_ones(tmp_path: Path
         assert sorted(sched.forgotten) == sorted(j.id for j in sched.submitted)  # their jobs removed too
         await batches.stop()
 
-    run(tmp_path, body)
+    run(database, body)
 
 
-def test_batches_in_flight_per_key_are_limited(tmp_path: Path) -> None:
-    async def body(path: Path) -> None:
+def test_batches_in_flight_per_key_are_limited(database: Database) -> None:
+    async def body(db: Database) -> None:
         sched = FakeScheduler()
-        batches = await started(path, sched, max_batches_in_flight=1)
+        batches = await started(db, sched, max_batches_in_flight=1)
         await batches.submit("key:a", "m", {}, specs(1), "json")
         with pytest.raises(SchedulerError) as refused:
             await batches.submit("key:a", "m", {}, specs(1), "json")
@@ -233,18 +232,18 @@ def test_batches_in_flight_per_key_are_limited(tmp_path: Path) -> None:
         await batches.submit("key:b", "m", {}, specs(1), "json")  # another key has its own limit
         await batches.stop()
 
-    run(tmp_path, body)
+    run(database, body)
 
 
 def test_a_full_queue_delays_items_and_a_foreign_cancel_runs_them_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(B, "BACKOFF_SECONDS", 0.01)
 
-    async def body(path: Path) -> None:
+    async def body(db: Database) -> None:
         sched = FakeScheduler()
         sched.refuse = 2
-        batches = await started(path, sched)
+        batches = await started(db, sched)
         batch = await batches.submit(None, "m", {}, specs(1), "json")
         for _ in range(20):
             await asyncio.sleep(0.01)
@@ -257,4 +256,4 @@ def test_a_full_queue_delays_items_and_a_foreign_cancel_runs_them_again(
         assert (await batches.get(batch.id)).counts == {"completed": 1}
         await batches.stop()
 
-    run(tmp_path, body)
+    run(database, body)

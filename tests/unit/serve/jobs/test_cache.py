@@ -19,6 +19,7 @@ from talkative.serve.jobs.cache import (
     prefix_digests,
     row_key,
 )
+from talkative.serve.jobs.database import Database
 from talkative.serve.jobs.store import JobStore
 
 
@@ -54,12 +55,21 @@ def test_a_position_is_keyed_by_its_prefix_only() -> None:
     assert a != input_key("", "nla", opts, {"text": "a b"}, 1)
 
 
-def _stored_bytes(path: Path) -> int:
-    with sqlite3.connect(path) as conn:
+def _stored_bytes(database: Database) -> int:
+    """The bytes the cache's tables hold, summed by a scan of their own (on a channel of the test's)."""
+    channel = database.channel("test-scan")
+
+    def scan() -> int:
+        conn = channel.conn()
         return sum(
             int(conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM {t}").fetchone()[0])
             for t in ("cache_rows", "cache_inputs")
         )
+
+    try:
+        return channel.call_sync(scan)
+    finally:
+        channel.close()
 
 
 def _row(q: int, flags: list[str]) -> dict[str, Any]:
@@ -71,16 +81,15 @@ def _plan(n: int, tag: str = "x") -> CachePlan:
     return CachePlan(input_key="", row_keys=keys, flags={0: ["early_position"]})
 
 
-def _store(tmp_path: Path, max_bytes: int = 10**9) -> tuple[JobStore, ResultCache, Counts]:
-    path = tmp_path / "jobs.sqlite3"
-    store = JobStore(path)
+def _store(database: Database | Path, max_bytes: int = 10**9) -> tuple[JobStore, ResultCache, Counts]:
+    store = JobStore(database)
     counts = Counts()
-    return store, ResultCache(path, max_bytes=max_bytes, shared=False, monitor=counts), counts
+    return store, ResultCache(database, max_bytes=max_bytes, shared=False, monitor=counts), counts
 
 
-def test_rows_and_inputs_round_trip_and_a_deleted_job_takes_its_rows(tmp_path: Path) -> None:
+def test_rows_and_inputs_round_trip_and_a_deleted_job_takes_its_rows(database: Database) -> None:
     async def go() -> None:
-        store, cache, _ = _store(tmp_path)
+        store, cache, _ = _store(database)
         plan = _plan(3)
         plan.input_key = "input-1"
         rows = [_row(0, ["early_position", "degenerate"]), _row(1, []), _row(2, ["low_confidence"])]
@@ -108,25 +117,23 @@ def test_rows_and_inputs_round_trip_and_a_deleted_job_takes_its_rows(tmp_path: P
         )  # rows are gone
         assert set(await cache.rows([f"x-key-{q}" for q in range(4)])) == {"x-key-3"}
         await cache.rows([])  # queued after the writes: they are done
-        assert cache.size_bytes == _stored_bytes(
-            tmp_path / "jobs.sqlite3"
-        )  # kept without scanning, yet exact
+        assert cache.size_bytes == _stored_bytes(database)  # kept without scanning, yet exact
         cache.close()
         store.close()
 
     asyncio.run(go())
 
 
-def test_the_bound_evicts_the_least_recently_used_first(tmp_path: Path) -> None:
+def test_the_bound_evicts_the_least_recently_used_first(database: Database) -> None:
     async def go() -> None:
-        store, cache, _ = _store(tmp_path, max_bytes=2500)
+        store, cache, _ = _store(database, max_bytes=2500)
         for i in range(6):
             plan = _plan(4, tag=f"j{i}")
             plan.input_key = f"input-{i}"
             cache.record(f"job-{i}", plan, [_row(q, []) for q in range(4)], {})
             await cache.rows([f"j0-key-{q}" for q in range(4)])  # job 0's rows stay in use
             time.sleep(0.01)
-        assert cache.size_bytes <= 2500 and cache.size_bytes == _stored_bytes(tmp_path / "jobs.sqlite3")
+        assert cache.size_bytes <= 2500 and cache.size_bytes == _stored_bytes(database)
         kept = await cache.rows([f"j{i}-key-0" for i in range(6)])
         assert "j0-key-0" in kept and "j5-key-0" in kept  # used recently, written last
         assert "j1-key-0" not in kept  # the least recently used went first
@@ -136,11 +143,10 @@ def test_the_bound_evicts_the_least_recently_used_first(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
-def test_rows_unused_for_the_retention_period_go_with_the_next_write(tmp_path: Path) -> None:
+def test_rows_unused_for_the_retention_period_go_with_the_next_write(database: Database) -> None:
     async def go() -> None:
-        path = tmp_path / "jobs.sqlite3"
-        store = JobStore(path)
-        cache = ResultCache(path, max_bytes=10**9, shared=False, monitor=Counts(), retention_seconds=0.2)
+        store = JobStore(database)
+        cache = ResultCache(database, max_bytes=10**9, shared=False, monitor=Counts(), retention_seconds=0.2)
         old = _plan(2, tag="old")
         old.input_key = "old-input"
         cache.record("old-job", old, [_row(0, []), _row(1, [])], {})
@@ -151,7 +157,7 @@ def test_rows_unused_for_the_retention_period_go_with_the_next_write(tmp_path: P
         cache.record("new-job", new, [_row(0, []), _row(1, [])], {})
         assert await cache.rows(["old-key-0", "old-key-1"]) == {}
         assert await cache.answer("old-input") is None and await cache.answer("new-input") is not None
-        assert cache.size_bytes == _stored_bytes(path)
+        assert cache.size_bytes == _stored_bytes(database)
         cache.close()
         store.close()
 
@@ -163,7 +169,7 @@ def test_recording_waits_for_another_writer_instead_of_failing(tmp_path: Path) -
     as a reader (a deferred BEGIN, then a SELECT of the old sizes) and only then writes cannot wait for another
     connection's write: once that one commits, the reader's snapshot is stale and SQLite answers "database is
     locked" at once. Recording must take the write lock first and wait its turn."""
-    store, cache, _ = _store(tmp_path)
+    store, cache, _ = _store(tmp_path / "jobs.sqlite3")
     other = sqlite3.connect(store.path, timeout=30, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another store is writing
     other.execute(
