@@ -99,10 +99,13 @@ def _private_directory(directory: Path) -> None:
     """Create the store's directory 0700: it holds every user's texts and results, for this account only. A
     directory that already exists is the operator's choice and is left as it is, with a warning when others can
     list it."""
-    if not directory.exists():
+    try:
         directory.mkdir(parents=True, mode=0o700)
         os.chmod(directory, 0o700)  # mkdir's mode passes through the umask, which may not be 077
-    elif directory.stat().st_mode & 0o077:
+        return
+    except FileExistsError:  # there already (or another process starting at once made it first)
+        pass
+    if directory.stat().st_mode & 0o077:
         log.warning(
             "the job store's directory %s is accessible to other users (mode %o); 0700 keeps their texts private",
             directory,
