@@ -85,6 +85,12 @@ def main() -> int:
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--lam", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16"],
+        help="the frozen reader's weights (as trained)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -98,9 +104,10 @@ def main() -> int:
     keep = torch.tensor(order[: args.samples]) if len(order) > args.samples else torch.tensor(order)
     n_fit = int(len(keep) * args.fit)
     score = keep[n_fit:]
-    lm = load_lm(
-        str(data.meta.get("model") or "bundled:smollm2-135m-instruct"), dtype="float32", progress=False
+    model = next(
+        (m["model"] for m in data.meta["datasets"] if m.get("model")), "bundled:smollm2-135m-instruct"
     )
+    lm = load_lm(model, dtype=args.dtype, progress=False)
     nla = NLA.init(
         lm, args.layer, t_text=args.t_text, ar_prompt="Text:<text>", head="linear", objective="nmse"
     )
@@ -158,6 +165,7 @@ def main() -> int:
         "t_text": args.t_text,
         "layer": args.layer,
         "ridge_lambda": args.lam,
+        "dtype": args.dtype,
         "variance": variance,
         "seconds": round(time.monotonic() - started, 1),
         "forms": rows,

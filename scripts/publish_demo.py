@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -239,6 +240,12 @@ def main() -> int:
         "--skip-done", action="store_true", help="keep the copy and the reports already published (resuming)"
     )
     ap.add_argument("--doc-only", action="store_true", help="only rewrite the page from the reports")
+    ap.add_argument(
+        "--make-default",
+        action="store_true",
+        help="after publishing, make this checkpoint the default (talkative/defaults.py, model_groups.json) and "
+        "keep the previous default as a second model of its group",
+    )
     args = ap.parse_args()
     if args.doc_only:
         _write_doc(args.out, args.doc)
@@ -289,8 +296,51 @@ def main() -> int:
         ]
         subprocess.run(cmd, check=True)
     _write_doc(args.out, args.doc)
+    if args.make_default:
+        make_default(args.out, ROOT / "model_groups.json", ROOT / "talkative" / "defaults.py")
     print(f"published {args.out}")
     return 0
+
+
+def make_default(ckpt: Path, groups_file: Path, defaults_py: Path) -> None:
+    """Make `ckpt` the repository's default NLA and keep the previous default as a second model of its group.
+
+        The default is the checkpoint folder `talkative/defaults.py` names (what `checkpoint: "default"` in
+        model_groups.json and `talkative analyze` open); the model entry that says "default" keeps its id, so clients
+        that ask for it by id get the new checkpoint, and the previous one is added beside it (id: its folder name
+    + "-first-demo").
+    """
+    text = defaults_py.read_text()
+    match = re.search(r'^DEMO_CHECKPOINT_NAME = "([^"]+)"$', text, flags=re.M)
+    if match is None:
+        raise SystemExit(f"{defaults_py} names no DEMO_CHECKPOINT_NAME")
+    previous = match.group(1)
+    if previous == ckpt.name:
+        return
+    defaults_py.write_text(text.replace(match.group(0), f'DEMO_CHECKPOINT_NAME = "{ckpt.name}"'))
+    groups = json.loads(groups_file.read_text())
+    for group in groups["model_groups"]:
+        models = group["models"]
+        default = next((m for m in models if m.get("checkpoint") == "default"), None)
+        kept = f"checkpoints/{previous}"
+        if default is None or any(m.get("checkpoint") == kept for m in models):
+            continue
+        models.insert(
+            models.index(default) + 1,
+            {
+                **default,
+                "id": f"{previous}-first-demo",
+                "name": f"{default['name']} (first demo)",
+                "checkpoint": kept,
+                "description": "The first demo NLA (docs/demo-model.md): layer 12, explanations of 8 tokens of "
+                "raw context.",
+            },
+        )
+        default["description"] = (
+            "The default NLA: the second demo checkpoint (docs/demo-model.md), layer 12, explanations in a "
+            "checkable sentence language (genre, recent words, likely next tokens)."
+        )
+    groups_file.write_text(json.dumps(groups, indent=2) + "\n")
 
 
 def _write_doc(ckpt: Path, doc: Path | None) -> None:
