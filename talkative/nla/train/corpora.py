@@ -88,7 +88,7 @@ CORPORA: dict[str, CorpusInfo] = {
         "modern",
         "generated locally by the subject model from talkative/nla/train/modern_topics.txt x the genres of modern.py",
         "generated text; prompts written for this project (Apache-2.0)",
-        "modern documents in 12 genres (news, story, email, recipe, code, chat, ...), near-duplicates dropped",
+        "modern documents in 12 genres (news, story, email, recipe, code, chat, ...), loops and near-duplicates dropped",
     ),
     "chats": CorpusInfo(
         "chats",

@@ -338,10 +338,23 @@ def near_duplicates(texts: list[str], threshold: float = 0.5, n: int = 5) -> dic
     return dropped
 
 
-def read_modern(path: Path, *, min_words: int = 20) -> Iterator[ModernRecord]:
-    """The records of a modern-text JSONL, without near-duplicates and without replies too short to be text."""
+def distinct_trigrams(text: str) -> float:
+    """The share of distinct word 3-grams among a text's 3-grams: near 0 for a reply stuck in a loop."""
+    w = _words(text)
+    grams = [tuple(w[i : i + 3]) for i in range(len(w) - 2)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def read_modern(path: Path, *, min_words: int = 20, min_distinct: float = 0.3) -> Iterator[ModernRecord]:
+    """The records of a modern-text JSONL, without near-duplicates, replies too short to be text, and replies
+    stuck in a loop (a small model at temperature 0.7 sometimes repeats one line to the token limit: text nobody
+    types, which would teach the explanations a genre that is no genre)."""
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    recs = [r for r in recs if len(_words(r["reply"])) >= min_words]
+    recs = [
+        r
+        for r in recs
+        if len(_words(r["reply"])) >= min_words and distinct_trigrams(r["reply"]) >= min_distinct
+    ]
     dropped = near_duplicates([r["reply"] for r in recs])
     for i, r in enumerate(recs):
         if i not in dropped:

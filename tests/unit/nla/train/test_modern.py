@@ -16,6 +16,7 @@ from talkative.nla.train.corpora import documents
 from talkative.nla.train.data import SHINGLE, ActivationSet, build_dataset, plan_dataset
 from talkative.nla.train.modern import (
     GENRES,
+    distinct_trigrams,
     generate_batch,
     modern_prompts,
     near_duplicates,
@@ -67,6 +68,22 @@ def test_near_duplicates_are_found():
     near = a.replace("river", "lake", 2)
     texts = [a, random_text(2, 200), near, a[:400]]
     assert near_duplicates(texts) == {2: 0}  # a short prefix shares too small a part of its word set
+
+
+def test_replies_stuck_in_a_loop_or_too_short_are_dropped(tmp_path):
+    good = random_text(5, 120, sentences=True)
+    loop = "Spread a little chowder over your plate. " * 20
+    recs = [("news/000", good), ("recipe/000", loop), ("code/000", "x = 1  # short")]
+    path = tmp_path / "modern.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"id": i, "genre": i.split("/")[0], "family": "topic:000", "reply": t, "text": t})
+            + "\n"
+            for i, t in recs
+        )
+    )
+    assert distinct_trigrams(loop) < 0.3 < distinct_trigrams(good)
+    assert [r.doc_id for r in read_modern(path)] == ["news/000"]
 
 
 def test_the_split_is_by_family_and_shares_no_text(tmp_path, tiny_llama):
