@@ -107,3 +107,92 @@ def test_routing_by_model_across_two_groups_on_two_replicas(cluster: RayCluster)
     assert ran["a"] != ran["b"]  # and the two groups are on the two replicas
     live = {r.replica_id for r in cluster.replicas("worker-shared")}
     assert ran["a"] | ran["b"] == live
+
+
+def words(n: int) -> str:
+    return " ".join(f"w{i}" for i in range(n))
+
+
+def _replica_figures(pool: str, group: str) -> dict[str, Any]:
+    """The figures of the replica of `pool` that holds `group` (Serve routes the call there)."""
+    from ray import serve
+
+    from talkative.serve.cluster.names import APP_NAME
+
+    handle = serve.get_deployment_handle(f"worker-{pool}", app_name=APP_NAME)
+    figures: dict[str, Any] = (
+        handle.options(multiplexed_model_id=group).describe.remote().result(timeout_s=60)
+    )
+    return figures
+
+
+def test_two_concurrent_requests_share_engine_batches_inside_a_replica(cluster: RayCluster) -> None:
+    before = _replica_figures("shared", "tiny-a")["stats"]["merged_batches"]
+    opts = {"batch_size": 4}
+    a = _analyze(cluster, "tiny-a-l1", words(40), seed=1, **opts)
+    b = _analyze(cluster, "tiny-a-l1", words(40), seed=2, **opts)
+    ra, rb = _wait(cluster, a), _wait(cluster, b)
+    assert ra["status"] == rb["status"] == "completed", (ra, rb)
+    ma, mb = ra["result"]["metadata"], rb["result"]["metadata"]
+    assert ma["replica"] == mb["replica"]
+    assert set(ma["engine_batches"]) & set(mb["engine_batches"]), (ma["engine_batches"], mb["engine_batches"])
+    assert ma["merged_batches"] > 0 and mb["merged_batches"] > 0
+    figures = _replica_figures("shared", "tiny-a")
+    assert figures["replica"] == ma["replica"]
+    assert figures["stats"]["merged_batches"] > before  # the replica's own counter saw the shared batches
+    assert [r["position"] for r in ra["result"]["tokens"]] == sorted(
+        {r["position"] for r in ra["result"]["tokens"]}
+    )
+
+
+def test_a_replica_switches_between_the_groups_of_its_pool(cluster: RayCluster) -> None:
+    ran = []
+    for model in ("tiny-d-l1", "tiny-e-l1", "tiny-d-l1"):
+        body = _wait(cluster, _analyze(cluster, model))
+        assert body["status"] == "completed", body
+        ran.append((body["result"]["metadata"]["group_id"], body["result"]["metadata"]["replica"]))
+    assert [g for g, _r in ran] == ["tiny-d", "tiny-e", "tiny-d"]
+    assert len({r for _g, r in ran}) == 1  # one replica served both groups
+    figures = _replica_figures("switching", "tiny-d")
+    assert figures["stats"]["group_loads"] >= 3  # d, then e, then d again (back from its CPU cache)
+    assert set(figures["groups"]) == {"tiny-d", "tiny-e"}  # one on its device, the other parked
+
+
+def test_a_full_pool_answers_429_with_retry_after_and_cancelling_reaches_the_replica(
+    cluster: RayCluster,
+) -> None:
+    long = {"batch_size": 1}
+    running = _analyze(cluster, "tiny-c-l1", words(400), **long)  # the replica's one place
+    deadline = time.time() + 60
+    while httpx.get(cluster.url + f"/status/{running}", timeout=10).json()["status"] != "processing":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    waiting = _analyze(cluster, "tiny-c-l1", words(400), **long)  # Serve's queue of one
+    r = httpx.post(
+        cluster.url + "/analyze",
+        json={"text": TEXT, "model_id": "tiny-c-l1", "options": FAST},
+        timeout=30,
+    )
+    assert r.status_code == 429, r.text
+    assert int(r.headers["Retry-After"]) >= 1
+    assert "busy" in r.json()["detail"]
+    before = _replica_figures_after_cancel(cluster, [running, waiting])
+    assert before["stats"]["cancelled"] >= 1  # the running job was cancelled on the replica, not only here
+    assert before["jobs"] == 0
+    # room again: the pool takes new work
+    again = _wait(cluster, _analyze(cluster, "tiny-c-l1"))
+    assert again["status"] == "completed"
+
+
+def _replica_figures_after_cancel(cluster: RayCluster, request_ids: list[str]) -> dict[str, Any]:
+    for request_id in request_ids:
+        r = httpx.post(cluster.url + f"/cancel/{request_id}", timeout=10)
+        assert r.status_code == 200, r.text
+    for request_id in request_ids:
+        assert _wait(cluster, request_id)["status"] == "cancelled"
+    deadline = time.time() + 30
+    while True:
+        figures = _replica_figures("narrow", "tiny-c")
+        if figures["jobs"] == 0 or time.time() > deadline:
+            return figures
+        time.sleep(0.2)

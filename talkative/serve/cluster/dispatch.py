@@ -70,6 +70,10 @@ class ClusterBusy(Exception):
         self.retry_after = retry_after
 
 
+class CallCancelled(Exception):
+    """The call ended because the ingress cancelled it (its job was cancelled)."""
+
+
 class Stream(Protocol):
     """One call's messages; `cancel` ends the call on the replica too."""
 
@@ -93,6 +97,7 @@ class Dispatch:
     accepted: asyncio.Future[None]
     stream: Stream | None = None
     cancelled: bool = False
+    answering: bool = False  # the submitting request awaits the acceptance now (a refusal is its answer)
     tokens: int = -1  # highest token position relayed
     done_positions: int = -1  # most done positions relayed in a progress message
     replicas: list[str] = field(default_factory=list)
@@ -101,8 +106,11 @@ class Dispatch:
 class Dispatcher:
     """Sends whole jobs to worker replicas, relays their messages, re-sends a job whose replica died."""
 
-    def __init__(self, transport: Transport, *, accept_wait: float = ACCEPT_WAIT) -> None:
+    def __init__(
+        self, transport: Transport, *, accept_wait: float = ACCEPT_WAIT, backoff: float = REDISPATCH_BACKOFF
+    ) -> None:
         self.transport = transport
+        self.backoff = backoff
         self.accept_wait = accept_wait
         self.live: dict[str, Dispatch] = {}
 
@@ -116,10 +124,15 @@ class Dispatcher:
         entry = self.live.get(job_id)
         if entry is None:
             return
+        entry.answering = True
         try:
             await asyncio.wait_for(asyncio.shield(entry.accepted), self.accept_wait)
         except TimeoutError:
-            return  # queued in Serve's router: accepted, it waits there
+            pass  # queued in Serve's router: accepted, it waits there
+        finally:
+            entry.answering = False
+            if not entry.accepted.done():
+                entry.accepted.set_result(None)
 
     def cancel(self, job_id: str) -> None:
         """The job was cancelled at the ingress: end the replica's call (the replica cancels its job)."""
@@ -143,16 +156,20 @@ class Dispatcher:
                     raise WorkFailed("cancelled")
                 try:
                     return await self._attempt(entry, payload, emit)
+                except WorkFailed:
+                    raise
                 except ReplicaLost as exc:
+                    if entry.cancelled:
+                        raise WorkFailed("cancelled") from None
                     log.warning(
                         "job %s lost its replica (%s); sending it again (attempt %d)",
                         job.id,
                         exc,
                         attempt + 2,
                     )
-                    await asyncio.sleep(REDISPATCH_BACKOFF * (attempt + 1))
+                    await asyncio.sleep(self.backoff * (attempt + 1))
                 except ClusterBusy as exc:
-                    if not entry.accepted.done():
+                    if entry.answering and not entry.accepted.done():
                         entry.accepted.set_exception(
                             SchedulerError(
                                 exc.status,
@@ -163,8 +180,14 @@ class Dispatcher:
                             )
                         )
                         raise WorkFailed(f"refused by the cluster: {exc}") from None
-                    # accepted earlier, refused on a re-dispatch: it keeps its place and waits for room
-                    await asyncio.sleep(exc.retry_after or REDISPATCH_BACKOFF)
+                    # accepted earlier (acknowledged, adopted, or refused on a re-dispatch): it keeps its place
+                    # and waits for room
+                    await asyncio.sleep(exc.retry_after or self.backoff)
+                except Exception as exc:  # the call was cancelled, or the replica's code raised
+                    if entry.cancelled:
+                        raise WorkFailed("cancelled") from None
+                    log.exception("job %s failed on its worker replica", job.id)
+                    raise WorkFailed(f"the worker replica failed: {exc}") from None
             raise WorkFailed(
                 f"the worker replicas running this request died {MAX_REDISPATCH + 1} times; giving up"
             )

@@ -54,15 +54,16 @@ class WorkerReplica:
         return GroupSlot(group_id, self.runner)
 
     async def run(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """One whole job's messages, for the group of the call's multiplexed model id."""
+        """One whole job's messages, for the group of the call's multiplexed model id. `accepted` comes first, as
+        soon as this replica has the call (making its group ready may take a while)."""
+        yield {"type": "accepted", "replica": self.replica, "pid": os.getpid()}
         await self.group(serve.get_multiplexed_model_id())
         async for message in self.runner.run(payload["kind"], payload["request"], payload["model_id"]):
             if message.get("type") == "accepted":
-                message = {**message, "replica": self.replica, "pid": os.getpid()}
-            elif message.get("type") == "end" and isinstance(
-                (message.get("result") or {}).get("metadata"), dict
-            ):
-                message["result"]["metadata"]["replica"] = self.replica  # which replica ran it, for operators
+                continue
+            result = message.get("result") if message.get("type") == "end" else None
+            if isinstance(result, dict) and isinstance(result.get("metadata"), dict):
+                result["metadata"]["replica"] = self.replica  # which replica ran it, for operators
             yield message
 
     async def load(self) -> dict[str, Any]:

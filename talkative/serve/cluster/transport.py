@@ -9,14 +9,20 @@ refusal `ClusterBusy` (429 when replicas are merely full, 503 when none is runni
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from .dispatch import ClusterBusy, ReplicaLost
+from .dispatch import CallCancelled, ClusterBusy, ReplicaLost
 from .pools import Pool, pool_of
 
 
@@ -25,8 +31,10 @@ class ServeStream:
 
     def __init__(self, response: DeploymentResponseGenerator) -> None:
         self.response = response
+        self.cancelled = False
 
     def cancel(self) -> None:
+        self.cancelled = True
         self.response.cancel()
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
@@ -39,6 +47,14 @@ class ServeStream:
             raise ClusterBusy(str(exc), status=503, retry_after=5) from None
         except (RayActorError, ReplicaUnavailableError) as exc:
             raise ReplicaLost(type(exc).__name__) from None
+        except RequestCancelledError:
+            raise CallCancelled("cancelled") from None
+        except asyncio.CancelledError:
+            if (
+                self.cancelled
+            ):  # our own cancel, surfacing through the response: the job's end, not this task's
+                raise CallCancelled("cancelled") from None
+            raise
 
 
 class ServeTransport:

@@ -1,0 +1,189 @@
+"""The ingress side of the Ray backend without Ray: the dispatcher over a scripted transport (relaying, sending a
+job again when its replica dies, de-duplicating what listeners heard, refusals, cancellation)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from talkative.serve.cluster.dispatch import (
+    MAX_REDISPATCH,
+    CallCancelled,
+    ClusterBusy,
+    Dispatcher,
+    ReplicaLost,
+)
+from talkative.serve.jobs.record import Job
+from talkative.serve.scheduling.types import SchedulerError
+from talkative.serve.scheduling.workers import WorkFailed
+
+END = {"type": "end", "status": "completed", "result": {"tokens": [1, 2, 3]}, "error": None}
+
+
+class Scripted:
+    """One call: its messages in order; an exception in the script is raised at that point."""
+
+    def __init__(self, script: list[dict[str, Any] | Exception], hold: asyncio.Event | None = None) -> None:
+        self.script = script
+        self.hold = hold
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.hold is not None:
+            self.hold.set()
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        for item in self.script:
+            if self.hold is not None and item is END:
+                await self.hold.wait()
+                if self.cancelled:
+                    raise CallCancelled("cancelled")
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            await asyncio.sleep(0)
+
+
+class Transport:
+    def __init__(self, *calls: Scripted) -> None:
+        self.calls = list(calls)
+        self.opened: list[tuple[str, dict[str, Any]]] = []
+
+    def open(self, group_id: str, payload: dict[str, Any]) -> Scripted:
+        self.opened.append((group_id, payload))
+        return self.calls[len(self.opened) - 1]
+
+    async def load(self, group_id: str) -> dict[str, Any]:
+        return {"group_id": group_id, "errors": {}}
+
+
+def job() -> Job:
+    return Job(id="j1", kind="generate", request={"prompt": "hi"}, model_id="m", group_id="g")
+
+
+def token(position: int) -> dict[str, Any]:
+    return {"type": "token", "position": position, "token": f"t{position}"}
+
+
+def run(dispatcher: Dispatcher, emitted: list[dict[str, Any]]) -> dict[str, Any]:
+    return asyncio.run(dispatcher.run(job(), emitted.append))
+
+
+def test_relays_messages_and_returns_the_result() -> None:
+    transport = Transport(Scripted([{"type": "accepted", "replica": "r1"}, token(0), token(1), END]))
+    emitted: list[dict[str, Any]] = []
+    assert run(Dispatcher(transport, backoff=0), emitted) == END["result"]
+    assert [m["position"] for m in emitted] == [0, 1]  # `accepted` and `end` stay at the ingress
+    group, payload = transport.opened[0]
+    assert group == "g" and payload == {
+        "kind": "generate",
+        "request": {"prompt": "hi"},
+        "model_id": "m",
+        "job_id": "j1",
+    }
+
+
+def test_a_job_whose_replica_died_is_sent_again_and_listeners_hear_each_token_once() -> None:
+    transport = Transport(
+        Scripted([{"type": "accepted"}, token(0), token(1), ReplicaLost("ActorDiedError")]),
+        Scripted([{"type": "accepted"}, token(0), token(1), token(2), END]),
+    )
+    emitted: list[dict[str, Any]] = []
+    assert run(Dispatcher(transport, backoff=0), emitted) == END["result"]
+    assert len(transport.opened) == 2
+    assert [m["position"] for m in emitted] == [0, 1, 2]
+
+
+def test_progress_never_goes_backwards_after_a_resend() -> None:
+    progress = [{"type": "processing", "done_positions": n} for n in (0, 4, 8)]
+    transport = Transport(
+        Scripted([progress[0], progress[1], progress[2], ReplicaLost("gone")]),
+        Scripted([progress[0], progress[1], progress[2], END]),
+    )
+    emitted: list[dict[str, Any]] = []
+    run(Dispatcher(transport, backoff=0), emitted)
+    assert [m["done_positions"] for m in emitted] == [0, 4, 8, 8]
+
+
+def test_a_job_whose_replicas_keep_dying_fails_after_the_last_resend() -> None:
+    transport = Transport(*[Scripted([ReplicaLost("gone")]) for _ in range(MAX_REDISPATCH + 1)])
+    with pytest.raises(WorkFailed, match="died"):
+        run(Dispatcher(transport, backoff=0), [])
+    assert len(transport.opened) == MAX_REDISPATCH + 1
+
+
+def test_a_failure_on_the_replica_fails_the_job_with_its_reason() -> None:
+    failed = {"type": "end", "status": "failed", "result": None, "error": "input over MAX_TOKENS"}
+    with pytest.raises(WorkFailed, match="MAX_TOKENS"):
+        run(Dispatcher(Transport(Scripted([{"type": "accepted"}, failed])), backoff=0), [])
+
+
+def test_serves_refusal_is_the_submitters_answer_with_retry_after() -> None:
+    busy = ClusterBusy("full", status=429, retry_after=3.0)
+
+    async def go() -> tuple[BaseException | None, BaseException | None]:
+        dispatcher = Dispatcher(Transport(Scripted([busy])), backoff=0)
+        j = job()
+        dispatcher.begin(j)
+        running = asyncio.ensure_future(dispatcher.run(j, lambda m: None))
+        refusal: BaseException | None = None
+        try:
+            await dispatcher.accepted(j.id)
+        except SchedulerError as exc:
+            refusal = exc
+        try:
+            await running
+        except WorkFailed as exc:
+            return refusal, exc
+        return refusal, None
+
+    refusal, failure = asyncio.run(go())
+    assert isinstance(refusal, SchedulerError) and refusal.status == 429 and refusal.retry_after == 3
+    assert failure is not None and "refused" in str(failure)
+
+
+def test_a_refusal_nobody_is_answered_with_waits_and_sends_again() -> None:
+    """A job already acknowledged (or adopted) keeps its place when Serve refuses it: it is sent again."""
+    transport = Transport(
+        Scripted([ClusterBusy("full", status=429, retry_after=0.01)]), Scripted([{"type": "accepted"}, END])
+    )
+    assert run(Dispatcher(transport, backoff=0), []) == END["result"]
+    assert len(transport.opened) == 2
+
+
+def test_acceptance_times_out_into_queued_when_serve_holds_the_call() -> None:
+    async def go() -> None:
+        hold = asyncio.Event()
+        dispatcher = Dispatcher(Transport(Scripted([END], hold=hold)), accept_wait=0.05, backoff=0)
+        j = job()
+        dispatcher.begin(j)
+        running = asyncio.ensure_future(dispatcher.run(j, lambda m: None))
+        await dispatcher.accepted(j.id)  # nothing from the replica yet: acknowledged as queued
+        assert not running.done()
+        hold.set()
+        assert await running == END["result"]
+
+    asyncio.run(go())
+
+
+def test_cancelling_ends_the_call_and_the_job() -> None:
+    async def go() -> Scripted:
+        call = Scripted([{"type": "accepted"}, token(0), END], hold=asyncio.Event())
+        dispatcher = Dispatcher(Transport(call), backoff=0)
+        j = job()
+        dispatcher.begin(j)
+        running = asyncio.ensure_future(dispatcher.run(j, lambda m: None))
+        while call.hold is not None and not dispatcher.live[j.id].stream:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        dispatcher.cancel(j.id)
+        with pytest.raises(WorkFailed, match="cancelled"):
+            await running
+        assert j.id not in dispatcher.live
+        return call
+
+    assert asyncio.run(go()).cancelled
