@@ -41,18 +41,13 @@ FORMS: dict[str, Form | int | None] = {
     "raw context, 8 tokens (first demo)": 8,
     "genre": Form(True, 0, 0),
     "quote 1 token": Form(False, 1, 0),
-    "quote 2 tokens": Form(False, 2, 0),
     "quote 3 tokens": Form(False, 3, 0),
-    "quote 4 tokens": Form(False, 4, 0),
     "quote 6 tokens": Form(False, 6, 0),
-    "next 1": Form(False, 0, 1),
     "next 2": Form(False, 0, 2),
     "genre + quote 3": Form(True, 3, 0),
-    "genre + next 2": Form(True, 0, 2),
     "quote 3 + next 2": Form(False, 3, 2),
-    "genre + quote 2 + next 1": Form(True, 2, 1),
     "genre + quote 3 + next 2": Form(True, 3, 2),
-    "genre + quote 4 + next 2": Form(True, 4, 2),
+    "genre + quote 6 + next 2": Form(True, 6, 2),
 }
 
 
