@@ -26,6 +26,10 @@ from. Deleting a job removes the rows it computed.
 
 Everything runs on one thread of its own, in submission order: a job's rows are written before its result is
 announced, so a request sent after it sees them.
+
+The size is kept by increments, not by a scan per write. On a database other processes write too (PostgreSQL
+shared by replicas), each process's count misses the others' writes, so it is read exact again every
+`RECOUNT_SECONDS` at the next write: the bound then holds within what the replicas write in that time.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ RUN_METADATA = {
 }
 #: share of RESULT_CACHE_MAX_MB an eviction brings the cache down to, so that it does not run on every write
 EVICT_TO = 0.9
+#: on a database shared with other processes, how often the size is counted exact again (a scan of both tables)
+RECOUNT_SECONDS = 60.0
 
 
 class CacheMonitor(Protocol):
@@ -143,6 +149,7 @@ class ResultCache(Tables):
         self.shared = shared
         self.monitor = monitor
         self._bytes = self.channel.call_sync(self._total)
+        self._counted_at = time.monotonic()
 
     def scope(self, owner: str | None) -> str:
         return "" if self.shared else owner or ""
@@ -204,6 +211,8 @@ class ResultCache(Tables):
                 (key, job_id, entry, len(entry), now),
             )
         self._bytes += added
+        if self.database.shared and time.monotonic() - self._counted_at > RECOUNT_SECONDS:
+            self._bytes, self._counted_at = self._total(), time.monotonic()
         if self.retention_seconds is not None:
             self._expire(now - self.retention_seconds)
         if self._bytes > self.max_bytes:

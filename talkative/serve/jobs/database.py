@@ -79,6 +79,8 @@ class Database(ABC):
     dialect: Dialect
     #: where the data is, for logs: the file, or the URL without its password
     location: str
+    #: whether other processes write to it too (replicas sharing PostgreSQL): counts a process keeps go stale
+    shared: bool
 
     @abstractmethod
     def borrow(self) -> AbstractContextManager[Conn]:

@@ -96,6 +96,7 @@ class PostgresConn:
 
 class PostgresDatabase(Database):
     dialect = POSTGRESQL
+    shared = True
 
     def __init__(self, url: str, *, pool_size: int = 8) -> None:
         self.location = redacted(url)

@@ -63,6 +63,7 @@ class SQLiteConn:
 
 class SQLiteDatabase(Database):
     dialect = SQLITE
+    shared = False
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from talkative.nla.options import resolve
 from talkative.serve.jobs.cache import (
     CachePlan,
@@ -183,3 +185,32 @@ def test_recording_waits_for_another_writer_instead_of_failing(tmp_path: Path) -
     assert asyncio.run(cache.rows(["row-a"])) != {}
     cache.close()
     store.close()
+
+
+@pytest.mark.postgres
+def test_replicas_on_one_postgresql_count_each_others_rows(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each replica's running size misses the other's writes; on a shared database it is counted exact again (here
+    at every write), so the bound is checked against what the tables hold."""
+    from talkative.serve.jobs import cache as cache_module
+    from talkative.serve.jobs.postgres import PostgresDatabase
+
+    monkeypatch.setattr(cache_module, "RECOUNT_SECONDS", 0.0)
+    first_db, second_db = PostgresDatabase(pg_url), PostgresDatabase(pg_url)
+    first = ResultCache(first_db, max_bytes=10**9, shared=False, monitor=Counts())
+    second = ResultCache(second_db, max_bytes=10**9, shared=False, monitor=Counts())
+
+    async def go() -> None:
+        for i, cache in enumerate((first, second, first)):
+            plan = _plan(3, tag=f"r{i}")
+            plan.input_key = f"input-{i}"
+            cache.record(f"job-{i}", plan, [_row(q, []) for q in range(3)], {})
+            await cache.rows([])  # queued after the write: it is done
+        assert first.size_bytes == _stored_bytes(first_db)  # the second's rows counted too
+
+    asyncio.run(go())
+    for c in (first, second):
+        c.close()
+    first_db.close()
+    second_db.close()
