@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -93,6 +94,8 @@ class Serving:
 
 def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, metrics: Metrics) -> Serving:
     """Every serving object, in order, each given its parts (call on the event loop, before starting)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)  # this process's engine work, on the local backend
     residency = Residency(registry, settings)
     database = open_database(settings)
     store = JobStore(database)

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     )
     device: str | None = Field(None, description="Single-device form of DEVICES (legacy).")
     num_workers_per_gpu: int = Field(1, ge=1, le=16, description="Engine batches in flight per device.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads torch uses in each serving process (a worker replica, or the local server); 0: "
+        "torch's default, one per core. Set 1 when several CPU replicas share a machine, so they do not compete.",
+    )
 
     # -- per-model defaults at the GLOBAL_ level --------------------------------------------------------------------
     global_use_bf16: bool | None = None
