@@ -92,9 +92,9 @@ def shutdown(started: bool) -> None:
 def serve_forever(settings: Settings) -> int:
     """The CLI's ray backend: connect, deploy, wait for SIGTERM/SIGINT, shut down."""
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     started = connect(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, whose own handlers would abort the process
+        signal.signal(sig, lambda *_: stop.set())
     try:
         deploy(settings)
         log.info(

@@ -17,36 +17,49 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
 from ray import serve
 from ray.serve.deployment import Deployment
 
 from ..catalog.registry import load_registry
 from ..settings import Settings
+from .metrics_board import ClusterMetrics, replica_label
 from .pools import Pool, load_pools
 from .runner import ReplicaRunner
+from .worker_metrics import worker_registry
 
 
 class GroupSlot:
-    """A group Serve's multiplexing counts as held by this replica; unloading it leaves the CPU cache."""
+    """A group Serve's multiplexing counts as held by this replica; unloading it leaves the CPU cache.
+
+    `__del__` is synchronous (Serve runs it on a thread when it unloads the group, and Python calls it again when
+    the object is collected), and acts once."""
 
     def __init__(self, group_id: str, runner: ReplicaRunner) -> None:
         self.group_id = group_id
         self.runner = runner
+        self.released = False
 
-    async def __del__(self) -> None:
-        await self.runner.evict(self.group_id)
+    def __del__(self) -> None:
+        if not self.released:
+            self.released = True
+            self.runner.evict(self.group_id)
 
 
 class WorkerReplica:
     """One worker replica: the runner over this replica's device (see the module)."""
 
     async def __init__(self, settings: Settings, pool_name: str) -> None:  # type: ignore[misc]  # Serve awaits it
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)  # CPU replicas sharing a machine do not compete
         registry = load_registry(settings.model_groups_file)
         registry.bind_environment(settings.environment_overrides)
         self.pool: Pool = load_pools(settings, registry)[pool_name]
         self.runner = ReplicaRunner(settings, registry, self.pool.device)
         await self.runner.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.metrics = ClusterMetrics(replica_label("worker"))  # its engine figures in the cluster's /metrics
+        self.metrics.start(worker_registry(self.runner, registry))
 
     async def group(self, group_id: str) -> GroupSlot:
         """Make a group ready on this replica (the subclass of each pool makes this Serve-multiplexed)."""
@@ -85,6 +98,7 @@ class WorkerReplica:
         return {"replica": self.replica, "pid": os.getpid(), "pool": self.pool.name, **self.runner.describe()}
 
     async def __del__(self) -> None:
+        await self.metrics.stop()
         await self.runner.stop()
 
 

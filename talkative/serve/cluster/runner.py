@@ -199,11 +199,12 @@ class ReplicaRunner:
             "errors": {"*": done.error or f"group {group_id} did not load"},
         }
 
-    async def evict(self, group_id: str) -> None:
-        """Serve's multiplexing dropped the group from this replica (least recently used): leave it from the CPU
-        cache; a group on the device stays until a job of another group replaces it."""
-        if group_id in self.residency.cached_groups():
-            await asyncio.to_thread(self.residency.evict, group_id)
+    def evict(self, group_id: str) -> None:
+        """Serve's multiplexing dropped the group from this replica (least recently used): it leaves the CPU
+        cache (blocking: Serve calls it on a thread); a group on the device stays until a job of another group
+        replaces it."""
+        if self.residency.evict(group_id):
+            log.info("group %s left the CPU cache (Serve's multiplexing evicted it)", group_id)
 
     # -- jobs -----------------------------------------------------------------------------------------------------
     async def run(self, kind: str, request: dict[str, Any], model_id: str) -> AsyncIterator[dict[str, Any]]:
