@@ -196,3 +196,35 @@ def _replica_figures_after_cancel(cluster: RayCluster, request_ids: list[str]) -
         if figures["jobs"] == 0 or time.time() > deadline:
             return figures
         time.sleep(0.2)
+
+
+def test_a_generation_streams_its_tokens_through_the_cluster(cluster: RayCluster) -> None:
+    from websockets.sync.client import connect
+
+    with connect(cluster.ws_url, open_timeout=30, max_size=None) as ws:
+        ws.send(
+            json.dumps(
+                {
+                    "type": "generate",
+                    "text": "Once upon a time",
+                    "model_id": "tiny-b-l1",
+                    "options": {"max_new_tokens": 8, "seed": 3, "num_completions": 2},
+                    "client_request_id": "g1",
+                }
+            )
+        )
+        mine: list[dict[str, Any]] = []
+        deadline = time.time() + 120
+        while not mine or mine[-1]["type"] not in {"generation_complete", "error"}:
+            assert time.time() < deadline, [m["type"] for m in mine]
+            msg = json.loads(ws.recv(timeout=60))
+            if msg.get("client_request_id") == "g1":
+                mine.append(msg)
+    types = [m["type"] for m in mine]
+    assert types[0] == "queued" and types[-1] == "generation_complete", types
+    done = mine[-1]
+    for c in range(2):
+        tokens = [m for m in mine if m["type"] == "token" and m["completion"] == c]
+        assert [t["position"] for t in tokens] == list(
+            range(done["prompt_tokens"], done["prompt_tokens"] + done["completion_tokens"][c])
+        )

@@ -16,8 +16,8 @@ it keeps today: admission, per-client caps, the job's record, listeners.
 * `Dispatcher` sends a job through a `Transport` (Serve's handles in `transport.py`, a fake in unit tests), relays
   the replica's messages, and when the replica dies mid-job (its process killed, its node gone) sends the job
   again: Serve routes it to a live replica. Messages already relayed are not relayed twice: a generation's tokens
-  are kept by position, progress never goes backwards, and the result comes whole in the last message, so a job
-  ends once, with one whole result.
+  are told apart by (completion, position), progress never goes backwards, and the result comes whole in the
+  last message, so a job ends once, with one whole result.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Dispatch:
     stream: Stream | None = None
     cancelled: bool = False
     answering: bool = False  # the submitting request awaits the acceptance now (a refusal is its answer)
-    tokens: int = -1  # highest token position relayed
+    tokens: dict[object, int] = field(default_factory=dict)  # completion -> highest token position relayed
     done_positions: int = -1  # most done positions relayed in a progress message
     replicas: list[str] = field(default_factory=list)
 
@@ -222,9 +222,10 @@ class Dispatcher:
     def _fresh(entry: Dispatch, message: dict[str, Any]) -> bool:
         """Whether listeners have not heard this message yet: a re-sent job repeats its tokens and progress."""
         if message.get("type") == "token" and isinstance(message.get("position"), int):
-            if message["position"] <= entry.tokens:
+            completion = message.get("completion")
+            if message["position"] <= entry.tokens.get(completion, -1):
                 return False
-            entry.tokens = message["position"]
+            entry.tokens[completion] = message["position"]
         done = message.get("done_positions")
         if message.get("type") == "processing" and isinstance(done, int):
             if done < entry.done_positions:

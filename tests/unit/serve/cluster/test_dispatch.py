@@ -65,8 +65,8 @@ def job() -> Job:
     return Job(id="j1", kind="generate", request={"prompt": "hi"}, model_id="m", group_id="g")
 
 
-def token(position: int) -> dict[str, Any]:
-    return {"type": "token", "position": position, "token": f"t{position}"}
+def token(position: int, completion: int = 0) -> dict[str, Any]:
+    return {"type": "token", "position": position, "completion": completion, "token": f"t{position}"}
 
 
 def run(dispatcher: Dispatcher, emitted: list[dict[str, Any]]) -> dict[str, Any]:
@@ -96,6 +96,16 @@ def test_a_job_whose_replica_died_is_sent_again_and_listeners_hear_each_token_on
     assert run(Dispatcher(transport, backoff=0), emitted) == END["result"]
     assert len(transport.opened) == 2
     assert [m["position"] for m in emitted] == [0, 1, 2]
+
+
+def test_tokens_of_several_completions_are_kept_apart() -> None:
+    transport = Transport(
+        Scripted([token(5, 0), token(5, 1), token(6, 0), ReplicaLost("gone")]),
+        Scripted([token(5, 0), token(5, 1), token(6, 0), token(6, 1), END]),
+    )
+    emitted: list[dict[str, Any]] = []
+    run(Dispatcher(transport, backoff=0), emitted)
+    assert [(m["completion"], m["position"]) for m in emitted] == [(0, 5), (1, 5), (0, 6), (1, 6)]
 
 
 def test_progress_never_goes_backwards_after_a_resend() -> None:
