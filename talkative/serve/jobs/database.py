@@ -112,8 +112,6 @@ class Channel:
         return self._current
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._current is not None:  # a call made from inside a call keeps the connection (and transaction)
-            return fn(*args)
         with self.db.borrow() as conn:
             self._current = conn
             try:
