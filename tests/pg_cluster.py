@@ -31,6 +31,12 @@ DEBIAN_BINARIES = Path("/usr/lib/postgresql")
 UNPRIVILEGED = "nobody"
 SUPERUSER = "postgres"
 START_TIMEOUT = 60
+#: free ports tried before giving up (a port found free can be taken by another process before the server binds it)
+PORT_ATTEMPTS = 3
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its port."""
 
 
 class PostgresUnavailable(RuntimeError):
@@ -111,7 +117,7 @@ def pg_cluster() -> Iterator[PgServer]:
         if account is not None:
             os.chown(root, account.pw_uid, account.pw_gid)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "HOME": str(root)}
-        subprocess.run(
+        made = subprocess.run(
             _as_user(
                 [
                     str(bindir / "initdb"),
@@ -126,14 +132,34 @@ def pg_cluster() -> Iterator[PgServer]:
                 ],
                 account,
             ),
-            check=True,
             env=env,
             capture_output=True,
             cwd=root,
         )
-        port = free_port()
-        log = open(root / "server.log", "wb")  # noqa: SIM115 - the server writes to it until it stops
-        server = subprocess.Popen(
+        if made.returncode != 0:
+            raise RuntimeError(f"initdb failed: {made.stderr.decode(errors='replace')}")
+        for attempt in range(PORT_ATTEMPTS):
+            port = free_port()
+            server = _start(bindir, data, root, port, account, env)
+            pg = PgServer("127.0.0.1", port, SUPERUSER, root)
+            try:
+                _wait_ready(pg, server, root / "server.log")
+                break
+            except PortTaken:  # another process bound the port between our probe and the server's bind
+                if attempt == PORT_ATTEMPTS - 1:
+                    raise
+        yield pg
+    finally:
+        if server is not None:
+            _stop(server)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _start(
+    bindir: Path, data: Path, root: Path, port: int, account: pwd.struct_passwd | None, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    with open(root / "server.log", "ab") as log:  # the server keeps its own descriptor
+        return subprocess.Popen(
             _as_user(
                 [
                     str(bindir / "postgres"),
@@ -161,14 +187,6 @@ def pg_cluster() -> Iterator[PgServer]:
             stderr=subprocess.STDOUT,
             cwd=root,
         )
-        log.close()
-        pg = PgServer("127.0.0.1", port, SUPERUSER, root)
-        _wait_ready(pg, server, root / "server.log")
-        yield pg
-    finally:
-        if server is not None:
-            _stop(server)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait_ready(pg: PgServer, server: subprocess.Popen[bytes], log: Path) -> None:
@@ -177,7 +195,11 @@ def _wait_ready(pg: PgServer, server: subprocess.Popen[bytes], log: Path) -> Non
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if server.poll() is not None:
-            raise RuntimeError(f"postgres exited with {server.returncode}: {log.read_text(errors='replace')}")
+            text = log.read_text(errors="replace")
+            if "could not bind" in text or "already in use" in text:
+                log.write_text("")
+                raise PortTaken(text)
+            raise RuntimeError(f"postgres exited with {server.returncode}: {text}")
         try:
             with psycopg.connect(pg.url(), connect_timeout=2):
                 return
