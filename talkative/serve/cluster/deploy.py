@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -31,8 +32,17 @@ log = logging.getLogger("talkative.serve.cluster.deploy")
 
 def portable(settings: Settings) -> Settings:
     """The settings as replicas on any node must see them: the MODEL_*/GLOBAL_* variables of this process
-    travel with them (a replica's own environment is the raylet's, not this shell's), the backend is ray."""
-    return settings.model_copy(update={"env_overrides": settings.environment_overrides, "backend": "ray"})
+    travel with them (a replica's own environment is the raylet's, not this shell's), paths are absolute (the
+    files must be at the same paths on every node), the backend is ray."""
+    return settings.model_copy(
+        update={
+            "env_overrides": settings.environment_overrides,
+            "backend": "ray",
+            # replicas run in Ray's worker directories, not in this shell's: relative paths would move
+            "model_groups_file": Path(settings.model_groups_file).resolve(),
+            "data_dir": Path(settings.data_dir).resolve(),
+        }
+    )
 
 
 def application(settings: Settings, ingress_replicas: int | None = None) -> Any:

@@ -54,6 +54,8 @@ ACCEPT_WAIT = 1.0
 #: a job whose replica died is sent again this many times (each to a replica Serve picks) before it fails
 MAX_REDISPATCH = 8
 REDISPATCH_BACKOFF = 0.5
+#: how long the ingress waits for a replica to load a group it starts serving before it serves it anyway
+LOAD_WAIT = 120.0
 
 
 # -- the transport: how a job reaches a replica -------------------------------------------------------------------
@@ -248,15 +250,21 @@ class ServeWorker:
         self.group_id: str | None = None
 
     async def load(self, group_id: str) -> Loaded:
-        """Ask a replica of the group's pool to hold it (Serve's multiplexing places it), and report its models."""
+        """Ask a replica of the group's pool to hold it (Serve's multiplexing places it), and report its models.
+        A replica that cannot be asked now (its pool busy, or slower than LOAD_WAIT) is no failure: the group's
+        first job makes a replica load it. Only a group none of whose models loaded fails."""
         group = self.registry.group(group_id)
         try:
-            facts = await self.dispatcher.transport.load(group_id)
+            facts = await asyncio.wait_for(self.dispatcher.transport.load(group_id), LOAD_WAIT)
         except Exception as exc:
-            raise LoadFailed(f"no worker replica could load group {group_id}: {exc}", None) from exc
+            log.warning("group %s not loaded ahead of its jobs (%r); its first job loads it", group_id, exc)
+            facts = {}
         errors = {str(k): str(v) for k, v in dict(facts.get("errors") or {}).items()}
+        models = tuple(m.id for m in group.models if m.id not in errors)
+        if not models or "*" in errors:
+            raise LoadFailed("; ".join(errors.values()) or f"no model of group {group_id} loaded", None)
         self.group_id = group_id
-        return Loaded(group_id, tuple(m.id for m in group.models if m.id not in errors), errors)
+        return Loaded(group_id, models, errors)
 
     async def unload(self) -> list[str]:
         held, self.group_id = self.group_id, None

@@ -91,7 +91,8 @@ class WorkerReplica:
                 "models": list(dev.loaded.models),
                 "errors": dict(dev.loaded.errors),
             }
-        return {"group_id": group_id, "models": [], "errors": {}}
+        failed = self.runner.load_errors.get(group_id)
+        return {"group_id": group_id, "models": [], "errors": {"*": failed} if failed else {}}
 
     async def describe(self) -> dict[str, Any]:
         """This replica: its id, pid, pool and the runner's figures (tests and operators read it)."""

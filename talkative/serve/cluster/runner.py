@@ -124,6 +124,8 @@ class ReplicaRunner:
         self.residency = Residency(registry, self.settings)
         self.sink = StreamSink()
         self.counters = Counters()
+        #: why a group last failed to load here (cleared when it loads), for the ingress that asks
+        self.load_errors: dict[str, str] = {}
         policy = DEFAULT_POLICY()
         kinds: list[JobKind] = [
             AnalysisKind(self.settings, registry, policy, None),
@@ -169,12 +171,12 @@ class ReplicaRunner:
         """Make a group ready here ahead of its jobs: parked in the CPU cache when the device holds another (a
         later switch is then a move, not a load); with no CPU cache, the first job loads it."""
         self.registry.group(group_id)
-        if group_id in self.holds() or self.residency.capacity <= 0:
-            return
-        if any(d.loading == group_id for d in self.scheduler.devices):
+        if group_id in self.holds() or any(d.loading == group_id for d in self.scheduler.devices):
             return
         if all(d.group_id is None and d.loading is None for d in self.scheduler.devices):
-            await self.load(group_id)
+            await self.load(group_id)  # an idle, empty device: load it there at once
+            return
+        if self.residency.capacity <= 0:
             return
         try:
             await self.scheduler.preload(group_id)
@@ -188,16 +190,14 @@ class ReplicaRunner:
         done = await self.scheduler.wait(job.id)
         for dev in self.scheduler.devices:
             if dev.loaded is not None and dev.loaded.group_id == group_id:
+                self.load_errors.pop(group_id, None)
                 return {
                     "group_id": group_id,
                     "models": list(dev.loaded.models),
                     "errors": dict(dev.loaded.errors),
                 }
-        return {
-            "group_id": group_id,
-            "models": [],
-            "errors": {"*": done.error or f"group {group_id} did not load"},
-        }
+        self.load_errors[group_id] = done.error or f"group {group_id} did not load"
+        return {"group_id": group_id, "models": [], "errors": {"*": self.load_errors[group_id]}}
 
     def evict(self, group_id: str) -> None:
         """Serve's multiplexing dropped the group from this replica (least recently used): it leaves the CPU
