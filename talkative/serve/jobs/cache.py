@@ -199,7 +199,9 @@ class ResultCache(Tables):
         # transaction that reads first cannot wait for another store's writer on the same file), and one recording
         # at a time across replicas on PostgreSQL
         with conn.transaction(lock="result-cache"):
-            for row_key_, row in rows.items():
+            # in key order, the order in which a lookup's UPDATE of the same rows (on another replica) locks them:
+            # two transactions taking row locks in one order cannot deadlock
+            for row_key_, row in sorted(rows.items()):
                 added += len(row) - self._size("cache_rows", row_key_)
                 conn.execute(
                     upsert("cache_rows", ("key", "job_id", "row", "size", "used_at"), "key"),
