@@ -30,22 +30,27 @@ LONG = " ".join(f"word{i} and then some more of the sentence" for i in range(40)
 SLOW = {**FAST, "optimize_explanations_config": {"best_of_k": 4}}
 
 
-def group(model_dir: Path, **pool: Any) -> dict[str, Any]:
+def group(gid: str, model_dir: Path, **more: Any) -> dict[str, Any]:
     return {
-        "group_id": "tiny-a",
-        "group_name": "tiny-a",
+        "group_id": gid,
+        "group_name": gid,
         "base_model_path": str(model_dir),
         "models": [
-            {"id": "tiny-a-l1", "checkpoint": f"init:{model_dir}@1", "layer": 1, "auto_batch_size_max": 32}
+            {"id": f"{gid}-l1", "checkpoint": f"init:{model_dir}@1", "layer": 1, "auto_batch_size_max": 32}
         ],
-        **pool,
+        **more,
     }
 
 
 def write_groups(root: Path, model_dir: Path) -> Path:
+    """One worker replica of a pool that serves `tiny-a` and `tiny-hidden` (a group no listing shows, whose id
+    must never appear in `/metrics`)."""
     path = root / "model_groups.json"
     groups = {
-        "model_groups": [group(model_dir, replicas=1, num_cpus=0.5, max_ongoing_requests=8)],
+        "model_groups": [
+            group("tiny-a", model_dir, replicas=1, num_cpus=0.5, max_ongoing_requests=8),
+            group("tiny-hidden", model_dir, visible=False),
+        ],
         "settings": {"default_group": "tiny-a", "max_cpu_models": 1, "use_bf16": False},
     }
     path.write_text(json.dumps(groups))
@@ -95,11 +100,11 @@ class LocalIngress:
         self.thread.join(60)
 
 
-def analyze(base: str, text: str = LONG, options: dict[str, Any] | None = None) -> str:
+def analyze(
+    base: str, text: str = LONG, options: dict[str, Any] | None = None, model_id: str = "tiny-a-l1"
+) -> str:
     r = httpx.post(
-        base + "/analyze",
-        json={"text": text, "model_id": "tiny-a-l1", "options": options or SLOW},
-        timeout=60,
+        base + "/analyze", json={"text": text, "model_id": model_id, "options": options or SLOW}, timeout=60
     )
     assert r.status_code == 200, r.text
     return str(r.json()["request_id"])

@@ -146,19 +146,35 @@ def test_a_killed_ingress_replicas_jobs_complete_and_a_reconnecting_client_picks
     cluster.wait_replicas("ingress", 2)  # Serve replaced what was killed
 
 
-def test_metrics_on_any_replica_cover_every_ingress_replica(cluster: RayCluster, local: LocalIngress) -> None:
-    analyze(local.url, "One more job, counted where it was accepted.")
+def test_metrics_on_any_replica_cover_every_replica_and_name_no_hidden_group(
+    cluster: RayCluster, local: LocalIngress
+) -> None:
+    hidden = analyze(local.url, "A job on the group no listing shows.", model_id="tiny-hidden-l1")
+    assert wait(local.url, hidden)["status"] == "completed"
     time.sleep(6)  # more than one posting interval of every replica
     text = httpx.get(cluster.url + "/metrics", timeout=30).text
-    replicas = {
-        s.labels["replica"]
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "talkative_jobs_submitted_total"
+    families = list(text_string_to_metric_families(text))
+    submitted = {
+        s.labels["replica"] for f in families for s in f.samples if s.name == "talkative_jobs_submitted_total"
     }
-    ingress = {r for r in replicas if r.startswith("ingress:")}
+    ingress = {r for r in submitted if r.startswith("ingress:")}
     assert f"ingress:{os.uname().nodename}:{os.getpid()}" in ingress  # this process's, seen from the proxy
-    assert len(ingress) >= 3, replicas  # and both replicas behind the proxy
+    assert len(ingress) >= 3, submitted  # and both replicas behind the proxy
+    batches = {
+        s.labels["replica"]: s.value
+        for f in families
+        for s in f.samples
+        if s.name == "talkative_engine_batches_total" and s.labels["replica"].startswith("worker:")
+    }
+    assert batches and sum(batches.values()) > 0, batches  # the engine work, counted where it ran
+    held = {
+        s.labels["group"]
+        for f in families
+        for s in f.samples
+        if s.name == "talkative_device_group" and s.labels["replica"].startswith("worker:")
+    }
+    assert held == {"hidden"}, held  # the worker holds the hidden group now, under the hidden label
+    assert "tiny-hidden" not in text  # its id appears on no replica's series
 
 
 def test_the_seed_documentation_client_through_serves_proxy(cluster: RayCluster) -> None:
