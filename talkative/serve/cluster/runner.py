@@ -5,8 +5,9 @@ do what one server process does with them: prepare each analysis on its device, 
 share engine batches with the other analyses the replica holds (interleaving and merging), switch groups when a
 job names another group, keep groups in its CPU cache. All of that is the scheduler's and the `LocalWorker`'s
 work already, so the replica runs them unchanged: `ReplicaRunner` builds a `Scheduler` over one `LocalWorker`
-(the replica's device) with the analysis, generation and vector kinds, and turns one submitted job into a stream
-of messages: its progress (and a generation's tokens) while it runs, then its end.
+(the replica's device) with the analysis, generation and vector kinds (its residency and engine can be given, as
+tests give a fake), and turns one submitted job into a stream of messages: its progress (and a generation's
+tokens) while it runs, then its end.
 
 What stays at the ingress: the job's record in the shared store, admission, per-client caps, listeners and the
 result cache. The replica's own store is scratch (a file in a temporary directory, gone with the replica), its
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...nla import analysis as nla_analysis
 from ..catalog.registry import Registry
 from ..catalog.residency import Residency
 from ..jobs.analysis import AnalysisKind
@@ -36,7 +38,7 @@ from ..scheduling.policy import DEFAULT_POLICY
 from ..scheduling.queue import JobQueue
 from ..scheduling.scheduler import Scheduler
 from ..scheduling.types import SchedulerError
-from ..scheduling.workers import LocalWorker
+from ..scheduling.workers import AnalysisEngine, LocalWorker
 from ..settings import Settings
 
 log = logging.getLogger("talkative.serve.cluster.runner")
@@ -117,11 +119,19 @@ def replica_settings(settings: Settings, scratch: Path) -> Settings:
 class ReplicaRunner:
     """A scheduler over this replica's device, running the jobs the ingress dispatches (see the module)."""
 
-    def __init__(self, settings: Settings, registry: Registry, device: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        device: str,
+        *,
+        residency: Residency | None = None,
+        engine: AnalysisEngine = nla_analysis,
+    ) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="talkative-replica-"))
         self.settings = replica_settings(settings, self.scratch)
         self.registry = registry
-        self.residency = Residency(registry, self.settings)
+        self.residency = residency if residency is not None else Residency(registry, self.settings)
         self.sink = StreamSink()
         self.counters = Counters()
         #: why a group last failed to load here (cleared when it loads), for the ingress that asks
@@ -138,6 +148,7 @@ class ReplicaRunner:
             residency=self.residency,
             max_tokens=self.settings.max_tokens,
             row_token_budget=self.settings.row_token_budget,
+            engine=engine,
         )
         self.store = JobStore(self.settings.store_path())
         self.scheduler = Scheduler(
