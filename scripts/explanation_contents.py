@@ -132,7 +132,7 @@ def main() -> int:
             ids = sentence_rows(tok, kept_genres, ctx, top, form, args.t_text, r.space_id)
             lengths = (ids != r.space_id).sum(1).float()
             texts = [tok.decode(row) for row in ids[:200].tolist()]
-            unparsed = [t for t in texts if parse(t) is None]
+            unparsed = [t for t in texts if t.strip() and parse(t) is None]
             if unparsed:
                 raise SystemExit(f"{name}: rendered targets that do not parse, e.g. {unparsed[0]!r}")
         X = features(r, ids, cur)

@@ -49,9 +49,12 @@ def quote_text(tokenizer: Any, ctx: list[int], n: int) -> str:
 
 
 def sentence_text(tokenizer: Any, genre: str, ctx: list[int], top: list[int], form: Form) -> str:
-    """The explanation sentence of one sample in `form`."""
+    """The explanation sentence of one sample in `form`; "" when the form states nothing about it (a form
+    without the genre whose quote and next tokens are all blanks: only the measurements use such forms)."""
     quote = quote_text(tokenizer, ctx, form.quote) if form.quote > 0 else None
     nexts = [tokenizer.decode([t]) for t in top[: form.next] if t >= 0]
+    if not form.genre and not quote and not any(clean_piece(n) for n in nexts):
+        return ""
     return render(genre if form.genre else None, quote, nexts)
 
 

@@ -70,3 +70,9 @@ def test_context_tail_is_the_first_demo_warm_start():
     ctx = torch.tensor([[-1, 4, 5, 6, 7]])
     assert context_tail(ctx, 3, space_id=0).tolist() == [[4, 5, 6]]
     assert context_tail(ctx, 4, space_id=0).tolist() == [[0, 4, 5, 6]]
+
+
+def test_a_form_that_states_nothing_about_a_sample_is_all_padding(tokenizer, space):
+    blank = _ids(tokenizer, "\n\n")
+    ids = sentence_ids(tokenizer, "story", blank, [-1], Form(False, 1, 0), 8, space_id=space)
+    assert ids == [space] * 8
