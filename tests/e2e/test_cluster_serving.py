@@ -228,3 +228,29 @@ def test_a_generation_streams_its_tokens_through_the_cluster(cluster: RayCluster
         assert [t["position"] for t in tokens] == list(
             range(done["prompt_tokens"], done["prompt_tokens"] + done["completion_tokens"][c])
         )
+
+
+def test_a_client_that_disconnects_cancels_its_job_on_the_replica(cluster: RayCluster) -> None:
+    from websockets.sync.client import connect
+
+    cancelled = _replica_figures("narrow", "tiny-c")["stats"]["cancelled"]
+    with connect(cluster.ws_url, open_timeout=30, max_size=None) as ws:
+        options = {**FAST, "batch_size": 1}
+        ws.send(
+            json.dumps({"type": "analyze", "text": words(400), "model_id": "tiny-c-l1", "options": options})
+        )
+        deadline = time.time() + 60
+        while True:  # until the replica explains its positions
+            assert time.time() < deadline
+            msg = json.loads(ws.recv(timeout=60))
+            if msg["type"] == "processing" and (msg.get("done_positions") or 0) > 0:
+                request_id = msg["request_id"]
+                break
+    assert _wait(cluster, request_id)["status"] == "cancelled"
+    deadline = time.time() + 30
+    while True:
+        figures = _replica_figures("narrow", "tiny-c")
+        if figures["stats"]["cancelled"] > cancelled and figures["jobs"] == 0:
+            break
+        assert time.time() < deadline, figures
+        time.sleep(0.2)
