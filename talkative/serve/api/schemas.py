@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ...nla import vectors as V
 from ...nla.options import MAX_MESSAGES, AnalyzeOptions, ChatMessage, GenerationSteerOption
@@ -22,8 +22,20 @@ from .strict import StrictBody, loose_scalars
 
 MAX_ID_CHARS = 200  # model and group ids: registry keys, far shorter in practice
 MAX_CLIENT_ID_CHARS = 200  # a client's own request id, echoed back: bounded so echoes stay small
-ModelId = Annotated[str, Field(max_length=MAX_ID_CHARS)]
-ClientRequestId = Annotated[str, Field(max_length=MAX_CLIENT_ID_CHARS)]
+
+
+def _no_nul(value: str) -> str:
+    """Refuse NUL in strings the store keeps in a column of their own: PostgreSQL's text type cannot hold it, so
+    such a value would fail at the write, after the client was told nothing (texts and messages are stored inside
+    JSON, where NUL is escaped, and stay accepted)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+NoNul = AfterValidator(_no_nul)
+ModelId = Annotated[str, Field(max_length=MAX_ID_CHARS), NoNul]
+ClientRequestId = Annotated[str, Field(max_length=MAX_CLIENT_ID_CHARS), NoNul]
 Text = Annotated[str, Field(min_length=1)]
 Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
 
@@ -340,7 +352,7 @@ class TokenizeRequest(TextOrMessages):
 
 # -- batches ----------------------------------------------------------------------------------------------------------
 MAX_ITEM_ID_CHARS = 200  # an item's id is echoed on its result line: bounded so lines stay small
-ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ITEM_ID_CHARS)] | int
+ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ITEM_ID_CHARS), NoNul] | int
 
 
 class BatchItem(TextOrMessages):
@@ -522,7 +534,7 @@ class ShareRequest(StrictBody):
     model_config = ConfigDict(extra="forbid")
     request_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
     anchor: ShareAnchor
-    comment: str | None = Field(None, max_length=MAX_SHARE_COMMENT_CHARS)
+    comment: Annotated[str, NoNul] | None = Field(None, max_length=MAX_SHARE_COMMENT_CHARS)
 
 
 class ShareCreated(BaseModel):

@@ -19,8 +19,13 @@ class Dialect:
     placeholder: str
     #: seconds since the epoch on the database server's clock, as a double
     now: str
-    #: `{column}` is a JSON text column, `{path}` a dotted path: the value there as text (JSON text for an object)
+    #: `{column}` is a JSON text column, `{path}` a dotted path: the scalar there as text (NULL for a JSON null).
+    #: PostgreSQL refuses to read a document holding an escaped NUL (`\\u0000`, which any text may hold) through
+    #: its JSON operators, so its templates read a copy with each one turned into U+FFFD: only the stored text keeps
+    #: the NUL, and the values read this way (ids, summaries, lengths) never hold one
     json_text_template: str
+    #: the same for an object or array: its JSON text (a JSON null may come back as NULL or as `null`)
+    json_document_template: str
     #: the length of the JSON array at `{path}` of `{column}` (NULL when there is none)
     json_length_template: str
     #: `a <same> b` is true when both are NULL or both equal (`owner IS ?` only works on SQLite)
@@ -38,6 +43,9 @@ class Dialect:
     def json_text(self, column: str, path: str) -> str:
         return self.json_text_template.format(column=column, path=self._path(path))
 
+    def json_document(self, column: str, path: str) -> str:
+        return self.json_document_template.format(column=column, path=self._path(path))
+
     def json_length(self, column: str, path: str) -> str:
         return self.json_length_template.format(column=column, path=self._path(path))
 
@@ -54,6 +62,7 @@ SQLITE = Dialect(
     placeholder="?",
     now="((julianday('now') - 2440587.5) * 86400.0)",
     json_text_template="json_extract({column}, '{path}')",
+    json_document_template="json_extract({column}, '{path}')",
     json_length_template="json_array_length({column}, '{path}')",
     same="IS",
     double="REAL",
@@ -63,8 +72,9 @@ POSTGRESQL = Dialect(
     name="postgresql",
     placeholder="%s",
     now="CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)",
-    json_text_template="(CAST({column} AS jsonb) #>> '{path}')",
-    json_length_template="jsonb_array_length(CAST({column} AS jsonb) #> '{path}')",
+    json_text_template="(CAST(replace({column}, '\\u0000', '\\ufffd') AS json) #>> '{path}')",
+    json_document_template="CAST(CAST(replace({column}, '\\u0000', '\\ufffd') AS json) #> '{path}' AS text)",
+    json_length_template="json_array_length(CAST(replace({column}, '\\u0000', '\\ufffd') AS json) #> '{path}')",
     same="IS NOT DISTINCT FROM",
     double="DOUBLE PRECISION",
 )

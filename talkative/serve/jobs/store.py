@@ -139,7 +139,7 @@ class JobStore(Tables):
         conn = self._conn()
         total = int(conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", (owner, *kinds)).fetchone()[0])
         rows = conn.execute(
-            f"SELECT {','.join(SUMMARY_COLUMNS)}, {d.json_text('result', 'metadata.summary')} AS summary,"
+            f"SELECT {','.join(SUMMARY_COLUMNS)}, {d.json_document('result', 'metadata.summary')} AS summary,"
             f" {d.json_length('result', 'tokens')} AS n_tokens FROM jobs WHERE {where}"
             " ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
             (owner, *kinds, limit, offset),

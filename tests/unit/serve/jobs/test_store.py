@@ -86,6 +86,25 @@ def test_history_lists_an_owners_jobs_without_batch_items(database: Database) ->
     asyncio.run(go())
 
 
+def test_history_lists_jobs_whose_text_and_tokens_hold_nul_characters(database: Database) -> None:
+    """A text may hold any character, NUL included; PostgreSQL's jsonb refuses the escaped NUL, so the history's
+    JSON reads must not go through it (a single such job would otherwise break its owner's whole history)."""
+
+    async def go() -> None:
+        store = JobStore(database)
+        j = job(1, "completed", completed_at=2000.0)
+        j.owner, j.request = "key:a", {"text": "a\x00b"}
+        j.result = {"tokens": [{"token": "\x00"}, {"token": "b"}], "metadata": {"summary": {"fve": 0.5}}}
+        await store.put(j)
+        rows, total = await store.owned("key:a", ("analyze",), limit=10, offset=0)
+        assert total == 1 and rows[0]["request"]["text"] == "a\x00b"
+        assert rows[0]["n_tokens"] == 2 and rows[0]["summary"] == {"fve": 0.5}
+        assert (await store.get("j1")).result == j.result  # type: ignore[union-attr]
+        store.close()
+
+    asyncio.run(go())
+
+
 def test_the_sqlite_store_runs_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "data" / "jobs.sqlite3"
     JobStore(path).close()
