@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-import torch
 from ray import serve
 from ray.serve.deployment import Deployment
 
@@ -51,8 +50,6 @@ class WorkerReplica:
     """One worker replica: the runner over this replica's device (see the module)."""
 
     async def __init__(self, settings: Settings, pool_name: str) -> None:  # type: ignore[misc]  # Serve awaits it
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)  # this replica's engine work (TORCH_THREADS)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)  # CPU replicas sharing a machine do not compete
         registry = load_registry(settings.model_groups_file)
