@@ -107,6 +107,9 @@ def test_routing_by_model_across_two_groups_on_two_replicas(cluster: RayCluster)
     assert ran["a"] != ran["b"]  # and the two groups are on the two replicas
     live = {r.replica_id for r in cluster.replicas("worker-shared")}
     assert ran["a"] | ran["b"] == live
+    # the default group's NLA facts, as the replica that loaded it reported them
+    info = httpx.get(cluster.url + "/api/v2/models/tiny-a-l1/info", timeout=10).json()
+    assert info["is_loaded"] and info["nla"]["d_model"] == 64
 
 
 def words(n: int) -> str:

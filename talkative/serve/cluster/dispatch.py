@@ -248,6 +248,9 @@ class ServeWorker:
         self.registry = registry
         self.dispatcher = dispatcher
         self.group_id: str | None = None
+        #: the NLA facts of the group's models, as the replica that loaded it reported them (none when it only
+        #: parked the group in its CPU cache)
+        self.facts: dict[str, dict[str, Any]] = {}
 
     async def load(self, group_id: str) -> Loaded:
         """Ask a replica of the group's pool to hold it (Serve's multiplexing places it), and report its models.
@@ -264,10 +267,11 @@ class ServeWorker:
         if not models or "*" in errors:
             raise LoadFailed("; ".join(errors.values()) or f"no model of group {group_id} loaded", None)
         self.group_id = group_id
+        self.facts = {str(k): dict(v) for k, v in dict(facts.get("facts") or {}).items() if v}
         return Loaded(group_id, models, errors)
 
     async def unload(self) -> list[str]:
-        held, self.group_id = self.group_id, None
+        held, self.group_id, self.facts = self.group_id, None, {}
         return [held] if held else []
 
     async def clear_cache(self) -> list[str]:
@@ -316,7 +320,7 @@ class ServeWorker:
         return []
 
     def model_facts(self, model_id: str) -> dict[str, Any] | None:
-        return None
+        return self.facts.get(model_id)
 
     def describe(self) -> dict[str, Any]:
         group = self.registry.groups.get(self.group_id or "")

@@ -90,6 +90,7 @@ class WorkerReplica:
                 "group_id": group_id,
                 "models": list(dev.loaded.models),
                 "errors": dict(dev.loaded.errors),
+                "facts": {m: self.runner.worker.model_facts(m) for m in dev.loaded.models},
             }
         failed = self.runner.load_errors.get(group_id)
         return {"group_id": group_id, "models": [], "errors": {"*": failed} if failed else {}}
