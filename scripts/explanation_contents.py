@@ -41,11 +41,13 @@ FORMS: dict[str, Form | int | None] = {
     "raw context, 8 tokens (first demo)": 8,
     "genre": Form(True, 0, 0),
     "quote 1 token": Form(False, 1, 0),
+    "quote 2 tokens": Form(False, 2, 0),
     "quote 3 tokens": Form(False, 3, 0),
     "quote 6 tokens": Form(False, 6, 0),
     "next 2": Form(False, 0, 2),
     "genre + quote 3": Form(True, 3, 0),
     "quote 3 + next 2": Form(False, 3, 2),
+    "genre + quote 2 + next 2": Form(True, 2, 2),
     "genre + quote 3 + next 2": Form(True, 3, 2),
     "genre + quote 6 + next 2": Form(True, 6, 2),
 }
@@ -87,6 +89,7 @@ def main() -> int:
         help="the frozen reader's weights (as trained)",
     )
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--forms", nargs="+", choices=list(FORMS), help="measure only these forms (default: all)")
     args = ap.parse_args()
 
     data = ActivationSet([Path(d) / "train" for d in args.data])
@@ -122,6 +125,8 @@ def main() -> int:
     rows = []
     started = time.monotonic()
     for name, form in FORMS.items():
+        if args.forms and name not in args.forms:
+            continue
         if form is None:
             ids = torch.full((len(keep), args.t_text), r.space_id, dtype=torch.long)
             lengths = torch.zeros(len(keep))
