@@ -257,3 +257,21 @@ def test_a_client_that_disconnects_cancels_its_job_on_the_replica(cluster: RayCl
             break
         assert time.time() < deadline, figures
         time.sleep(0.2)
+
+
+def test_a_generation_streams_as_server_sent_events_through_serves_proxy(cluster: RayCluster) -> None:
+    body = {"text": "Tell me", "model_id": "tiny-b-l1", "options": {"max_new_tokens": 6, "seed": 1}}
+    events: list[Any] = []
+    with httpx.stream("POST", cluster.url + "/generate?stream=true", json=body, timeout=120) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                payload = line[len("data: ") :]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    types = [e if isinstance(e, str) else e["type"] for e in events]
+    assert types[0] == "queued" and "token" in types and types[-2:] == ["generation_complete", "[DONE]"], (
+        types
+    )
+    done = events[-2]
+    tokens = [e for e in events[:-1] if e["type"] == "token"]
+    assert len(tokens) == done["completion_tokens"][0]
