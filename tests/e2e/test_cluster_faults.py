@@ -63,19 +63,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path]
         ray_cluster.shutdown()
 
 
-def _holder(group: str) -> dict[str, Any]:
-    """The replica of the pool that holds `group` (Serve routes a call for the group there)."""
-    from ray import serve
-
-    from talkative.serve.cluster.names import APP_NAME
-
-    handle = serve.get_deployment_handle(f"worker-{POOL}", app_name=APP_NAME)
-    figures: dict[str, Any] = (
-        handle.options(multiplexed_model_id=group).describe.remote().result(timeout_s=60)
-    )
-    return figures
-
-
 def test_a_worker_replica_killed_mid_job_and_the_job_completes_once(cluster: RayCluster) -> None:
     text = words(150)
     with connect(cluster.ws_url, open_timeout=30, max_size=None) as ws:
@@ -102,8 +89,9 @@ def test_a_worker_replica_killed_mid_job_and_the_job_completes_once(cluster: Ray
             if msg["type"] == "processing" and (msg.get("done_positions") or 0) >= 3:
                 break
         assert request_id is not None and mine[-1]["type"] == "processing", mine
-        victim = _holder("tiny-a")
-        cluster.kill(victim["pid"])
+        running_on = mine[-1]["replica"]  # the replica explaining the job now
+        (victim,) = [r for r in cluster.replicas(f"worker-{POOL}") if r.replica_id == running_on]
+        cluster.kill(victim.pid)
         killed_at = time.time()
 
         ends = []
@@ -129,7 +117,7 @@ def test_a_worker_replica_killed_mid_job_and_the_job_completes_once(cluster: Ray
     assert [m["type"] for m in ends] == ["result"], ends
     result = ends[0]
     meta = result["metadata"]
-    assert meta["replica"] != victim["replica"]  # sent again, and run by the replica still alive
+    assert meta["replica"] != victim.replica_id  # sent again, and run by the replica still alive
     positions = [row["position"] for row in result["tokens"]]
     assert positions == sorted(set(positions))  # each position once, in order: a whole result, no half one
     total = max((m.get("total_positions") or 0) for m in mine if m["type"] == "processing")

@@ -74,6 +74,8 @@ class WorkerReplica:
         async for message in self.runner.run(payload["kind"], payload["request"], payload["model_id"]):
             if message.get("type") == "accepted":
                 continue
+            if message.get("type") == "processing":
+                message = {**message, "replica": self.replica}  # which replica runs it, for operators
             result = message.get("result") if message.get("type") == "end" else None
             if isinstance(result, dict) and isinstance(result.get("metadata"), dict):
                 result["metadata"]["replica"] = self.replica  # which replica ran it, for operators
