@@ -205,19 +205,25 @@ class Dispatcher:
         entry.stream = stream
         if entry.cancelled:
             stream.cancel()
-        async for message in stream:
-            kind = message.get("type")
-            if kind == "accepted":
-                entry.replicas.append(str(message.get("replica")))
-                if not entry.accepted.done():
-                    entry.accepted.set_result(None)
-                continue
-            if kind == "end":
-                if message.get("status") == COMPLETED:
-                    return dict(message.get("result") or {})
-                raise WorkFailed(str(message.get("error") or "failed on the worker replica"))
-            if self._fresh(entry, message):
-                emit(message)
+        try:
+            async for message in stream:
+                kind = message.get("type")
+                if kind == "accepted":
+                    entry.replicas.append(str(message.get("replica")))
+                    if not entry.accepted.done():
+                        entry.accepted.set_result(None)
+                    continue
+                if kind == "end":
+                    if message.get("status") == COMPLETED:
+                        return dict(message.get("result") or {})
+                    raise WorkFailed(str(message.get("error") or "failed on the worker replica"))
+                if self._fresh(entry, message):
+                    emit(message)
+        except (
+            asyncio.CancelledError
+        ):  # the ingress stops (its scheduler's tasks end): so does the replica's job
+            stream.cancel()
+            raise
         raise ReplicaLost("the replica's stream ended without the job's end")
 
     @staticmethod

@@ -197,3 +197,17 @@ def test_cancelling_ends_the_call_and_the_job() -> None:
         return call
 
     assert asyncio.run(go()).cancelled
+
+
+def test_an_ingress_that_stops_ends_the_replicas_call() -> None:
+    async def go() -> Scripted:
+        call = Scripted([{"type": "accepted"}, END], hold=asyncio.Event())
+        dispatcher = Dispatcher(Transport(call), backoff=0)
+        running = asyncio.ensure_future(dispatcher.run(job(), lambda m: None))
+        await asyncio.sleep(0.05)
+        running.cancel()  # the scheduler's tasks are cancelled when the ingress stops
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        return call
+
+    assert asyncio.run(go()).cancelled
