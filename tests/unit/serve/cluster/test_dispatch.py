@@ -9,16 +9,18 @@ from typing import Any
 
 import pytest
 
+from talkative.serve.catalog.registry import parse_registry
 from talkative.serve.cluster.dispatch import (
     MAX_REDISPATCH,
     CallCancelled,
     ClusterBusy,
     Dispatcher,
     ReplicaLost,
+    ServeWorker,
 )
 from talkative.serve.jobs.record import Job
 from talkative.serve.scheduling.types import SchedulerError
-from talkative.serve.scheduling.workers import WorkFailed
+from talkative.serve.scheduling.workers import LoadFailed, WorkFailed
 
 END = {"type": "end", "status": "completed", "result": {"tokens": [1, 2, 3]}, "error": None}
 
@@ -211,3 +213,45 @@ def test_an_ingress_that_stops_ends_the_replicas_call() -> None:
         return call
 
     assert asyncio.run(go()).cancelled
+
+
+class Loader(Transport):
+    def __init__(self, answer: dict[str, Any] | Exception) -> None:
+        super().__init__()
+        self.answer = answer
+
+    async def load(self, group_id: str) -> dict[str, Any]:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def serve_worker(answer: dict[str, Any] | Exception) -> ServeWorker:
+    registry = parse_registry(
+        {
+            "model_groups": [
+                {
+                    "group_id": "g",
+                    "models": [
+                        {"id": m, "checkpoint": "init:bundled:smollm2-135m-instruct@4"} for m in ("m1", "m2")
+                    ],
+                }
+            ]
+        }
+    )
+    return ServeWorker("serve:0", registry, Dispatcher(Loader(answer), backoff=0))
+
+
+def test_a_virtual_device_holds_what_the_replica_loaded_and_its_facts() -> None:
+    worker = serve_worker({"errors": {"m2": "bad checkpoint"}, "facts": {"m1": {"d_model": 64}}})
+    loaded = asyncio.run(worker.load("g"))
+    assert loaded.models == ("m1",) and loaded.missing("m2") == "bad checkpoint"
+    assert worker.model_facts("m1") == {"d_model": 64} and worker.model_facts("m2") is None
+    assert worker.describe() == {"device": "serve:0", "group_id": "g", "models": ["m1", "m2"]}
+
+
+def test_a_replica_that_cannot_be_asked_is_no_load_failure_but_a_group_that_did_not_load_is() -> None:
+    busy = serve_worker(ClusterBusy("full", status=429, retry_after=1))
+    assert asyncio.run(busy.load("g")).models == ("m1", "m2")  # its first job loads it
+    with pytest.raises(LoadFailed, match="out of memory"):
+        asyncio.run(serve_worker({"errors": {"*": "out of memory"}}).load("g"))
