@@ -164,8 +164,9 @@ class Dispatcher:
                     if entry.cancelled:
                         raise WorkFailed("cancelled") from None
                     log.warning(
-                        "job %s lost its replica (%s); sending it again (attempt %d)",
+                        "job %s lost its replica %s (%s); sending it again (attempt %d)",
                         job.id,
+                        entry.replicas[-1] if entry.replicas else "(not reached yet)",
                         exc,
                         attempt + 2,
                     )
