@@ -54,6 +54,8 @@ ACCEPT_WAIT = 1.0
 #: a job whose replica died is sent again this many times (each to a replica Serve picks) before it fails
 MAX_REDISPATCH = 8
 REDISPATCH_BACKOFF = 0.5
+#: fields of a relayed progress message that are not the job's progress (the ingress sets its own ids)
+RELAY_ONLY = frozenset({"type", "request_id", "client_request_id"})
 #: how long the ingress waits for a replica to load a group it starts serving before it serves it anyway
 LOAD_WAIT = 120.0
 
@@ -378,10 +380,17 @@ class RemoteKind(WholeJobKind):
     def remaining_rows(self, device: DeviceState) -> int:
         return 0
 
+    @staticmethod
+    def _relay(job: Job, message: dict[str, Any], control: JobControl) -> None:
+        """A replica's message to the job's listeners; its progress is the job's here too (`/status` reads it)."""
+        if message.get("type") == "processing" and not job.terminal:
+            job.progress = {k: v for k, v in message.items() if k not in RELAY_ONLY}
+        control.emit_live(job, message)
+
     async def _run(self, job: Job, dev: DeviceState, control: JobControl) -> None:
         dev.inflight += 1
         try:
-            result = await dev.worker.run_job(self, job, lambda m: control.emit_live(job, m), lambda: None)
+            result = await dev.worker.run_job(self, job, lambda m: self._relay(job, m, control), lambda: None)
         except WorkFailed as exc:
             if not job.terminal:
                 control.finish(job, FAILED, error=str(exc))
