@@ -55,7 +55,9 @@ class WorkerReplica:
         registry = load_registry(settings.model_groups_file)
         registry.bind_environment(settings.environment_overrides)
         self.pool: Pool = load_pools(settings, registry)[pool_name]
-        self.runner = ReplicaRunner(settings, registry, self.pool.device)
+        self.runner = ReplicaRunner(
+            settings, registry, self.pool.device, max_jobs=self.pool.max_ongoing_requests
+        )
         await self.runner.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = ClusterMetrics(replica_label("worker"))  # its engine figures in the cluster's /metrics

@@ -103,15 +103,17 @@ class Counters:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
 
-def replica_settings(settings: Settings, scratch: Path) -> Settings:
-    """The server's settings as one replica runs them: its store in scratch, no result cache (the ingress keeps
-    it), no group loaded at start, and room for every job Serve lets it hold."""
+def replica_settings(settings: Settings, scratch: Path, max_jobs: int = 0) -> Settings:
+    """The server's settings as one replica runs them: its store in scratch (never the shared database), no
+    result cache, no group loaded at start, and room for every job Serve lets it hold (`max_jobs`, the pool's
+    max_ongoing_requests: Serve bounds what a replica holds, so the replica never refuses a job it was sent)."""
     return settings.model_copy(
         update={
             "data_dir": scratch,
+            "database_url": "",
             "result_cache": False,
             "lazy_load_model": True,
-            "max_queue_size": max(settings.max_queue_size, settings.max_active_jobs),
+            "max_queue_size": max(settings.max_queue_size, settings.max_active_jobs, max_jobs),
         }
     )
 
@@ -125,11 +127,12 @@ class ReplicaRunner:
         registry: Registry,
         device: str,
         *,
+        max_jobs: int = 0,
         residency: Residency | None = None,
         engine: AnalysisEngine = nla_analysis,
     ) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="talkative-replica-"))
-        self.settings = replica_settings(settings, self.scratch)
+        self.settings = replica_settings(settings, self.scratch, max_jobs)
         self.registry = registry
         self.residency = residency if residency is not None else Residency(registry, self.settings)
         self.sink = StreamSink()
