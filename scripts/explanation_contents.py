@@ -1,9 +1,9 @@
 """Which contents of an explanation carry the most of a layer-L activation, read by a frozen reconstructor.
 
 Before choosing the explanation language of the second demo NLA, measure each candidate content on its own and in
-combination: the genre label, a quote of the last n tokens, the subject's top next tokens, and the first demo's
-8 tokens of raw context for reference. Each form is rendered for every sample exactly as the trainer would
-(`nla/train/targets.py`, right-padded with spaces to t_text), read by the *untrained* soft-prompt reconstructor of
+combination: the genre label, the subject's top next tokens, the n tokens before the current one ("Reading: ...",
+ending the explanation), and the first demo's 8 tokens of raw context for reference. Each form is rendered for every sample exactly as the trainer would
+(`nla/train/targets.py`, left-padded with spaces to t_text), read by the *untrained* soft-prompt reconstructor of
 the demo architecture (frozen: the subject's own blocks 0..L over "Text:<explanation>" plus the current token),
 and a ridge-regression head is fitted from its output to the activation on one part of the training split and
 scored (FVE, the official definition against the training variance) on the rest. A frozen reader with a fitted
@@ -35,21 +35,22 @@ from talkative.nla.reconstructor import SoftPromptReconstructor  # noqa: E402
 from talkative.nla.train.data import ActivationSet  # noqa: E402
 from talkative.nla.train.targets import context_tail, sentence_rows  # noqa: E402
 
-# name -> (form, or None for raw context of `context` tokens)
+# name -> form (quote: the tokens before the current one, ending the explanation), raw context of n tokens, or
+# None for blank; run as listed
 FORMS: dict[str, Form | int | None] = {
+    "reading 6": Form(False, 6, 0),
+    "genre + reading 6": Form(True, 6, 0),
+    "genre + next 2 + reading 6": Form(True, 6, 2),
+    "genre + next 2 + reading 4": Form(True, 4, 2),
+    "next 2 + reading 6": Form(False, 6, 2),
+    "reading 8": Form(False, 8, 0),
     "blank (spaces: the current token alone)": None,
     "raw context, 8 tokens (first demo)": 8,
     "genre": Form(True, 0, 0),
-    "quote 1 token": Form(False, 1, 0),
-    "quote 2 tokens": Form(False, 2, 0),
-    "quote 3 tokens": Form(False, 3, 0),
-    "quote 6 tokens": Form(False, 6, 0),
     "next 2": Form(False, 0, 2),
-    "genre + quote 3": Form(True, 3, 0),
-    "quote 3 + next 2": Form(False, 3, 2),
-    "genre + quote 2 + next 2": Form(True, 2, 2),
-    "genre + quote 3 + next 2": Form(True, 3, 2),
-    "genre + quote 6 + next 2": Form(True, 6, 2),
+    "reading 2": Form(False, 2, 0),
+    "reading 4": Form(False, 4, 0),
+    "genre + next 1 + reading 8": Form(True, 8, 1),
 }
 
 

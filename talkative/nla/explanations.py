@@ -2,24 +2,24 @@
 
 An explanation states up to three facts the activation carries, each checkable against the subject:
 
-    A recipe. Reading "two cups of" — next likely "flour" or "sugar".
-    └ genre ┘         └ quote: the last tokens ┘            └ the subject's top next tokens ┘
+    A recipe. Next likely "flour" or "sugar". Reading: add two cups of
+    └genre─┘  └─ the subject's top next tokens ─┘ └ the words just before the token ┘
 
 Grammar (docs/demo-model.md restates it):
 
-    explanation := genre "."  [ " " reading ]  |  reading
-    reading     := 'Reading "' quote '"' [ ' — next likely ' nexts ] "."  |  "Next likely " nexts "."
-    nexts       := '"' next '"' [ ' or "' next '"' ]
+    explanation := [ genre "." ] [ " " ] [ next ] [ " " ] [ "Reading:" words ]      (at least one part)
+    next        := 'Next likely "' token '"' [ ' or "' token '"' ] "."
     genre       := one of GENRE_LABELS' values ("A recipe", "Code", "A news report", ...)
-    quote, next := text without double quotes, line breaks or runs of spaces (`clean_piece`)
+    token       := text without double quotes or line breaks, trimmed
+    words       := the rest of the explanation: the text just before the token being explained, as it is
 
-The demo's warm start always writes all three parts; the shorter forms exist because the measurements that chose
-this form compare them (scripts/explanation_contents.py).
-
-Trailing spaces are padding (the verbalizer writes a fixed number of tokens) and are ignored. `parse` says
-whether a text is in the language and extracts its claims; `check_claims` says which are true for a sample given
-its genre, its recent context and the subject's top next tokens. Pure string functions, no model: the trainer
-builds warm-start targets with `render`, GRPO fails texts `parse` refuses, and `talkative eval` counts true claims.
+Parts are separated by one space and come in this order; `parse` accepts exactly what `render` writes. The words
+come last and unquoted on purpose: the reconstructor reads the explanation followed by the current token, and
+raw context that runs straight into that token carries twice the activation a quoted copy does (measured with a
+frozen reconstructor, docs/demo-model.md). Leading and trailing spaces are padding (the verbalizer writes a fixed
+number of tokens) and are ignored. `check_claims` says which claims are true for a sample given its genre, its
+recent context and the subject's top next tokens. Pure string functions, no model: the trainer builds warm-start
+targets with `render`'s parts, GRPO fails texts `parse` refuses, and `talkative eval` counts true claims.
 """
 
 from __future__ import annotations
@@ -64,15 +64,16 @@ CORPUS_GENRES: dict[str, str] = {
 }
 
 MAX_TOKENS = 24  # an explanation's length budget: analysis time grows with it
-RECENT_TOKENS = 16  # a quote is true when it occurs in the text of the last this-many tokens
+RECENT_TOKENS = 16  # the quoted words are true when they occur in the text of the last this-many tokens
+READING = "Reading:"
 
 
 @dataclass(frozen=True)
 class Form:
-    """Which parts a rendered explanation has: the genre, a quote of the last `quote` tokens, `next` top tokens."""
+    """Which parts a rendered explanation has: the genre, `next` top next tokens, the last `quote` tokens."""
 
     genre: bool = True
-    quote: int = 3
+    quote: int = 6
     next: int = 2
 
 
@@ -81,37 +82,38 @@ class Claims:
     """What a parsed explanation states; a part it leaves out is None (or an empty tuple for `next`)."""
 
     genre: str | None  # a GENRE_LABELS key
-    quote: str | None
+    quote: str | None  # the words after "Reading:", cleaned (`clean_piece`)
     next: tuple[str, ...]
 
 
 def clean_piece(text: str) -> str:
-    """A piece of text as the language can quote it: whitespace runs (line breaks included) to one space,
-    double quotes to single ones, trimmed."""
+    """A piece of text as the language compares it: whitespace runs (line breaks included) to one space, double
+    quotes to single ones, trimmed."""
     return re.sub(r"\s+", " ", text.replace('"', "'")).strip()
 
 
-def render(genre: str | None, quote: str | None, nexts: Sequence[str] = ()) -> str:
-    """The sentence stating these claims; parts given as None or empty are left out."""
+def render_prefix(genre: str | None, nexts: Sequence[str] = ()) -> str:
+    """The genre and next-token parts ("" when neither is given)."""
     parts = [GENRE_LABELS[genre] + "."] if genre is not None else []
-    q = clean_piece(quote) if quote is not None else ""
     ns = [n for n in (clean_piece(x) for x in nexts) if n][:2]
-    nxt = '"' + '" or "'.join(ns) + '"' if ns else ""
-    if q:
-        parts.append(f'Reading "{q}"' + (f" — next likely {nxt}." if nxt else "."))
-    elif nxt:
-        parts.append(f"Next likely {nxt}.")
-    if not parts:
-        raise ValueError("an explanation states at least one claim")
+    if ns:
+        parts.append('Next likely "' + '" or "'.join(ns) + '".')
     return " ".join(parts)
 
 
+def render(genre: str | None, quote: str | None, nexts: Sequence[str] = ()) -> str:
+    """The explanation stating these claims; `quote` is the raw text just before the token (kept as it is)."""
+    prefix = render_prefix(genre, nexts)
+    if quote is not None and clean_piece(quote):
+        return (prefix + " " if prefix else "") + READING + quote
+    if not prefix:
+        raise ValueError("an explanation states at least one claim")
+    return prefix
+
+
 _LABELS = "|".join(re.escape(label) for label in sorted(LABEL_GENRES, key=len, reverse=True))
-_PATTERN = re.compile(
-    rf"^(?:(?P<genre>{_LABELS})\.)? ?"
-    r'(?:Reading "(?P<quote>[^"\n]+)")?'
-    r'(?:(?: — next|Next) likely "(?P<n1>[^"\n]+)"(?: or "(?P<n2>[^"\n]+)")?)?\.?$'
-)
+_GENRE = re.compile(rf"({_LABELS})\.")
+_NEXT = re.compile(r'Next likely "([^"\n]+)"(?: or "([^"\n]+)")?\.')
 
 
 def parse(text: str) -> Claims | None:
@@ -120,17 +122,22 @@ def parse(text: str) -> Claims | None:
     A text parses when it is exactly what `render` writes for the claims read from it, so every accepted text
     is in the canonical form of the grammar (no stray spaces, punctuation or missing parts)."""
     body = text.strip()
-    m = _PATTERN.match(body)
-    if m is None:
+    rest, genre, nexts, quote = body, None, (), None
+    if m := _GENRE.match(rest):
+        genre, rest = LABEL_GENRES[m.group(1)], rest[m.end() :].removeprefix(" ")
+    if m := _NEXT.match(rest):
+        nexts, rest = tuple(n for n in m.groups() if n), rest[m.end() :].removeprefix(" ")
+    if rest.startswith(READING):
+        quote, rest = rest[len(READING) :], ""
+    if rest or (genre is None and not nexts and quote is None):
         return None
-    genre = LABEL_GENRES[m.group("genre")] if m.group("genre") else None
-    nexts = tuple(n for n in (m.group("n1"), m.group("n2")) if n)
-    claims = Claims(genre, m.group("quote"), nexts)
     try:
-        canonical = render(claims.genre, claims.quote, claims.next)
+        canonical = render(genre, quote, nexts)
     except ValueError:
         return None
-    return claims if canonical == body else None
+    if canonical != body:
+        return None
+    return Claims(genre, clean_piece(quote) if quote is not None else None, nexts)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """How often the claims of sampled explanations are true, per kind of claim (`nla/explanations.py`).
 
-Checked against each held-out sample: the stated genre against its document's genre, the quote against the text
-of its last RECENT_TOKENS tokens, the first "next likely" token against the subject's top next tokens stored with
-the sample (top 5 when the dataset was extracted with `top_k: 5`; the report says how many). Each kind is reported
-as the share of explanations that state it, the share of those that are true, and the share of all explanations
-with a true claim of that kind (a missing claim counts as not true): the last is the figure a target is set on.
+Checked against each held-out sample: the stated genre against its document's genre, the words after "Reading:"
+(the "quote") against the text of its last RECENT_TOKENS tokens, the first "next likely" token against the
+subject's top next tokens stored with the sample (top 5 when the dataset was extracted with `top_k: 5`; the report
+says how many). Each kind is reported as the share of explanations that state it, the share of those that are
+true, and the share of all explanations with a true claim of that kind (a missing claim counts as not true): the
+last is the figure a target is set on.
 """
 
 from __future__ import annotations

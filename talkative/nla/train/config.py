@@ -68,9 +68,9 @@ class TrainConfig:
     # scale term of the reconstructor loss: nmse + scale_weight * log(|Â|/|A|)^2
     scale_weight: float = 0.1
     # the warm-start explanation language: "context" (the t_text tokens before the position) or "sentence"
-    # (nla/explanations.py: genre, a quote of the last quote_tokens tokens, the subject's next_tokens top tokens)
+    # (nla/explanations.py: genre, the subject's next_tokens top tokens, the quote_tokens tokens before the position)
     explanations: str = "context"
-    quote_tokens: int = 3
+    quote_tokens: int = 6
     next_tokens: int = 2
     state_genre: bool = True
     # grpo: subtracted from the reward (-nMSE) of an explanation that does not parse in the sentence language,

@@ -4,11 +4,12 @@ Two languages:
 
 * `context`: the t_text tokens of context just before the position (the first demo's warm start: the most
   faithful short text a frozen reconstructor can read, but fragments of other texts to a person).
-* `sentence`: a sentence of the explanation language (`nla/explanations.py`), e.g.
-  `A recipe. Reading "two cups of" — next likely "flour" or "sugar".`, from the document's genre label, the last
-  `quote` tokens (the current one included) and the subject's own top next tokens stored with the sample. The
-  verbalizer writes exactly t_text tokens, so a sentence is right-padded with spaces (which the parser ignores);
-  a sentence too long for t_text quotes fewer tokens, then names fewer next tokens.
+* `sentence`: an explanation in the language of `nla/explanations.py`, e.g.
+  `A recipe. Next likely "flour" or "sugar". Reading: add two cups of`, from the document's genre label, the
+  subject's own top next tokens stored with the sample and the `quote` tokens before the current one. The
+  verbalizer writes exactly t_text tokens, so a sentence is left-padded with spaces (which the parser ignores),
+  which keeps the quoted words right before the current token; a sentence too long for t_text quotes fewer
+  tokens, then names fewer next tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..explanations import Form, clean_piece, render
+from ..explanations import READING, Form, clean_piece, render_prefix
 from .data import ActivationSet
 
 LANGUAGES = ("context", "sentence")
@@ -37,43 +38,51 @@ def context_tail(ctx: Tensor, t_text: int, space_id: int) -> Tensor:
     return torch.where(tail < 0, torch.full_like(tail, space_id), tail)
 
 
-def quote_text(tokenizer: Any, ctx: list[int], n: int) -> str:
-    """The last `n` tokens (the current one included) as the language quotes them; reaches further back (up to
-    2n tokens) when those are only whitespace or punctuation-free blanks."""
-    ids = [t for t in ctx if t >= 0]
+def quote_ids(tokenizer: Any, ctx: list[int], n: int) -> list[int]:
+    """The last `n` tokens before the current one (the last of `ctx`), as the context has them; reaches further
+    back (up to 2n tokens) when those are only whitespace, and gives [] when there is nothing but."""
+    ids = [t for t in ctx if t >= 0][:-1]
     for m in range(n, 2 * n + 1):
-        q = clean_piece(tokenizer.decode(ids[-m:]))
-        if q:
-            return q
-    return ""
+        if clean_piece(tokenizer.decode(ids[-m:])):
+            return ids[-m:]
+    return []
+
+
+def sentence_tokens(tokenizer: Any, genre: str, ctx: list[int], top: list[int], form: Form) -> list[int]:
+    """The explanation of one sample in `form`, unpadded: the genre and next-token parts tokenized, then
+    "Reading:" and the context's own tokens (not re-tokenized, so they run into the current token exactly as in
+    the text). [] when the form states nothing about the sample (only the measurements use such forms)."""
+    quote = quote_ids(tokenizer, ctx, form.quote) if form.quote > 0 else []
+    nexts = [tokenizer.decode([t]) for t in top[: form.next] if t >= 0]
+    prefix = render_prefix(genre if form.genre else None, nexts)
+    if quote:
+        prefix = (prefix + " " if prefix else "") + READING
+    if not prefix:
+        return []
+    return list(tokenizer(prefix, add_special_tokens=False)["input_ids"]) + quote
 
 
 def sentence_text(tokenizer: Any, genre: str, ctx: list[int], top: list[int], form: Form) -> str:
-    """The explanation sentence of one sample in `form`; "" when the form states nothing about it (a form
-    without the genre whose quote and next tokens are all blanks: only the measurements use such forms)."""
-    quote = quote_text(tokenizer, ctx, form.quote) if form.quote > 0 else None
-    nexts = [tokenizer.decode([t]) for t in top[: form.next] if t >= 0]
-    if not form.genre and not quote and not any(clean_piece(n) for n in nexts):
-        return ""
-    return render(genre if form.genre else None, quote, nexts)
+    """The explanation of one sample in `form`, as text."""
+    return str(tokenizer.decode(sentence_tokens(tokenizer, genre, ctx, top, form)))
 
 
 def sentence_ids(
     tokenizer: Any, genre: str, ctx: list[int], top: list[int], form: Form, t_text: int, space_id: int
 ) -> list[int]:
-    """`sentence_text` tokenized and right-padded with spaces to t_text, shortened until it fits."""
+    """`sentence_tokens` left-padded with spaces to t_text (so the words end right before the current token the
+    reconstructor reads next), shortened until it fits: fewer quoted tokens, then fewer next tokens."""
     quote, nxt = form.quote, form.next
     while True:
-        text = sentence_text(tokenizer, genre, ctx, top, Form(form.genre, quote, nxt))
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = sentence_tokens(tokenizer, genre, ctx, top, Form(form.genre, quote, nxt))
         if len(ids) <= t_text:
-            return ids + [space_id] * (t_text - len(ids))
+            return [space_id] * (t_text - len(ids)) + ids
         if quote > 1:
             quote -= 1
         elif nxt > 0:
             nxt -= 1
         else:
-            raise ValueError(f"{text!r} needs {len(ids)} tokens, more than t_text {t_text}")
+            raise ValueError(f"{tokenizer.decode(ids)!r} needs {len(ids)} tokens, more than t_text {t_text}")
 
 
 def sentence_table(data: ActivationSet, tokenizer: Any, form: Form, t_text: int, space_id: int) -> Tensor:

@@ -33,7 +33,7 @@ def test_the_content_measurement_scores_every_form(tmp_path, tiny_llama_dir):
     report = json.loads(out.read_text())
     forms = {row["form"]: row for row in report["forms"]}
     assert report["samples_fit"] + report["samples_scored"] == 200
-    assert forms["genre + quote 3 + next 2"]["tokens_max"] <= 24
+    assert forms["genre + next 2 + reading 6"]["tokens_max"] <= 24
     assert forms["blank (spaces: the current token alone)"]["tokens_mean"] == 0
     assert all(row["fve"] == row["fve"] for row in report["forms"])  # finite, not NaN
     assert "| genre |" in out.with_suffix(".md").read_text()

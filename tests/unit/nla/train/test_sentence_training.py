@@ -68,7 +68,7 @@ def test_warm_starts_are_sentences_of_each_samples_claims(tmp_path, modern_ds, t
 def test_parse_rate_tells_sentences_from_other_text(tiny_llama):
     tok = tiny_llama.tokenizer
     rows = [
-        tok('A recipe. Reading "of" — next likely "flour".')["input_ids"],
+        tok('A recipe. Next likely "flour". Reading: two cups of')["input_ids"],
         tok("two cups of flour")["input_ids"],
     ]
     width = max(map(len, rows))
