@@ -175,6 +175,25 @@ def test_metrics_on_any_replica_cover_every_replica_and_name_no_hidden_group(
     }
     assert held == {"hidden"}, held  # the worker holds the hidden group now, under the hidden label
     assert "tiny-hidden" not in text  # its id appears on no replica's series
+    # the seed's JSON figures, summed over the same replicas (scraped again until no replica came or went between)
+    for _ in range(5):
+        figures = httpx.get(cluster.url + "/metrics?format=json", timeout=30).json()
+        samples = [
+            s
+            for f in text_string_to_metric_families(httpx.get(cluster.url + "/metrics", timeout=30).text)
+            for s in f.samples
+        ]
+        submitted = sum(s.value for s in samples if s.name == "talkative_jobs_submitted_total")
+        completed = [
+            s.value
+            for s in samples
+            if s.name == "talkative_jobs_finished_total" and s.labels["status"] == "completed"
+        ]
+        if figures["total_requests"] == submitted and figures["completed_requests"] == sum(completed):
+            break
+        time.sleep(2)
+    assert figures["total_requests"] == submitted, (figures, submitted)
+    assert figures["completed_requests"] == sum(completed) and len(completed) >= 3  # every ingress replica's
 
 
 def test_the_seed_documentation_client_through_serves_proxy(cluster: RayCluster) -> None:

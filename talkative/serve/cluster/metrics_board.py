@@ -146,6 +146,9 @@ class ClusterMetrics:
     async def exposition(self, registry: CollectorRegistry) -> bytes:
         """This replica's families now and every other live replica's latest post. When the board cannot be
         reached, this replica's own (a scrape still answers what it can)."""
+        return render(await self._everyone(registry))
+
+    async def _everyone(self, registry: CollectorRegistry) -> dict[str, list[Family]]:
         others: dict[str, list[Family]] = {}
         try:
             board = await self.board()
@@ -153,7 +156,17 @@ class ClusterMetrics:
         except RayError as exc:
             self._board = None
             log.warning("the metrics board is unreachable (%s); answering this replica's metrics only", exc)
-        return render({**others, self.replica: snapshot(registry)})
+        return {**others, self.replica: snapshot(registry)}
+
+    async def samples(self, registry: CollectorRegistry) -> list[Sample]:
+        """Every sample of this replica now and of every other live replica's latest post (for the JSON figures);
+        this replica's only when the board cannot be reached."""
+        return [
+            sample
+            for families in (await self._everyone(registry)).values()
+            for *_, samples in families
+            for sample in samples
+        ]
 
     # -- posting in the background --------------------------------------------------------------------------------
     def start(self, registry: CollectorRegistry) -> None:

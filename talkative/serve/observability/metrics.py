@@ -47,6 +47,10 @@ class SharedMetrics(Protocol):
         """Prometheus text of `registry` now and of every other live replica's latest post."""
         ...
 
+    async def samples(self, registry: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+        """Every sample (name, labels, value) of `registry` now and of every other live replica's latest post."""
+        ...
+
 
 class Metrics:
     """The per-app registry and the event metrics; `bind(service)` adds the state read at scrape time. `shared`
@@ -143,6 +147,12 @@ class Metrics:
             return generate_latest(self.registry)
         return await self.shared.exposition(self.registry)
 
+    async def figures(self) -> dict[str, Any]:
+        """`GET /metrics` as JSON: this server's `summary`, or its cluster's, summed over every replica."""
+        if self.shared is None:
+            return self.summary()
+        return cluster_summary(await self.shared.samples(self.registry))
+
     def bind(self, service: Service) -> None:
         self.service = service
         for model_id in service.registry.models:  # every series exists from the first scrape, at 0
@@ -219,6 +229,43 @@ class Metrics:
             "cancelled_requests": int(stats.get("cancelled", 0)),
             "rejected_requests": rejected,
         }
+
+
+def cluster_summary(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, Any]:
+    """The seed's JSON figures of a cluster, from every replica's samples: the same figures as `summary` gives for
+    one server, each summed over the replicas (the average over every replica's completed jobs)."""
+
+    def total(name: str, **match: str) -> float:
+        return sum(
+            v for n, labels, v in samples if n == name and all(labels.get(k) == x for k, x in match.items())
+        )
+
+    def completed_jobs(suffix: str) -> float:  # the histogram of completed jobs' durations, switches apart
+        return sum(
+            v
+            for n, labels, v in samples
+            if n == f"talkative_job_duration_seconds_{suffix}"
+            and labels.get("status") == "completed"
+            and labels.get("kind") != "switch"
+        )
+
+    rejected: dict[str, int] = {}
+    for name, labels, value in samples:
+        if name == "talkative_rejected_requests_total":
+            rejected[labels["reason"]] = rejected.get(labels["reason"], 0) + int(value)
+    done = completed_jobs("count")
+    return {
+        "total_requests": int(total("talkative_jobs_submitted_total")),
+        "completed_requests": int(total("talkative_jobs_finished_total", status="completed")),
+        "failed_requests": int(total("talkative_jobs_finished_total", status="failed")),
+        "queue_size": int(
+            total("talkative_jobs", status="queued") + total("talkative_jobs", status="processing")
+        ),
+        "average_processing_time": round(completed_jobs("sum") / done, 3) if done else 0.0,
+        "active_websocket_connections": int(total("talkative_websocket_connections")),
+        "cancelled_requests": int(total("talkative_jobs_finished_total", status="cancelled")),
+        "rejected_requests": rejected,
+    }
 
 
 class _StateCollector(Collector):

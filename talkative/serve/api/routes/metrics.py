@@ -60,7 +60,7 @@ async def metrics(
         format is None and "application/json" in accept and "text/plain" not in accept
     )
     if wants_json:
-        return JSONResponse(registry.summary())
+        return JSONResponse(await registry.figures())
     return Response(await registry.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

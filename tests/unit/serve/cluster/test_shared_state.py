@@ -101,6 +101,8 @@ def test_metrics_of_every_replica_are_rendered_labelled_by_replica(cluster: None
     text = asyncio.run(scraper.exposition(here))
     assert _samples(text, "talkative_jobs_submitted_total") == {"ingress-a": 3, "worker-b": 4, "ingress-c": 1}
     assert _samples(text, "talkative_ready") == {"ingress-c": 1}
+    everyone = asyncio.run(scraper.samples(here))  # what the JSON figures are summed from
+    assert sorted(v for n, _, v in everyone if n == "talkative_jobs_submitted_total") == [1, 3, 4]
     # a replica that stops posting is left out after a few intervals; one that posts stays
     time.sleep(1.0)
     ray.get(b.submit.remote(1))
