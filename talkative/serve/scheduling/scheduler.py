@@ -546,8 +546,13 @@ class Scheduler:
             stored = await self.store.get(job_id)
             if stored is None:
                 raise UnknownRequest(job_id)
-            if self.leases is None or stored.terminal or not await self.store.request_cancel(job_id):
+            if self.leases is None or stored.terminal:
                 raise SchedulerError(409, f"request {job_id} is already {stored.status}")
+            if not await self.store.request_cancel(job_id):  # it ended (or was deleted) meanwhile
+                ended = await self.store.get(job_id)
+                if ended is None:
+                    raise UnknownRequest(job_id)
+                raise SchedulerError(409, f"request {job_id} is already {ended.status}")
             # another replica runs it: it hears of the request when it next renews its leases
             ended = await self.wait(job_id, timeout=self.leases.lease_seconds)
             if ended.terminal and ended.status != CANCELLED:

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from scheduler_fakes import REGISTRY, Engine, FakeResidency, Recorder, Sink, until, words
 
 from talkative.serve.catalog.registry import parse_registry
@@ -21,6 +22,7 @@ from talkative.serve.scheduling.leases import Leases
 from talkative.serve.scheduling.policy import FifoGroupPhases
 from talkative.serve.scheduling.queue import JobQueue
 from talkative.serve.scheduling.scheduler import Scheduler
+from talkative.serve.scheduling.types import SchedulerError
 from talkative.serve.scheduling.workers import LocalWorker
 from talkative.serve.settings import Settings
 
@@ -196,5 +198,17 @@ def test_a_stopping_replica_gives_its_unfinished_jobs_back_at_once(tmp_path: Pat
             assert stored is not None and stored.status in (QUEUED, PROCESSING)
             assert await store.claim(job.id, "next", 5)  # nobody holds them any more
         store.close()
+
+    go(tmp_path, body)
+
+
+def test_cancelling_a_job_another_replica_finished_is_a_conflict(tmp_path: Path) -> None:
+    async def body(tmp: Path) -> None:
+        async with replica(tmp, "a") as a, replica(tmp, "b") as b:
+            job = await submit(a, words(3))
+            assert (await a.sched.wait(job.id, timeout=30)).status == COMPLETED
+            with pytest.raises(SchedulerError, match="already completed") as refused:
+                await b.sched.cancel(job.id)
+            assert refused.value.status == 409
 
     go(tmp_path, body)
