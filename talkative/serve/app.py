@@ -45,7 +45,7 @@ from .jobs.database import Database, open_database
 from .jobs.generation import GenerateKind, Generations, TokenLogs
 from .jobs.kinds import JobKind, final_message
 from .jobs.shares import ShareStore
-from .jobs.store import JobStore
+from .jobs.store import LOCAL_RUNNER, JobStore
 from .jobs.vectors import VectorKind
 from .observability.metrics import Metrics, TelemetrySink
 from .observability.request_context import RequestContext
@@ -139,6 +139,9 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
             for device in settings.resolved_devices()
         ]
         scheduler_kinds, scheduler_settings = kinds, settings
+    # replicas of a cluster share the store: each runs the jobs and feeds the batches it holds a lease on, and
+    # adopts dead ones'; one runner id names the replica in both
+    runner = runner_id() if settings.backend == "ray" else LOCAL_RUNNER
     scheduler = Scheduler(
         scheduler_settings,
         registry,
@@ -150,8 +153,7 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
         monitor=metrics,
         policy=policy,
         client_cap=access.client_cap,
-        # replicas of a cluster share the store: each runs the jobs it holds a lease on and adopts dead ones'
-        leases=Leases(store, runner_id(), settings.lease_seconds) if settings.backend == "ray" else None,
+        leases=Leases(store, runner, settings.lease_seconds) if settings.backend == "ray" else None,
     )
     service = Service(settings, registry, residency, store, scheduler, hub, cache)
     generations = Generations(scheduler, registry, settings, logs, service.submit_analysis)
@@ -162,6 +164,8 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
         service.submit_analysis,
         service.delete_job,
         devices=len(workers),
+        runner=runner,
+        lease_seconds=settings.lease_seconds,
     )
     metrics.bind(service)
     return Serving(service, generations, logs, batches, ShareStore(database), database)

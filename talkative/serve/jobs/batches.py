@@ -1,15 +1,23 @@
 """Batch jobs: many analyses submitted as one, run as ordinary analysis jobs, kept item by item in the store.
 
 A batch is a list of items (`{id, text | messages, options}`) with shared defaults (a model, options). It is
-written to the job store's database (tables `batches` and `batch_items`, in `jobs/migrations.py`) before the
-client hears of it; then `Batches` feeds its items to the scheduler as analysis jobs, a few at a time, marked as
-batch items so that the scheduling policy gives interactive requests priority (`scheduling/policy.py`). Each item's
-result line is written to the store the moment its job ends, before any reader can see it; results are read back in
-completion order (`done_seq`).
+written to the job store's database (`batch_store.py`) before the client hears of it; then `Batches` feeds its
+items to the scheduler as analysis jobs, a few at a time, marked as batch items so that the scheduling policy gives
+interactive requests priority (`scheduling/policy.py`). Each item's result line is written to the store the moment
+its job ends, before any reader can see it; results are read back in completion order (`done_seq`).
 
-Durable: a restart finds the unfinished batches in the store and carries on. An item whose job the previous process
-had submitted is followed again (the scheduler recovers the job itself, or it already finished and its stored
-result is taken), so nothing that finished is computed again; only items never finished run.
+Durable: a restart finds the open batches in the store and carries on. An item whose job the previous process had
+submitted is followed again (the scheduler recovers the job itself, or it already finished and its stored result is
+taken), so nothing that finished is computed again; only items never finished run.
+
+Several replicas on one store (an ingress replica of a cluster, runner id `<node>:<pid>:<random>`): each batch is
+fed by one replica, the one holding its lease (`batch_store.py`): the replica that accepted it, or the one that
+adopted it after its feeder stopped renewing (died) or gave it back (stopped). An adopted batch is carried on as
+after a restart: items whose jobs are alive are followed wherever those jobs run, never submitted again. Every
+other replica answers for the batch from the store: its progress, its results (a follower there re-reads the store
+every `POLL_SECONDS`, since no event of its own process tells it of the feeder's progress) and its cancel (a flag
+the feeder sees when it next renews its lease; a batch nobody feeds is adopted and cancelled by the canceller).
+The local backend (runner `local`) owns every batch of its store and carries on all open ones at start.
 
 Why items are whole jobs rather than chunks of one big job: every job already has the scheduler's durability,
 timeouts, cancellation, chunking into shared engine batches and failure isolation, so a batch adds bookkeeping, not
@@ -20,37 +28,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..catalog.registry import UnknownModel
 from ..scheduling.types import SchedulerError
-from .database import Database, Row, Tables
+from .batch_store import (
+    PENDING,
+    QUEUED,
+    RUNNING,
+    UNFINISHED,
+    Batch,
+    BatchStore,
+    ItemSpec,
+    TooManyBatches,
+    result_line,
+)
 from .record import CANCELLED, COMPLETED, FAILED, Job, UnknownRequest, iso, new_id
+from .store import LOCAL_RUNNER
 
 if TYPE_CHECKING:
     from ..settings import Settings
+
+__all__ = [
+    "BATCH_KEY",
+    "PENDING",
+    "QUEUED",
+    "RUNNING",
+    "UNFINISHED",
+    "Batch",
+    "BatchStore",
+    "Batches",
+    "ItemSpec",
+    "is_batch_item",
+]
 
 log = logging.getLogger("talkative.serve.jobs.batches")
 
 #: the key of an analysis job's request that names the batch it is an item of (what marks it as batch work)
 BATCH_KEY = "batch_id"
-#: batch statuses: queued (no item started yet) -> running -> completed | cancelled (terminal)
-QUEUED, RUNNING = "queued", "running"
-UNFINISHED = (QUEUED, RUNNING)
-#: item statuses: pending -> running -> completed | failed | cancelled
-PENDING = "pending"
 #: an item whose job was cancelled by someone else than its batch (an administrator's reset) runs again, this often
 RESUBMITS = 3
 #: how long a waiting item submission backs off when the queue is full or the server is not ready
 BACKOFF_SECONDS = 1.0
+#: how often a reader of a batch another replica feeds reads the store again: no event of this process tells it
+#: of that replica's progress; one indexed read per follower every half second is cheap (as for jobs)
+POLL_SECONDS = 0.5
+#: how many times a cancel asked of another replica waits a lease for the feeder to apply it before returning
+CANCEL_ROUNDS = 3
 
 
 def is_batch_item(job: Job) -> bool:
@@ -58,306 +87,10 @@ def is_batch_item(job: Job) -> bool:
     return job.request.get(BATCH_KEY) is not None
 
 
-# -- the records -------------------------------------------------------------------------------------------------------
-@dataclass
-class ItemSpec:
-    """One item as submitted: its client id, the line of the upload it came from, and either the engine request
-    (`{text | messages, options}`) or why it could not be read (then it fails at once)."""
-
-    item_id: Any  # the client's id, a string or an integer (None when a malformed line had none)
-    request: dict[str, Any] | None
-    error: str | None = None
-    line: int | None = None
-
-
-@dataclass
-class Batch:
-    """A batch as stored, with its items counted by status and the positions its finished items hold."""
-
-    id: str
-    owner: str | None
-    status: str
-    model_id: str
-    options: dict[str, Any]
-    source: str  # json | jsonl: whether result lines carry the upload's line numbers
-    total: int
-    created_at: float
-    started_at: float | None = None
-    completed_at: float | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    positions: int = 0  # positions of the completed items
-
-    @property
-    def terminal(self) -> bool:
-        return self.status not in UNFINISHED
-
-
-def _line(spec_id: Any, status: str, line: int | None, **fields: Any) -> str:
-    """One result line: `{id, status, [line], tokens, metadata}` or `{id, status, [line], error}`."""
-    body: dict[str, Any] = {"id": spec_id, "status": status}
-    if line is not None:
-        body["line"] = line
-    body.update(fields)
-    return json.dumps(body, separators=(",", ":"), allow_nan=False)
-
-
-# -- the store ---------------------------------------------------------------------------------------------------------
-class BatchStore(Tables):
-    """The batches' tables of the job store's database, on a channel of their own (the event loop never waits on
-    the database, and the job store's calls never wait behind the batches')."""
-
-    def __init__(self, database: Database | Path) -> None:
-        super().__init__(database, "batch-store")
-
-    # -- on the store thread ------------------------------------------------------------------------------------
-    def _create(self, batch: Batch, items: Sequence[ItemSpec]) -> None:
-        conn = self._conn()
-        with conn.transaction():
-            conn.execute(
-                "INSERT INTO batches (id, owner, status, model_id, options, source, total, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    batch.id,
-                    batch.owner,
-                    batch.status,
-                    batch.model_id,
-                    json.dumps(batch.options),
-                    batch.source,
-                    batch.total,
-                    batch.created_at,
-                ),
-            )
-            done = itertools.count(1)
-            rows: list[tuple[Any, ...]] = []
-            for seq, spec in enumerate(items):
-                if spec.error is not None:  # unreadable: failed at once, first in completion order
-                    result = _line(spec.item_id, FAILED, spec.line, error=spec.error)
-                    rows.append(
-                        (batch.id, seq, json.dumps(spec.item_id), spec.line, None, FAILED, next(done), result)
-                    )
-                else:
-                    request = json.dumps(spec.request)
-                    rows.append(
-                        (batch.id, seq, json.dumps(spec.item_id), spec.line, request, PENDING, None, None)
-                    )
-            conn.executemany(
-                "INSERT INTO batch_items (batch_id, seq, item_id, line, request, status, done_seq, result)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-
-    def _batch(self, row: Row) -> Batch:
-        conn = self._conn()
-        counts: dict[str, int] = {}
-        positions = 0
-        for status, n, pos in conn.execute(
-            "SELECT status, COUNT(*), COALESCE(SUM(positions), 0) FROM batch_items WHERE batch_id = ? GROUP BY status",
-            (row["id"],),
-        ):
-            counts[status] = int(n)
-            if status == COMPLETED:
-                positions = int(pos)
-        return Batch(
-            id=row["id"],
-            owner=row["owner"],
-            status=row["status"],
-            model_id=row["model_id"],
-            options=json.loads(row["options"]),
-            source=row["source"],
-            total=row["total"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            completed_at=row["completed_at"],
-            counts=counts,
-            positions=positions,
-        )
-
-    def _get(self, batch_id: str) -> Batch | None:
-        row = self._conn().execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
-        return self._batch(row) if row else None
-
-    def _listing(self, owner: str | None, limit: int, offset: int) -> tuple[list[Batch], int]:
-        conn = self._conn()
-        where, args = (f"WHERE owner {self.dialect.same} ?", (owner,)) if owner is not None else ("", ())
-        total = int(conn.execute(f"SELECT COUNT(*) FROM batches {where}", args).fetchone()[0])
-        rows = conn.execute(
-            f"SELECT * FROM batches {where} ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
-            (*args, limit, offset),
-        ).fetchall()
-        return [self._batch(r) for r in rows], total
-
-    def _unfinished(self) -> list[Batch]:
-        rows = (
-            self._conn()
-            .execute("SELECT * FROM batches WHERE status IN (?, ?) ORDER BY created_at", UNFINISHED)
-            .fetchall()
-        )
-        return [self._batch(r) for r in rows]
-
-    def _in_flight(self, owner: str | None) -> int:
-        row = (
-            self._conn()
-            .execute(
-                f"SELECT COUNT(*) FROM batches WHERE owner {self.dialect.same} ? AND status IN (?, ?)",
-                (owner, *UNFINISHED),
-            )
-            .fetchone()
-        )
-        return int(row[0])
-
-    def _items(self, batch_id: str, status: str) -> list[tuple[int, str | None]]:
-        rows = self._conn().execute(
-            "SELECT seq, job_id FROM batch_items WHERE batch_id = ? AND status = ? ORDER BY seq",
-            (batch_id, status),
-        )
-        return [(int(r["seq"]), r["job_id"]) for r in rows]
-
-    def _request(self, batch_id: str, seq: int) -> tuple[dict[str, Any], Any, int | None]:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT request, item_id, line FROM batch_items WHERE batch_id = ? AND seq = ?",
-                (batch_id, seq),
-            )
-            .fetchone()
-        )
-        return json.loads(row["request"]), json.loads(row["item_id"]), row["line"]
-
-    def _set_item(self, batch_id: str, seq: int, status: str, job_id: str | None) -> None:
-        self._conn().execute(
-            "UPDATE batch_items SET status = ?, job_id = ? WHERE batch_id = ? AND seq = ?",
-            (status, job_id, batch_id, seq),
-        )
-
-    def _record(
-        self, batch_id: str, seq: int, status: str, positions: int | None, result: str | None
-    ) -> int | None:
-        """An item's end, numbered in completion order; a line only for completed and failed items."""
-        conn = self._conn()
-        # read-then-write (the next completion number): one writer of a batch's items at a time
-        with conn.transaction(lock=f"batch:{batch_id}"):
-            done = None
-            if result is not None:
-                row = conn.execute(
-                    "SELECT COALESCE(MAX(done_seq), 0) FROM batch_items WHERE batch_id = ?", (batch_id,)
-                ).fetchone()
-                done = int(row[0]) + 1
-            conn.execute(
-                "UPDATE batch_items SET status = ?, done_seq = ?, positions = ?, result = ?"
-                " WHERE batch_id = ? AND seq = ?",
-                (status, done, positions, result, batch_id, seq),
-            )
-        return done
-
-    def _set_batch(self, batch_id: str, status: str, column: str | None, when: float | None) -> None:
-        if column is None:
-            self._conn().execute("UPDATE batches SET status = ? WHERE id = ?", (status, batch_id))
-        else:
-            assert column in ("started_at", "completed_at")
-            self._conn().execute(
-                f"UPDATE batches SET status = ?, {column} = ? WHERE id = ?", (status, when, batch_id)
-            )
-
-    def _cancel_pending(self, batch_id: str) -> None:
-        self._conn().execute(
-            "UPDATE batch_items SET status = ? WHERE batch_id = ? AND status = ?",
-            (CANCELLED, batch_id, PENDING),
-        )
-
-    def _results(self, batch_id: str, after: int, limit: int) -> list[str]:
-        rows = self._conn().execute(
-            "SELECT result FROM batch_items WHERE batch_id = ? AND done_seq > ? ORDER BY done_seq LIMIT ?",
-            (batch_id, after, limit),
-        )
-        return [r["result"] for r in rows]
-
-    def _job_ids(self, batch_id: str) -> list[str]:
-        rows = self._conn().execute(
-            "SELECT job_id FROM batch_items WHERE batch_id = ? AND job_id IS NOT NULL", (batch_id,)
-        )
-        return [r["job_id"] for r in rows]
-
-    def _delete(self, batch_id: str) -> None:
-        """The batch and its items (their jobs are removed by the job store and the result cache, `Batches`)."""
-        conn = self._conn()
-        with conn.transaction():
-            conn.execute("DELETE FROM batch_items WHERE batch_id = ?", (batch_id,))
-            conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
-
-    def _purge(self, before: float) -> int:
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT id FROM batches WHERE status NOT IN (?, ?) AND completed_at < ?",
-                (*UNFINISHED, before),
-            )
-            .fetchall()
-        )
-        for r in rows:
-            self._delete(r["id"])
-        return len(rows)
-
-    # -- awaited ------------------------------------------------------------------------------------------------
-    async def create(self, batch: Batch, items: Sequence[ItemSpec]) -> None:
-        """The batch and all its items in one transaction: either the client hears of all of it, or of none."""
-        await self._call(self._create, batch, items)
-
-    async def get(self, batch_id: str) -> Batch | None:
-        return await self._call(self._get, batch_id)
-
-    async def listing(self, owner: str | None, limit: int, offset: int = 0) -> tuple[list[Batch], int]:
-        """A page of batches (one owner's, or everyone's for None), newest first, and how many there are."""
-        return await self._call(self._listing, owner, limit, offset)
-
-    async def unfinished(self) -> list[Batch]:
-        return await self._call(self._unfinished)
-
-    async def in_flight(self, owner: str | None) -> int:
-        return await self._call(self._in_flight, owner)
-
-    async def items(self, batch_id: str, status: str) -> list[tuple[int, str | None]]:
-        """(seq, job id) of a batch's items in a status, in submission order."""
-        return await self._call(self._items, batch_id, status)
-
-    async def request(self, batch_id: str, seq: int) -> tuple[dict[str, Any], Any, int | None]:
-        """An item's engine request, its client id and its line."""
-        return await self._call(self._request, batch_id, seq)
-
-    async def set_item(self, batch_id: str, seq: int, status: str, job_id: str | None = None) -> None:
-        await self._call(self._set_item, batch_id, seq, status, job_id)
-
-    async def record(
-        self, batch_id: str, seq: int, status: str, positions: int | None = None, result: str | None = None
-    ) -> int | None:
-        return await self._call(self._record, batch_id, seq, status, positions, result)
-
-    async def set_batch(
-        self, batch_id: str, status: str, column: str | None = None, when: float | None = None
-    ) -> None:
-        await self._call(self._set_batch, batch_id, status, column, when)
-
-    async def cancel_pending(self, batch_id: str) -> None:
-        await self._call(self._cancel_pending, batch_id)
-
-    async def results(self, batch_id: str, after: int = 0, limit: int = 500) -> list[str]:
-        """Result lines (JSON text) after the first `after`, in completion order."""
-        return await self._call(self._results, batch_id, after, limit)
-
-    async def job_ids(self, batch_id: str) -> list[str]:
-        """The jobs a batch's items ran as."""
-        return await self._call(self._job_ids, batch_id)
-
-    async def delete(self, batch_id: str) -> None:
-        await self._call(self._delete, batch_id)
-
-    async def purge(self, before: float) -> int:
-        return await self._call(self._purge, before)
-
-
 # -- feeding the scheduler ---------------------------------------------------------------------------------------------
 class JobRunner(Protocol):
-    """What `Batches` needs of the scheduler: its unfinished jobs (for live progress), wait for a job, look one up,
-    cancel one."""
+    """What `Batches` needs of the scheduler: its unfinished jobs (for live progress), wait for a job (wherever it
+    runs), look one up, cancel one."""
 
     @property
     def jobs(self) -> dict[str, Job]: ...
@@ -373,21 +106,28 @@ Forget = Callable[[str], Awaitable[None]]
 
 @dataclass
 class Active:
-    """An unfinished batch as this process runs it: its items not yet submitted, its items' jobs in flight, and
-    what its rate is measured from."""
+    """An open batch as this process feeds it: its items not yet submitted, its items' jobs in flight, and what
+    its rate is measured from."""
 
     batch: Batch
     pending: deque[int]
     running: dict[int, str] = field(default_factory=dict)  # seq -> job id
+    starting: set[int] = field(default_factory=set)  # being submitted
     resubmits: dict[int, int] = field(default_factory=dict)
     since: float | None = None  # when this process first had one of its items finish
     positions_since: int = 0
     cancelling: bool = False
+    #: when (monotonic) this process took the batch: a renewal asked before then may not list it yet
+    claimed_at: float = field(default_factory=time.monotonic)
+    #: another runner feeds it now: nothing more is submitted or written for it here
+    lost: bool = False
+    follows: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
 class Batches:
     """Every batch of the server: submission (with the per-key limits), progress, results, cancel and delete; and
-    the loop that feeds unfinished batches' items to the scheduler, round robin between batches, a few at a time.
+    the loop that feeds the open batches this process holds to the scheduler, round robin between batches, a few
+    items at a time; with leases, the loop that renews them and adopts the batches of runners that stopped.
 
     How many item jobs wait or run at once: enough to fill every device's batch places and have the next item
     queued (`devices × MAX_ACTIVE_BATCH_JOBS + 1`); more would only crowd the queue that interactive requests share.
@@ -401,6 +141,8 @@ class Batches:
         submit: Submit,
         forget: Forget,
         devices: int,
+        runner: str = LOCAL_RUNNER,
+        lease_seconds: float | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -408,31 +150,51 @@ class Batches:
         self._submit = submit
         self._forget = forget  # removes a job for good: its record, its result and its cached rows
         self.depth = devices * settings.max_active_batch_jobs + 1
+        #: this process's runner id: the scheduler's, so that an operator reads one name per replica in the store
+        self.runner = runner
+        #: whether replicas share the store (each batch is fed by the holder of its lease)
+        self.leased = runner != LOCAL_RUNNER
+        self.lease_seconds = settings.lease_seconds if lease_seconds is None else lease_seconds
         self._active: dict[str, Active] = {}
         self._order: deque[str] = deque()  # round robin over active batches
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
-        # a key's in-flight count and its new batch, checked and stored as one
-        self._admitting = asyncio.Lock()
         self._stopping = False
+
+    @property
+    def _holder(self) -> str | None:
+        """What this process's writes are guarded by: its runner id with leases, nothing on the local backend."""
+        return self.runner if self.leased else None
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Carry on the batches a previous process left unfinished, then feed."""
-        for batch in await self.store.unfinished():
-            await self._resume(batch)
+        """Carry on the open batches this process is to feed, then feed: on the local backend every open batch of
+        the store (a previous process left them), with leases those whose runner stopped (the live replicas feed
+        their own; the rest are adopted as their leases expire)."""
+        if self.leased:
+            await self._adopt()
+            self._spawn(self._keep_leases())
+        else:
+            for batch in await self.store.open():
+                await self._resume(batch)
         self._spawn(self._feed_loop())
         self._spawn(self._purge_loop())
         self._wake.set()
 
     async def stop(self) -> None:
+        """Stop feeding; with leases, give this process's batches back so that another replica adopts them at once
+        (their items' jobs are given back by the scheduler and run on; the adopter follows them)."""
         self._stopping = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.leased:
+            for batch_id in list(self._active):
+                with contextlib.suppress(Exception):
+                    await self.store.release(batch_id, self.runner)
         self.store.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -447,29 +209,105 @@ class Batches:
             log.error("batch task failed", exc_info=task.exception())
 
     async def _resume(self, batch: Batch) -> None:
-        pending = deque(seq for seq, _ in await self.store.items(batch.id, PENDING))
-        active = Active(batch, pending)
+        """Feed a batch this process just took (at start or by adoption): its pending items are submitted, its
+        running items' jobs followed (submitted again only when their job is gone), a requested cancel applied."""
+        cancelled = batch.status == CANCELLED  # cancelled while items ran: only their ends are left to record
+        pending = deque() if cancelled else deque(seq for seq, _ in await self.store.items(batch.id, PENDING))
+        active = Active(batch, pending, cancelling=cancelled)
+        found = [
+            (seq, await self.scheduler.get(job_id) if job_id else None)
+            for seq, job_id in await self.store.items(batch.id, RUNNING)
+        ]
+        gone = [seq for seq, job in found if job is None]
+        if not cancelled:  # submitted, but its job never reached the store: run it again
+            for seq in gone:
+                await self.store.set_item(batch.id, seq, PENDING, runner=self._holder)
+            active.pending.extendleft(reversed(gone))
+        # fed only once every item is in `running` or `pending`, so that no item's end finishes the batch early
+        for seq, job in found:
+            if job is not None:
+                active.running[seq] = job.id
         self._activate(active)
-        for seq, job_id in await self.store.items(batch.id, RUNNING):
-            job = await self.scheduler.get(job_id) if job_id else None
-            if job is None:  # submitted, but its job never reached the store: run it again
-                await self.store.set_item(batch.id, seq, PENDING)
-                active.pending.appendleft(seq)
-                continue
-            active.running[seq] = job.id
-            self._spawn(self._follow(active, seq, job.id))
+        for seq, job in found:
+            if job is not None:
+                self._follow_item(active, seq, job.id)
+                if cancelled and not job.terminal:
+                    self._spawn(self._cancel_job(job.id))
+        if cancelled:
+            for seq in gone:
+                await self._end_item(active, seq, CANCELLED, None)
         log.info(
-            "resuming batch %s: %d items to run, %d in flight",
+            "%s batch %s: %d items to run, %d in flight",
+            "adopting" if self.leased else "resuming",
             batch.id,
             len(active.pending),
             len(active.running),
         )
-        if not active.pending and not active.running:
+        if batch.cancel_requested and not active.cancelling:  # asked on another replica while nobody fed it
+            await self._cancel_active(active)
+        elif not active.pending and not active.running:
             await self._maybe_finish(active)
+        self._wake.set()
 
     def _activate(self, active: Active) -> None:
         self._active[active.batch.id] = active
         self._order.append(active.batch.id)
+
+    def _deactivate(self, batch_id: str) -> None:
+        self._active.pop(batch_id, None)
+        if batch_id in self._order:
+            self._order.remove(batch_id)
+
+    # -- leases: several replicas on one store ------------------------------------------------------------------
+    async def _keep_leases(self) -> None:
+        """Renew every third of a lease, so one late renewal never loses a batch; then adopt."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await self._renew()
+                await self._adopt()
+            except Exception:
+                log.exception("renewing batch leases or adopting batches failed; retrying")
+
+    async def _renew(self) -> None:
+        """Renew this runner's batch leases; let go of the batches another runner took over; cancel those someone
+        asked, on any replica, to cancel."""
+        asked = time.monotonic()
+        renewal = await self.store.renew(self.runner, self.lease_seconds)
+        held = set(renewal.held)
+        for batch_id, active in list(self._active.items()):
+            if batch_id not in held and active.claimed_at < asked:
+                self._relinquish(active)
+        for batch_id in renewal.cancel_requested:
+            asked_here = self._active.get(batch_id)
+            if asked_here is not None and not asked_here.cancelling:
+                await self._cancel_active(asked_here)
+
+    async def _adopt(self) -> None:
+        """Claim and carry on the open batches whose runner stopped renewing (or gave them back)."""
+        if self._stopping:
+            return
+        for batch in await self.store.adoptable(self.lease_seconds):
+            if batch.id in self._active or not await self.store.claim(
+                batch.id, self.runner, self.lease_seconds
+            ):
+                continue  # another replica was quicker
+            await self._resume(batch)
+
+    def _relinquish(self, active: Active) -> None:
+        """Another runner feeds this batch now (this one was too slow to renew): stop feeding it here. Its items'
+        jobs run on: the new feeder follows them."""
+        if active.lost:
+            return
+        if not active.batch.terminal or active.running:
+            log.warning(
+                "batch %s was taken over by another runner; no longer feeding it here", active.batch.id
+            )
+        active.lost = True
+        self._deactivate(active.batch.id)
+        for task in list(active.follows):
+            task.cancel()
+        self._notify()
 
     # -- submission ---------------------------------------------------------------------------------------------
     async def submit(
@@ -480,28 +318,28 @@ class Batches:
         items: Sequence[ItemSpec],
         source: str,
     ) -> Batch:
-        """Store a new batch (all of it, before anyone hears of it) and start feeding its items."""
-        async with self._admitting:
-            limit = self.settings.max_batches_in_flight
-            if await self.store.in_flight(owner) >= limit:
-                raise SchedulerError(
-                    429,
-                    f"you have {limit} unfinished batches, the most one client may have (MAX_BATCHES_IN_FLIGHT); "
-                    "wait for one to finish or cancel one",
-                    reason="batches_in_flight",
-                    retry_after=30,
-                )
-            batch = Batch(
-                id=new_id(),
-                owner=owner,
-                status=QUEUED,
-                model_id=model_id,
-                options=options,
-                source=source,
-                total=len(items),
-                created_at=time.time(),
-            )
-            await self.store.create(batch, items)
+        """Store a new batch (all of it, before anyone hears of it, held by this runner) and start feeding it."""
+        limit = self.settings.max_batches_in_flight
+        batch = Batch(
+            id=new_id(),
+            owner=owner,
+            status=QUEUED,
+            model_id=model_id,
+            options=options,
+            source=source,
+            total=len(items),
+            created_at=time.time(),
+        )
+        try:
+            await self.store.create(batch, items, limit, self._holder, self.lease_seconds)
+        except TooManyBatches:
+            raise SchedulerError(
+                429,
+                f"you have {limit} unfinished batches, the most one client may have (MAX_BATCHES_IN_FLIGHT); "
+                "wait for one to finish or cancel one",
+                reason="batches_in_flight",
+                retry_after=30,
+            ) from None
         stored = await self.store.get(batch.id)
         assert stored is not None
         pending = deque(seq for seq, spec in enumerate(items) if spec.error is None)
@@ -540,33 +378,51 @@ class Batches:
     async def _start_item(self, active: Active, seq: int) -> bool:
         """Submit one item as an analysis job; False when the server has no room now (try again later)."""
         batch = active.batch
-        request, item_id, line = await self.store.request(batch.id, seq)
+        failure: str | None = None
+        active.starting.add(
+            seq
+        )  # neither pending nor running while it is submitted, yet the batch is not over
         try:
-            job = await self._submit(
-                {**request, BATCH_KEY: batch.id},
-                model_id=batch.model_id,
-                client_request_id=None,
-                # the owner's job (its /status, its cached rows), counted against the batch's limits instead of
-                # the owner's interactive cap, and listed with its batch instead of in the owner's history
-                owner=batch.owner,
-            )
-        except SchedulerError as exc:
-            if exc.status in (429, 503):
-                return False
-            await self._end_item(active, seq, FAILED, _line(item_id, FAILED, line, error=exc.detail))
+            request, item_id, line = await self.store.request(batch.id, seq)
+            try:
+                job = await self._submit(
+                    {**request, BATCH_KEY: batch.id},
+                    model_id=batch.model_id,
+                    client_request_id=None,
+                    # the owner's job (its /status, its cached rows), counted against the batch's limits instead
+                    # of the owner's interactive cap, and listed with its batch instead of in the owner's history
+                    owner=batch.owner,
+                )
+            except SchedulerError as exc:
+                if exc.status in (429, 503):
+                    return False
+                failure = exc.detail
+            except UnknownModel as exc:
+                failure = str(exc)
+            if failure is None:
+                if active.lost or not await self.store.set_item(batch.id, seq, RUNNING, job.id, self._holder):
+                    # another runner took the batch meanwhile: it submits the item itself, this job is not needed
+                    self._relinquish(active)
+                    await self._cancel_job(job.id)
+                    return True
+                active.running[seq] = job.id
+        finally:
+            active.starting.discard(seq)
+        if failure is not None:
+            await self._end_item(active, seq, FAILED, result_line(item_id, FAILED, line, error=failure))
             return True
-        except UnknownModel as exc:
-            await self._end_item(active, seq, FAILED, _line(item_id, FAILED, line, error=str(exc)))
-            return True
-        active.running[seq] = job.id
-        await self.store.set_item(batch.id, seq, RUNNING, job.id)
         if active.cancelling:  # the batch was cancelled while this item was being submitted
             await self._cancel_job(job.id)
         if batch.status == QUEUED:
             batch.status, batch.started_at = RUNNING, time.time()
-            await self.store.set_batch(batch.id, RUNNING, "started_at", batch.started_at)
-        self._spawn(self._follow(active, seq, job.id))
+            await self.store.set_batch(batch.id, RUNNING, "started_at", batch.started_at, self._holder)
+        self._follow_item(active, seq, job.id)
         return True
+
+    def _follow_item(self, active: Active, seq: int, job_id: str) -> None:
+        task = self._spawn(self._follow(active, seq, job_id))
+        active.follows.add(task)
+        task.add_done_callback(active.follows.discard)
 
     async def _follow(self, active: Active, seq: int, job_id: str) -> None:
         """Wait for an item's job, then store its outcome (the result line before anyone can read it)."""
@@ -574,25 +430,31 @@ class Batches:
             job = await self.scheduler.wait(job_id)
         except UnknownRequest:  # its job is gone from the store: run the item again
             job = None
+        if active.lost:
+            return
         batch = active.batch
         interrupted = job is None or (job.status == CANCELLED and not active.cancelling)
         if interrupted and active.resubmits.get(seq, 0) < RESUBMITS:
             active.resubmits[seq] = active.resubmits.get(seq, 0) + 1
             active.running.pop(seq, None)
-            await self.store.set_item(batch.id, seq, PENDING)
+            if not await self.store.set_item(batch.id, seq, PENDING, runner=self._holder):
+                self._relinquish(active)
+                return
             active.pending.appendleft(seq)
             self._wake.set()
             return
         _, item_id, line = await self.store.request(batch.id, seq)
         if job is None:
-            await self._end_item(active, seq, FAILED, _line(item_id, FAILED, line, error="its job was lost"))
+            await self._end_item(
+                active, seq, FAILED, result_line(item_id, FAILED, line, error="its job was lost")
+            )
         elif job.status == COMPLETED and job.result is not None:
             result = job.result
             tokens = result.get("tokens", [])
             if active.since is None:
                 active.since = job.started_at or time.time()
             active.positions_since += len(tokens)
-            text = _line(
+            text = result_line(
                 item_id,
                 COMPLETED,
                 line,
@@ -605,37 +467,41 @@ class Batches:
             await self._end_item(active, seq, CANCELLED, None)
         else:
             await self._end_item(
-                active, seq, FAILED, _line(item_id, FAILED, line, error=job.error or "failed")
+                active, seq, FAILED, result_line(item_id, FAILED, line, error=job.error or "failed")
             )
 
     async def _end_item(
         self, active: Active, seq: int, status: str, result: str | None, positions: int | None = None
     ) -> None:
-        await self.store.record(active.batch.id, seq, status, positions, result)
+        """Write an item's end (nothing is written once another runner feeds the batch, or when the item's end
+        was written already: a line is never written twice)."""
+        await self.store.record(active.batch.id, seq, status, positions, result, self._holder)
         active.running.pop(seq, None)
         self._notify()
         self._wake.set()
         await self._maybe_finish(active)
 
     async def _maybe_finish(self, active: Active) -> None:
-        if active.pending or active.running:
+        if active.pending or active.running or active.starting or active.lost:
             return
         batch = active.batch
         status = CANCELLED if active.cancelling else COMPLETED
         batch.status, batch.completed_at = status, time.time()
-        await self.store.set_batch(batch.id, status, "completed_at", batch.completed_at)
-        self._active.pop(batch.id, None)
-        if batch.id in self._order:
-            self._order.remove(batch.id)
+        await self.store.set_batch(batch.id, status, "completed_at", batch.completed_at, self._holder)
+        self._deactivate(batch.id)
         self._notify()
 
     def _notify(self) -> None:
-        """Wake every reader following results or progress (they read the store again)."""
+        """Wake every reader following results or progress here (they read the store again)."""
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def changed(self, timeout: float) -> None:
-        """Return once something changed in any batch, or after `timeout` seconds."""
+    async def changed(self, timeout: float, batch_id: str | None = None) -> None:
+        """Return once something changed in a batch this process feeds, or after `timeout` seconds; for a
+        `batch_id` fed elsewhere (another replica), after `POLL_SECONDS` at most, so that its reader re-reads the
+        store while no event here tells of that batch."""
+        if batch_id is not None and batch_id not in self._active:
+            timeout = min(timeout, POLL_SECONDS)
         event = self._changed
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
@@ -662,7 +528,8 @@ class Batches:
         return await self.store.listing(owner, limit, offset)
 
     def progress(self, batch: Batch) -> dict[str, Any]:
-        """What `GET /api/v1/batches/{id}` answers: counts, positions, rate and ETA."""
+        """What `GET /api/v1/batches/{id}` answers: counts, positions, rate and ETA. The rate is measured where the
+        batch is fed (its items' live progress included); elsewhere it is the batch's average since it started."""
         counts = batch.counts
         active = self._active.get(batch.id)
         positions = batch.positions
@@ -675,6 +542,9 @@ class Batches:
                 elapsed = time.time() - active.since
                 if elapsed > 0 and active.positions_since:
                     rate = active.positions_since / elapsed
+        elif not batch.terminal and batch.started_at is not None and positions:
+            elapsed = time.time() - batch.started_at
+            rate = positions / elapsed if elapsed > 0 else None
         done = counts.get(COMPLETED, 0) + counts.get(FAILED, 0)
         remaining = counts.get(PENDING, 0) + counts.get(RUNNING, 0)
         eta = None
@@ -715,47 +585,97 @@ class Batches:
         return await self.store.results(batch_id, after, limit)
 
     async def cancel(self, batch_id: str) -> Batch:
-        """Cancel an unfinished batch: items not started never run, items running stop; finished items stay."""
+        """Cancel an unfinished batch: items not started never run, items running stop; finished items stay. On
+        any replica: the batch's feeder applies it (here, or told through the store)."""
         batch = await self.get(batch_id)
         if batch.terminal:
             raise SchedulerError(409, f"batch {batch_id} is already {batch.status}")
         active = self._active.get(batch_id)
-        if active is None:  # stored unfinished but not run by this process (cannot happen after start)
+        if active is not None:
+            await self._cancel_active(active)
+            return await self.get(batch_id)
+        if not self.leased:  # stored unfinished but not run by this process (cannot happen after start)
             await self.store.cancel_pending(batch_id)
             await self.store.set_batch(batch_id, CANCELLED, "completed_at", time.time())
             return await self.get(batch_id)
+        return await self._cancel_elsewhere(batch_id)
+
+    async def _cancel_active(self, active: Active) -> None:
+        """Cancel a batch this process feeds: terminal for its readers at once; the items still running record
+        their ends as their jobs stop."""
+        batch_id = active.batch.id
         active.cancelling = True
         active.pending.clear()
-        await self.store.cancel_pending(batch_id)
-        # terminal for its readers at once; the items still running record their ends as their jobs stop
-        batch.status, batch.completed_at = CANCELLED, time.time()
-        active.batch.status = CANCELLED
-        await self.store.set_batch(batch_id, CANCELLED, "completed_at", batch.completed_at)
+        await self.store.cancel_pending(batch_id, self._holder)
+        active.batch.status, active.batch.completed_at = CANCELLED, time.time()
+        await self.store.set_batch(
+            batch_id, CANCELLED, "completed_at", active.batch.completed_at, self._holder
+        )
         for job_id in list(active.running.values()):
-            await self._cancel_job(job_id)
+            self._spawn(self._cancel_job(job_id))  # a job another replica runs takes up to a lease to stop
         await self._maybe_finish(active)
         self._notify()
-        return await self.get(batch_id)
+
+    async def _cancel_elsewhere(self, batch_id: str) -> Batch:
+        """Cancel a batch this process does not feed: when nobody feeds it (its runner died or gave it back), take
+        it and cancel it here; else flag it for its feeder and wait, a lease at a time, for the feeder to apply
+        it (a feeder that dies meanwhile leaves it to the next round's claim)."""
+        for _ in range(CANCEL_ROUNDS):
+            if await self.store.claim(batch_id, self.runner, self.lease_seconds):
+                batch = await self.get(batch_id)
+                if batch_id not in self._active:
+                    await self._resume(batch)
+                active = self._active.get(batch_id)
+                if active is not None and not active.cancelling:
+                    await self._cancel_active(active)
+                return await self._cancelled(batch_id)
+            if not await self.store.request_cancel(batch_id):
+                return await self._cancelled(batch_id)  # it ended meanwhile
+            until = time.monotonic() + self.lease_seconds
+            while time.monotonic() < until:
+                await asyncio.sleep(POLL_SECONDS)
+                batch = await self.get(batch_id)
+                if batch.terminal:
+                    return await self._cancelled(batch_id)
+        return await self.get(batch_id)  # flagged: its feeder or the next adopter applies it
+
+    async def _cancelled(self, batch_id: str) -> Batch:
+        batch = await self.get(batch_id)
+        if batch.terminal and batch.status != CANCELLED:
+            raise SchedulerError(409, f"batch {batch_id} is already {batch.status}")
+        return batch
 
     async def _cancel_job(self, job_id: str) -> None:
         with contextlib.suppress(SchedulerError, UnknownRequest):  # it ended meanwhile: its end is recorded
             await self.scheduler.cancel(job_id, reason="cancelled: its batch was cancelled")
 
     async def delete(self, batch_id: str) -> None:
-        """Remove a batch and its results (an unfinished one is cancelled first)."""
+        """Remove a batch and its results (an unfinished one is cancelled first, and its running items' ends are
+        awaited, so that nothing writes to it again)."""
         batch = await self.get(batch_id)
         if not batch.terminal:
             await self.cancel(batch_id)
-            active = self._active.get(batch_id)
-            while active is not None and active.running:  # its jobs' last outcomes, then nothing writes again
-                await self.changed(1.0)
-        self._active.pop(batch_id, None)
-        if batch_id in self._order:
-            self._order.remove(batch_id)
+        await self._settle(batch_id)
+        self._deactivate(batch_id)
         job_ids = await self.store.job_ids(batch_id)
         await self.store.delete(batch_id)
         self._notify()
         self._spawn(self._forget_jobs(job_ids))  # the batch is gone at once; its items' jobs follow
+
+    async def _settle(self, batch_id: str) -> None:
+        """Wait until no item of a cancelled batch is running: here by this process's events, for a batch fed
+        elsewhere by reading the store (for two leases at most: a feeder that died leaves its items to adoption)."""
+        active = self._active.get(batch_id)
+        while active is not None and active.running and not active.lost:
+            await self.changed(1.0)
+        if active is not None or not self.leased:
+            return
+        until = time.monotonic() + 2 * self.lease_seconds
+        while time.monotonic() < until:
+            batch = await self.store.get(batch_id)
+            if batch is None or not batch.counts.get(RUNNING):
+                return
+            await asyncio.sleep(POLL_SECONDS)
 
     async def _forget_jobs(self, job_ids: list[str]) -> None:
         for job_id in job_ids:

@@ -128,10 +128,19 @@ LEASES_V2 = (
     "ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
     "CREATE INDEX IF NOT EXISTS jobs_runner ON jobs(runner)",
 )
+#: a batch's lease (BatchStore.claim/renew, jobs/batches.py): the runner that feeds its items to a scheduler, until
+#: when on the database's clock, and whether someone asked that runner, from any replica, to cancel the batch
+BATCH_LEASES_V3 = (
+    "ALTER TABLE batches ADD COLUMN runner TEXT",
+    "ALTER TABLE batches ADD COLUMN lease_until {double}",
+    "ALTER TABLE batches ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX IF NOT EXISTS batches_status ON batches(status)",
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, batches, the result cache and shares", JOBS_V1 + BATCHES_V1 + CACHE_V1 + SHARES_V1),
     Migration(2, "job leases", LEASES_V2),
+    Migration(3, "batch leases", BATCH_LEASES_V3),
 )
 LATEST = MIGRATIONS[-1].version
 
