@@ -4,7 +4,7 @@ and cancellation, through Serve's proxy with the REST API unchanged.
 One cluster for the module (4 logical CPUs; CPU replicas of the tiny test models): pool `shared` multiplexes
 groups `tiny-a` and `tiny-b` on two replicas, pool `narrow` serves `tiny-c` on one replica that holds one job and
 lets one more wait (max_ongoing_requests 1, max_queued_requests 1), pool `switching` serves `tiny-d` and `tiny-e`
-on one replica.
+on one replica. The result cache is on (kept at the ingress): tests that must run a request again vary its seed.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path]
     settings = Settings(
         model_groups_file=path,
         data_dir=root / "data",
-        result_cache=False,
+        result_cache=True,
         max_active_jobs=4,
         env_overrides={},
         _env_file=None,
@@ -150,8 +150,8 @@ def test_two_concurrent_requests_share_engine_batches_inside_a_replica(cluster: 
 
 def test_a_replica_switches_between_the_groups_of_its_pool(cluster: RayCluster) -> None:
     ran = []
-    for model in ("tiny-d-l1", "tiny-e-l1", "tiny-d-l1"):
-        body = _wait(cluster, _analyze(cluster, model))
+    for seed, model in enumerate(("tiny-d-l1", "tiny-e-l1", "tiny-d-l1")):
+        body = _wait(cluster, _analyze(cluster, model, seed=seed))  # d runs again, not from the cache
         assert body["status"] == "completed", body
         ran.append((body["result"]["metadata"]["group_id"], body["result"]["metadata"]["replica"]))
     assert [g for g, _r in ran] == ["tiny-d", "tiny-e", "tiny-d"]
@@ -173,9 +173,10 @@ def test_a_full_pool_answers_429_with_retry_after_and_cancelling_reaches_the_rep
         assert time.time() < deadline
         time.sleep(0.1)
     waiting = _analyze(cluster, "tiny-c-l1", words(400), **long)  # Serve's queue of one
+    # a text no model computed before: tiny-c-l1 has tiny-b-l1's weights, so the cache would answer TEXT
     r = httpx.post(
         cluster.url + "/analyze",
-        json={"text": TEXT, "model_id": "tiny-c-l1", "options": FAST},
+        json={"text": "A request that finds the pool full.", "model_id": "tiny-c-l1", "options": FAST},
         timeout=30,
     )
     assert r.status_code == 429, r.text
@@ -277,3 +278,67 @@ def test_a_generation_streams_as_server_sent_events_through_serves_proxy(cluster
     done = events[-2]
     tokens = [e for e in events[:-1] if e["type"] == "token"]
     assert len(tokens) == done["completion_tokens"][0]
+
+
+def _ws_exchange(cluster: RayCluster, message: dict[str, Any], ends: set[str]) -> list[dict[str, Any]]:
+    """The messages a WebSocket client hears about one request it sends, up to one of `ends`."""
+    from websockets.sync.client import connect
+
+    mine: list[dict[str, Any]] = []
+    with connect(cluster.ws_url, open_timeout=30, max_size=None) as ws:
+        ws.send(json.dumps({**message, "client_request_id": "mine"}))
+        deadline = time.time() + 120
+        while not mine or mine[-1]["type"] not in ends:
+            assert time.time() < deadline, mine
+            msg = json.loads(ws.recv(timeout=60))
+            if msg.get("client_request_id") == "mine":
+                mine.append(msg)
+    return mine
+
+
+def test_options_the_model_refuses_are_answered_400_at_submission_as_locally(cluster: RayCluster) -> None:
+    bad = {**FAST, "tuned_lens": True}  # the engine's check: this server has no tuned lens directory
+    body = {"text": TEXT, "model_id": "tiny-a-l1", "options": bad}
+    r = httpx.post(cluster.url + "/analyze", json=body, timeout=30)
+    assert r.status_code == 400 and "tuned lens" in r.json()["detail"], r.text
+    heard = _ws_exchange(cluster, {"type": "analyze", **body}, {"error", "result"})
+    assert [m["type"] for m in heard] == ["error"] and "tuned lens" in heard[0]["error"], (
+        heard
+    )  # never queued
+
+
+def test_an_identical_request_is_answered_from_the_ingress_cache_until_its_job_is_deleted(
+    cluster: RayCluster,
+) -> None:
+    text = "A cached sentence about rivers and the sea."
+    first_id = _analyze(cluster, "tiny-b-l1", text, seed=11)
+    first = _wait(cluster, first_id)
+    assert first["status"] == "completed" and first["result"]["metadata"]["cached"] is False, first
+    r = httpx.post(
+        cluster.url + "/analyze",
+        json={"text": text, "model_id": "tiny-b-l1", "options": {**FAST, "seed": 11}},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    again = _wait(cluster, r.json()["request_id"])
+    assert again["result"]["metadata"]["cached"] is True, again["result"]["metadata"]
+    assert again["result"]["tokens"] == first["result"]["tokens"]
+    heard = _ws_exchange(
+        cluster,
+        {"type": "analyze", "text": text, "model_id": "tiny-b-l1", "options": {**FAST, "seed": 11}},
+        {"error", "result"},
+    )
+    assert heard[-1]["type"] == "result" and heard[-1]["metadata"]["cached"] is True, heard
+    # deleting the job that computed the rows removes them: the same request runs on a replica again
+    d = httpx.delete(cluster.url + f"/api/v1/jobs/{first_id}", timeout=30)
+    assert d.status_code in (200, 204), d.text
+    third = _wait(cluster, _analyze(cluster, "tiny-b-l1", text, seed=11))
+    assert third["result"]["metadata"]["cached"] is False and third["result"]["metadata"]["replica"]
+    assert third["result"]["tokens"] == first["result"]["tokens"]
+
+
+def test_the_administrators_reset_is_refused_with_409_saying_what_to_do(cluster: RayCluster) -> None:
+    r = httpx.post(cluster.url + "/reset", timeout=30)
+    assert r.status_code == 409, r.text
+    assert "BACKEND=ray" in r.json()["detail"] and "redeploy" in r.json()["detail"]
+    assert httpx.get(cluster.url + "/ready", timeout=10).status_code == 200  # nothing was unloaded

@@ -17,7 +17,10 @@ it keeps today: admission, per-client caps, the job's record, listeners.
   the replica's messages, and when the replica dies mid-job (its process killed, its node gone) sends the job
   again: Serve routes it to a live replica. Messages already relayed are not relayed twice: a generation's tokens
   are told apart by (completion, position), progress never goes backwards, and the result comes whole in the
-  last message, so a job ends once, with one whole result.
+  last message, so a job ends once, with one whole result. A completed analysis's end message carries its cache
+  plan (its row keys, computed on the replica from the tokens it prepared, scoped by the client's cache scope the
+  ingress sent), and the dispatcher records its rows in the result cache under the ingress's job id, so an
+  identical request is answered from the cache at submission and deleting the job removes its rows.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ...nla.analysis import AnalysisError
 from ...nla.options import Resolved
 from ..catalog.registry import Registry
+from ..jobs.cache import CachePlan, ResultCache
 from ..jobs.kinds import JobControl, JobKind, WholeJobKind
 from ..jobs.record import COMPLETED, FAILED, Job
 from ..scheduling.types import SchedulerError
@@ -58,6 +63,9 @@ REDISPATCH_BACKOFF = 0.5
 RELAY_ONLY = frozenset({"type", "request_id", "client_request_id"})
 #: how long the ingress waits for a replica to load a group it starts serving before it serves it anyway
 LOAD_WAIT = 120.0
+#: how long a submission waits for a replica to check its options: a pool whose replicas are all busy queues the
+#: check like any call, and a submission must not wait for running jobs to end (the job's preparation checks then)
+CHECK_WAIT = 1.0
 
 
 # -- the transport: how a job reaches a replica -------------------------------------------------------------------
@@ -90,6 +98,9 @@ class Transport(Protocol):
 
     def open(self, group_id: str, payload: dict[str, Any]) -> Stream: ...
     async def load(self, group_id: str) -> dict[str, Any]: ...
+    async def check(self, group_id: str, model_id: str, options: Resolved) -> str | None:
+        """The engine's option check on a replica holding the group: the refusal's reason, or None."""
+        ...
 
 
 # -- one job's dispatch ----------------------------------------------------------------------------------------------
@@ -105,15 +116,22 @@ class Dispatch:
     tokens: dict[object, int] = field(default_factory=dict)  # completion -> highest token position relayed
     done_positions: int = -1  # most done positions relayed in a progress message
     replicas: list[str] = field(default_factory=list)
+    plan: CachePlan | None = None  # a completed analysis's cache plan, from its end message
 
 
 class Dispatcher:
     """Sends whole jobs to worker replicas, relays their messages, re-sends a job whose replica died."""
 
     def __init__(
-        self, transport: Transport, *, accept_wait: float = ACCEPT_WAIT, backoff: float = REDISPATCH_BACKOFF
+        self,
+        transport: Transport,
+        *,
+        accept_wait: float = ACCEPT_WAIT,
+        backoff: float = REDISPATCH_BACKOFF,
+        cache: ResultCache | None = None,
     ) -> None:
         self.transport = transport
+        self.cache = cache  # the ingress's result cache (None: RESULT_CACHE is off)
         self.backoff = backoff
         self.accept_wait = accept_wait
         self.live: dict[str, Dispatch] = {}
@@ -153,13 +171,21 @@ class Dispatcher:
         if entry is None:
             self.begin(job)
             entry = self.live[job.id]
-        payload = {"kind": job.kind, "request": job.request, "model_id": job.model_id, "job_id": job.id}
+        payload = {
+            "kind": job.kind,
+            "request": job.request,
+            "model_id": job.model_id,
+            "job_id": job.id,
+            "cache_scope": self.cache.scope(job.owner) if self.cache is not None else None,
+        }
         try:
             for attempt in range(MAX_REDISPATCH + 1):
                 if entry.cancelled:
                     raise WorkFailed("cancelled")
                 try:
-                    return await self._attempt(entry, payload, emit)
+                    result = await self._attempt(entry, payload, emit)
+                    self._record(entry, result)
+                    return result
                 except WorkFailed:
                     raise
                 except ReplicaLost as exc:
@@ -218,6 +244,7 @@ class Dispatcher:
                     continue
                 if kind == "end":
                     if message.get("status") == COMPLETED:
+                        entry.plan = message.get("cache_plan")
                         return dict(message.get("result") or {})
                     raise WorkFailed(str(message.get("error") or "failed on the worker replica"))
                 if self._fresh(entry, message):
@@ -228,6 +255,13 @@ class Dispatcher:
             stream.cancel()
             raise
         raise ReplicaLost("the replica's stream ended without the job's end")
+
+    def _record(self, entry: Dispatch, result: dict[str, Any]) -> None:
+        """Keep a completed analysis's rows in the result cache under this ingress's job id (queued before the
+        result is announced, so a request sent after it finds them)."""
+        if self.cache is None or entry.plan is None or entry.job.terminal:
+            return
+        self.cache.record(entry.job.id, entry.plan, result.get("tokens") or [], result.get("metadata") or {})
 
     @staticmethod
     def _fresh(entry: Dispatch, message: dict[str, Any]) -> bool:
@@ -287,7 +321,23 @@ class ServeWorker:
         return []
 
     async def check(self, model_id: str, options: Resolved) -> None:
-        """The replica checks a job's options when it prepares it (a bad option fails the job with the reason)."""
+        """The engine's option check (it tokenizes prompt pieces, so it needs the model) on a replica holding the
+        group, through the same handle as the group's jobs: a refusal raises `AnalysisError`, the submitter's
+        400, as with the local backend. A replica that does not answer within CHECK_WAIT (its pool full, so Serve
+        queues the call) or fails leaves the check to the replica that prepares the job (a bad option then fails
+        the job with the reason)."""
+        group_id = self.registry.model(model_id).group_id
+        try:
+            refusal = await asyncio.wait_for(
+                self.dispatcher.transport.check(group_id, model_id, options), CHECK_WAIT
+            )
+        except Exception as exc:
+            log.info(
+                "options of a %s job not checked before queueing (%r): its replica checks them", model_id, exc
+            )
+            return
+        if refusal is not None:
+            raise AnalysisError(refusal)
 
     async def prepare(
         self, job: Job, options: Resolved, *, row_budget: int, started: Callable[[], None]

@@ -21,6 +21,7 @@ import torch
 from ray import serve
 from ray.serve.deployment import Deployment
 
+from ...nla.options import Resolved
 from ..catalog.registry import load_registry
 from ..settings import Settings
 from .metrics_board import ClusterMetrics, replica_label
@@ -73,7 +74,9 @@ class WorkerReplica:
         soon as this replica has the call (making its group ready may take a while)."""
         yield {"type": "accepted", "replica": self.replica, "pid": os.getpid()}
         await self.group(serve.get_multiplexed_model_id())
-        async for message in self.runner.run(payload["kind"], payload["request"], payload["model_id"]):
+        async for message in self.runner.run(
+            payload["kind"], payload["request"], payload["model_id"], payload.get("cache_scope")
+        ):
             if message.get("type") == "accepted":
                 continue
             if message.get("type") == "processing":
@@ -82,6 +85,12 @@ class WorkerReplica:
             if isinstance(result, dict) and isinstance(result.get("metadata"), dict):
                 result["metadata"]["replica"] = self.replica  # which replica ran it, for operators
             yield message
+
+    async def check(self, model_id: str, options: Resolved) -> str | None:
+        """The engine's option check for the ingress, before it queues a job of the call's group: why the model
+        refuses the options, or None (also when the group is not on this replica's device)."""
+        await self.group(serve.get_multiplexed_model_id())
+        return await self.runner.check(model_id, options)
 
     async def load(self) -> dict[str, Any]:
         """Hold the call's group here (the ingress asks when it starts serving a group); what loaded."""

@@ -11,7 +11,9 @@ tokens) while it runs, then its end.
 
 What stays at the ingress: the job's record in the shared store, admission, per-client caps, listeners and the
 result cache. The replica's own store is scratch (a file in a temporary directory, gone with the replica), its
-jobs are nobody's (no owner, no cap), and it starts no group until a job or the ingress asks for one.
+jobs are nobody's (no cap; their owner is only the client's cache scope at the ingress, which row keys are scoped
+by), and it starts no group until a job or the ingress asks for one. A completed analysis's end message carries
+its cache plan (`PlanRecorder`), so the ingress records its rows under its own job id.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ...nla import analysis as nla_analysis
+from ...nla.analysis import AnalysisError
+from ...nla.options import Resolved
 from ..catalog.registry import Registry
 from ..catalog.residency import Residency
 from ..jobs.analysis import AnalysisKind
+from ..jobs.cache import CacheMonitor, CachePlan
 from ..jobs.generation import GenerateKind
 from ..jobs.kinds import JobKind
 from ..jobs.record import Job
@@ -103,6 +108,30 @@ class Counters:
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
 
+class PlanRecorder:
+    """The replica's result cache: it looks nothing up (the cache's tables are in the shared database, which a
+    replica never opens) and keeps each completed analysis's `CachePlan` (its row keys, scoped by the job's
+    owner, the client's scope at the ingress) until the job's end message carries it to the ingress."""
+
+    def __init__(self) -> None:
+        self.plans: dict[str, CachePlan] = {}
+        self.monitor: CacheMonitor = self
+
+    def scope(self, owner: str | None) -> str:
+        return owner or ""
+
+    async def rows(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def cache_lookup(self, cached: int, total: int) -> None:
+        """Nothing is looked up here."""
+
+    def record(
+        self, job_id: str, plan: CachePlan, rows: list[dict[str, Any]], metadata: dict[str, Any]
+    ) -> None:
+        self.plans[job_id] = plan
+
+
 def replica_settings(settings: Settings, scratch: Path, max_jobs: int = 0) -> Settings:
     """The server's settings as one replica runs them: its store in scratch (never the shared database), no
     result cache, no group loaded at start, and room for every job Serve lets it hold (`max_jobs`, the pool's
@@ -139,9 +168,10 @@ class ReplicaRunner:
         self.counters = Counters()
         #: why a group last failed to load here (cleared when it loads), for the ingress that asks
         self.load_errors: dict[str, str] = {}
+        self.plans = PlanRecorder()
         policy = DEFAULT_POLICY()
         kinds: list[JobKind] = [
-            AnalysisKind(self.settings, registry, policy, None),
+            AnalysisKind(self.settings, registry, policy, self.plans),
             GenerateKind(self.settings),
             VectorKind(self.settings, registry),
         ]
@@ -213,6 +243,18 @@ class ReplicaRunner:
         self.load_errors[group_id] = done.error or f"group {group_id} did not load"
         return {"group_id": group_id, "models": [], "errors": {"*": self.load_errors[group_id]}}
 
+    async def check(self, model_id: str, options: Resolved) -> str | None:
+        """Why the model refuses these options (`AnalysisError`'s reason), or None. Only a model on this
+        replica's device is checked here (the check needs it loaded); another is checked when its job is
+        prepared."""
+        for dev in self.scheduler.devices:
+            if dev.loaded is not None and model_id in dev.loaded.models:
+                try:
+                    await self.worker.check(model_id, options)
+                except AnalysisError as exc:
+                    return str(exc)
+        return None
+
     def evict(self, group_id: str) -> None:
         """Serve's multiplexing dropped the group from this replica (least recently used): it leaves the CPU
         cache (blocking: Serve calls it on a thread); a group on the device stays until a job of another group
@@ -221,20 +263,30 @@ class ReplicaRunner:
             log.info("group %s left the CPU cache (Serve's multiplexing evicted it)", group_id)
 
     # -- jobs -----------------------------------------------------------------------------------------------------
-    async def run(self, kind: str, request: dict[str, Any], model_id: str) -> AsyncIterator[dict[str, Any]]:
-        """One job: `accepted` at once, then its messages as they come, then `end` (status, result, error). When
-        the consumer stops listening (the ingress cancelled the call), the job is cancelled here too."""
+    async def run(
+        self, kind: str, request: dict[str, Any], model_id: str, cache_scope: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One job: `accepted` at once, then its messages as they come, then `end` (status, result, error; a
+        completed analysis's `cache_plan`, its row keys scoped by `cache_scope`). When the consumer stops
+        listening (the ingress cancelled the call), the job is cancelled here too."""
         stream: asyncio.Queue[dict[str, Any] | JobEnd] = asyncio.Queue()
-        job = await self.scheduler.submit(kind, request, model_id=model_id, subscriber=stream)
+        job = await self.scheduler.submit(
+            kind, request, model_id=model_id, owner=cache_scope, subscriber=stream
+        )
         try:
             yield {"type": "accepted", "job": job.id}
             while True:
                 item = await stream.get()
                 if isinstance(item, JobEnd):
-                    yield item.message()
+                    end = item.message()
+                    plan = self.plans.plans.pop(job.id, None)
+                    if plan is not None:
+                        end["cache_plan"] = plan
+                    yield end
                     return
                 yield item
         finally:
+            self.plans.plans.pop(job.id, None)
             if not job.terminal:
                 log.info("the ingress stopped listening to job %s: cancelling it", job.id)
                 await self.scheduler.cancel(job.id, reason="cancelled by the ingress")

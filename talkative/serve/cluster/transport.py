@@ -10,7 +10,7 @@ refusal `ClusterBusy` (429 when replicas are merely full, 503 when none is runni
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -22,6 +22,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from ...nla.options import Resolved
 from .dispatch import CallCancelled, ClusterBusy, ReplicaLost
 from .pools import Pool, pool_of
 
@@ -29,15 +30,26 @@ from .pools import Pool, pool_of
 class ServeStream:
     """One streaming call; iterating it yields the replica's messages, with Ray's failures translated."""
 
-    def __init__(self, response: DeploymentResponseGenerator) -> None:
+    def __init__(
+        self, response: DeploymentResponseGenerator, ended: Callable[[], None] = lambda: None
+    ) -> None:
         self.response = response
         self.cancelled = False
+        self.ended = ended  # called once, when the call's messages end (however they end)
 
     def cancel(self) -> None:
         self.cancelled = True
         self.response.cancel()
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for message in self._messages():
+                yield message
+        finally:
+            self.ended()
+            self.ended = lambda: None
+
+    async def _messages(self) -> AsyncIterator[dict[str, Any]]:
         try:
             async for message in self.response:
                 yield message
@@ -63,6 +75,14 @@ class ServeTransport:
     def __init__(self, pools: Mapping[str, Pool], handles: Mapping[str, DeploymentHandle]) -> None:
         self.pools = dict(pools)
         self.handles = dict(handles)
+        self.calls: dict[str, int] = {}  # pool name -> this ingress's job calls that have not ended
+
+    def _pool_full(self, group_id: str) -> bool:
+        """Whether this ingress's own job calls fill the pool's replicas (at their fewest), so that another call
+        would wait in Serve's queue."""
+        pool = pool_of(self.pools, group_id)
+        replicas = int(pool.autoscaling.get("min_replicas", 1)) if pool.autoscaling else pool.replicas
+        return self.calls.get(pool.name, 0) >= max(1, replicas) * pool.max_ongoing_requests
 
     def _handle(self, group_id: str) -> DeploymentHandle:
         return self.handles[pool_of(self.pools, group_id).name]
@@ -71,9 +91,31 @@ class ServeTransport:
         handle = self._handle(group_id).options(multiplexed_model_id=group_id, stream=True)
         response = handle.run.remote(payload)
         assert isinstance(response, DeploymentResponseGenerator)  # stream=True
-        return ServeStream(response)
+        name = pool_of(self.pools, group_id).name
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+        def ended() -> None:
+            self.calls[name] -= 1
+
+        return ServeStream(response, ended)
 
     async def load(self, group_id: str) -> dict[str, Any]:
         handle = self._handle(group_id).options(multiplexed_model_id=group_id)
         facts: dict[str, Any] = await handle.load.remote()
         return facts
+
+    async def check(self, group_id: str, model_id: str, options: Resolved) -> str | None:
+        """A short call (not streamed) to a replica holding the group; cancelled on the replica when the ingress
+        stops waiting for it. Not made while the pool is full of this ingress's jobs: it would take a place in
+        Serve's queue (`max_queued_requests`) that a job could have, and wait for a running job to end."""
+        if self._pool_full(group_id):
+            return None  # the replica that prepares the job checks its options
+        response = (
+            self._handle(group_id).options(multiplexed_model_id=group_id).check.remote(model_id, options)
+        )
+        try:
+            refusal: str | None = await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        return refusal

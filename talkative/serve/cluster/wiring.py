@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from ray import serve
 
 from ..catalog.registry import Registry
+from ..jobs.analysis import AnalysisKind
+from ..jobs.cache import ResultCache
 from ..jobs.kinds import JobKind
 from ..scheduling.workers import Worker
 from ..settings import Settings
@@ -42,7 +44,10 @@ def remote_backend(settings: Settings, registry: Registry, kinds: Sequence[JobKi
         name: serve.get_deployment_handle(pool.deployment_name, app_name=APP_NAME)
         for name, pool in pools.items()
     }
-    dispatcher = Dispatcher(ServeTransport(pools, handles))
+    analysis = next((k for k in kinds if isinstance(k, AnalysisKind)), None)
+    # the result cache stays at the ingress: replicas send each analysis's rows and keys, recorded here
+    cache = analysis.cache if analysis is not None and isinstance(analysis.cache, ResultCache) else None
+    dispatcher = Dispatcher(ServeTransport(pools, handles), cache=cache)
     workers: list[Worker] = [
         ServeWorker(f"serve:{i}", registry, dispatcher) for i in range(max(1, len(registry.groups)))
     ]

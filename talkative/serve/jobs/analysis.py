@@ -14,7 +14,7 @@ import itertools
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from ...nla.flags import with_position_flags
 from ...nla.options import Resolved, resolve
@@ -24,7 +24,7 @@ from ..scheduling.types import STAGE_EXPLAINING, STAGE_PREPARING, DeviceState, W
 from ..scheduling.workers import PreparedInput, WorkFailed
 from ..settings import Settings
 from .batches import is_batch_item
-from .cache import CachePlan, ResultCache, input_key, options_key, row_key
+from .cache import CacheMonitor, CachePlan, input_key, options_key, row_key
 from .kinds import JobControl, JobKind
 from .record import COMPLETED, FAILED, Job
 
@@ -44,6 +44,19 @@ def effective_options(
     return resolve(options)
 
 
+class RowCache(Protocol):
+    """What the analysis kind asks of a result cache: `ResultCache`, or a worker replica's stand-in that looks
+    nothing up and hands each completed analysis's plan to the ingress, which keeps the rows (cluster/runner.py)."""
+
+    monitor: CacheMonitor
+
+    def scope(self, owner: str | None) -> str: ...
+    async def rows(self, keys: list[str]) -> dict[str, dict[str, Any]]: ...
+    def record(
+        self, job_id: str, plan: CachePlan, rows: list[dict[str, Any]], metadata: dict[str, Any]
+    ) -> None: ...
+
+
 class AnalysisKind(JobKind):
     """Runs `analyze` jobs in chunks; one per app (it numbers engine batches and keeps seconds per row)."""
 
@@ -54,7 +67,7 @@ class AnalysisKind(JobKind):
         settings: Settings,
         registry: Registry,
         policy: SchedulingPolicy,
-        cache: ResultCache | None = None,
+        cache: RowCache | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry

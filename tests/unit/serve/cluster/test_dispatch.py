@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from talkative.nla.analysis import AnalysisError
+from talkative.nla.options import Resolved, resolve
 from talkative.serve.catalog.registry import parse_registry
 from talkative.serve.cluster.dispatch import (
     MAX_REDISPATCH,
@@ -18,6 +20,7 @@ from talkative.serve.cluster.dispatch import (
     ReplicaLost,
     ServeWorker,
 )
+from talkative.serve.jobs.cache import CachePlan
 from talkative.serve.jobs.record import Job
 from talkative.serve.scheduling.types import SchedulerError
 from talkative.serve.scheduling.workers import LoadFailed, WorkFailed
@@ -62,6 +65,9 @@ class Transport:
     async def load(self, group_id: str) -> dict[str, Any]:
         return {"group_id": group_id, "errors": {}}
 
+    async def check(self, group_id: str, model_id: str, options: Resolved) -> str | None:
+        return None
+
 
 def job() -> Job:
     return Job(id="j1", kind="generate", request={"prompt": "hi"}, model_id="m", group_id="g")
@@ -86,6 +92,7 @@ def test_relays_messages_and_returns_the_result() -> None:
         "request": {"prompt": "hi"},
         "model_id": "m",
         "job_id": "j1",
+        "cache_scope": None,
     }
 
 
@@ -255,3 +262,65 @@ def test_a_replica_that_cannot_be_asked_is_no_load_failure_but_a_group_that_did_
     assert asyncio.run(busy.load("g")).models == ("m1", "m2")  # its first job loads it
     with pytest.raises(LoadFailed, match="out of memory"):
         asyncio.run(serve_worker({"errors": {"*": "out of memory"}}).load("g"))
+
+
+class Checker(Transport):
+    def __init__(self, answer: str | Exception | None) -> None:
+        super().__init__()
+        self.answer = answer
+        self.checked: list[tuple[str, str, Resolved]] = []
+
+    async def check(self, group_id: str, model_id: str, options: Resolved) -> str | None:
+        self.checked.append((group_id, model_id, options))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def checking_worker(answer: str | Exception | None) -> tuple[ServeWorker, Checker]:
+    worker = serve_worker({})
+    transport = Checker(answer)
+    worker.dispatcher.transport = transport
+    return worker, transport
+
+
+def test_options_the_replica_refuses_are_refused_at_the_ingress() -> None:
+    refusing, transport = checking_worker("tuned_lens needs a tuned lens directory")
+    options = resolve({"tuned_lens": True})
+    with pytest.raises(AnalysisError, match="tuned lens"):
+        asyncio.run(refusing.check("m2", options))
+    assert transport.checked == [("g", "m2", options)]  # asked of a replica holding the model's group
+    asyncio.run(checking_worker(None)[0].check("m2", options))  # accepted
+
+
+def test_a_replica_that_cannot_check_now_leaves_the_check_to_the_jobs_preparation() -> None:
+    busy, _transport = checking_worker(ClusterBusy("full", status=429, retry_after=1))
+    asyncio.run(busy.check("m1", resolve({})))  # no refusal: the replica checks when it prepares the job
+
+
+class Cache:
+    """The ingress's result cache, as the dispatcher uses it."""
+
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, CachePlan, list[Any], dict[str, Any]]] = []
+
+    def scope(self, owner: str | None) -> str:
+        return f"scope:{owner}"
+
+    def record(self, job_id: str, plan: CachePlan, rows: list[Any], metadata: dict[str, Any]) -> None:
+        self.recorded.append((job_id, plan, rows, metadata))
+
+
+def test_a_completed_analysis_rows_are_cached_under_the_ingress_job_id() -> None:
+    plan = CachePlan("input", {0: "k0", 1: "k1"}, {})
+    rows = [{"position": 0}, {"position": 1}]
+    end = {**END, "result": {"tokens": rows, "metadata": {"replica": "r1"}}, "cache_plan": plan}
+    transport = Transport(Scripted([{"type": "accepted", "replica": "r1"}, end]))
+    cache = Cache()
+    analysis = Job(
+        id="ingress-7", kind="analyze", request={"text": "x"}, model_id="m", group_id="g", owner="c1"
+    )
+    dispatcher = Dispatcher(transport, backoff=0, cache=cache)  # type: ignore[arg-type]
+    assert asyncio.run(dispatcher.run(analysis, lambda m: None))["tokens"] == rows
+    assert transport.opened[0][1]["cache_scope"] == "scope:c1"  # the replica keys rows by the client's scope
+    assert cache.recorded == [("ingress-7", plan, rows, {"replica": "r1"})]

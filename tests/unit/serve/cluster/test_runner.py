@@ -11,7 +11,10 @@ from typing import Any
 
 from scheduler_fakes import REGISTRY, Engine, FakeResidency, words
 
+from talkative.nla.analysis import AnalysisError
+from talkative.nla.options import resolve
 from talkative.serve.catalog.registry import parse_registry
+from talkative.serve.catalog.residency import GroupRuntime
 from talkative.serve.cluster.runner import ReplicaRunner
 from talkative.serve.settings import Settings
 
@@ -20,8 +23,11 @@ def with_runner(
     tmp_path: Path,
     body: Callable[[ReplicaRunner, Engine], Awaitable[None]],
     broken: frozenset[str] = frozenset(),
+    *,
+    engine: Engine | None = None,
+    residency: type[FakeResidency] = FakeResidency,
 ) -> None:
-    engine = Engine()
+    engine = engine or Engine()
     registry = parse_registry(REGISTRY)
     settings = Settings(
         model_groups_file=tmp_path / "none.json",
@@ -37,7 +43,7 @@ def with_runner(
             settings,
             registry,
             "cpu",
-            residency=FakeResidency(registry, broken),  # type: ignore[arg-type]
+            residency=residency(registry, broken),  # type: ignore[arg-type]
             engine=engine,
         )
         await runner.start()
@@ -50,12 +56,31 @@ def with_runner(
     asyncio.run(main())
 
 
-async def collect(runner: ReplicaRunner, model_id: str, text: str, **options: Any) -> list[dict[str, Any]]:
+async def collect(
+    runner: ReplicaRunner, model_id: str, text: str, scope: str | None = None, **options: Any
+) -> list[dict[str, Any]]:
     request = {
         "text": text,
         "options": {"batch_size": 4, "optimize_explanations_config": {"best_of_k": 1}, **options},
     }
-    return [m async for m in runner.run("analyze", request, model_id)]
+    return [m async for m in runner.run("analyze", request, model_id, scope)]
+
+
+class IdentifiedResidency(FakeResidency):
+    """Loads models with a content identity, as the real residency does (the result cache keys rows by it)."""
+
+    def acquire(self, gid: str, device: str) -> GroupRuntime:
+        rt = super().acquire(gid, device)
+        rt.identities.update({m: f"identity-of-{m}" for m in rt.nlas})
+        return rt
+
+
+class PickyEngine(Engine):
+    """Refuses a tuned lens, as a model without one does."""
+
+    def check_options(self, nla: Any, opts: Any, tuned: Any = None) -> None:
+        if opts.tuned_lens:
+            raise AnalysisError("tuned_lens needs a tuned lens directory")
 
 
 def test_a_job_streams_accepted_progress_then_its_end_with_the_whole_result(tmp_path: Path) -> None:
@@ -125,3 +150,35 @@ def test_a_group_that_cannot_load_is_reported_and_fails_its_jobs(tmp_path: Path)
         assert end["status"] == "failed" and "broken checkpoint" in end["error"]
 
     with_runner(tmp_path, body, broken=frozenset({"gb"}))
+
+
+def test_a_completed_analysis_ends_with_its_cache_plan_keyed_for_the_ingress_clients_scope(
+    tmp_path: Path,
+) -> None:
+    async def body(runner: ReplicaRunner, engine: Engine) -> None:
+        mine = (await collect(runner, "a1", words(4), "client-1"))[-1]
+        again = (await collect(runner, "a1", words(4), "client-1"))[-1]
+        theirs = (await collect(runner, "a1", words(4), "client-2"))[-1]
+        plan = mine["cache_plan"]
+        assert sorted(plan.row_keys) == [0, 1, 2, 3] and not plan.cached
+        assert (
+            plan.row_keys == again["cache_plan"].row_keys and plan.input_key == again["cache_plan"].input_key
+        )
+        assert not set(plan.row_keys.values()) & set(
+            theirs["cache_plan"].row_keys.values()
+        )  # scoped per client
+        assert runner.plans.plans == {}  # handed over, none kept
+        assert "cache_plan" not in (await collect(runner, "a1", "boom x", "client-1"))[-1]  # failed: no rows
+
+    with_runner(tmp_path, body, residency=IdentifiedResidency)
+
+
+def test_the_replica_checks_options_of_a_model_on_its_device_for_the_ingress(tmp_path: Path) -> None:
+    async def body(runner: ReplicaRunner, engine: Engine) -> None:
+        bad, good = resolve({"tuned_lens": True}), resolve({})
+        assert await runner.check("a1", bad) is None  # not on this device: its job's preparation checks it
+        await runner.load("ga")
+        assert await runner.check("a1", bad) == "tuned_lens needs a tuned lens directory"
+        assert await runner.check("a1", good) is None
+
+    with_runner(tmp_path, body, engine=PickyEngine())
