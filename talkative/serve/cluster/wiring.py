@@ -6,7 +6,8 @@ BACKEND=ray it asks `remote_backend` for the scheduler's workers and kinds inste
 device to switch), and `RemoteKind` running every kind of job whole on a worker replica. The ingress admits every
 job it accepts at once (MAX_ACTIVE_JOBS per virtual device is raised to MAX_QUEUE_SIZE): waiting happens in
 Serve's router, bounded by each pool's `max_queued_requests`, and each replica interleaves its
-`max_ongoing_requests` jobs.
+`max_ongoing_requests` jobs. The dispatcher gets the ingress's result cache (the analysis kind's), so the rows
+replicas compute are recorded here, under the ingress's job ids.
 """
 
 from __future__ import annotations
