@@ -87,9 +87,9 @@ class WorkerReplica:
             yield message
 
     async def check(self, model_id: str, options: Resolved) -> str | None:
-        """The engine's option check for the ingress, before it queues a job of the call's group: why the model
-        refuses the options, or None (also when the group is not on this replica's device)."""
-        await self.group(serve.get_multiplexed_model_id())
+        """The engine's option check for the ingress, before it queues a job of the call's group (Serve routes
+        the call to a replica holding it): why the model refuses the options, or None, also when the group is not
+        on this replica's device. It never loads the group: a check must not cost a load."""
         return await self.runner.check(model_id, options)
 
     async def load(self) -> dict[str, Any]:
