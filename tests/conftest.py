@@ -15,6 +15,21 @@ from talkative.nla.lm import LM, load_lm
 from talkative.nla.sources import DEFAULT_SOURCE, ensure_bundled
 
 
+@pytest.fixture(autouse=True)
+def _ray_address_unchanged():
+    """A test that leaves RAY_ADDRESS changed in this process's environment would send every later test's Ray
+    cluster (and every server process started after it) to that address: put it back and fail that test."""
+    before = os.environ.get("RAY_ADDRESS")
+    yield
+    after = os.environ.get("RAY_ADDRESS")
+    if after != before:
+        if before is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = before
+        pytest.fail(f"the test left RAY_ADDRESS={after!r} in the environment (was {before!r})")
+
+
 @pytest.fixture(scope="session")
 def smol_dir():
     """The converted bundled model directory (tokenizer and weights)."""

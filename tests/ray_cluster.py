@@ -1,6 +1,7 @@
 """A local Ray cluster for one test module, and the faults tests inject into it (shared by the cluster tests).
 
-`RayCluster` starts Ray on this machine with a CPU count of its own and no dashboard, starts Serve's proxy on a
+`RayCluster` starts Ray on this machine with a CPU count of its own and no dashboard (`start_local_ray`: always a
+new cluster of its own, never one that RAY_ADDRESS or the last `ray start` names), starts Serve's proxy on a
 free port (never the defaults: other test runs may hold a cluster at the same time), deploys Talkative (worker
 pools and INGRESS_REPLICAS ingress replicas) with `talkative.serve.cluster.deploy.deploy`, and shuts everything
 down at the end. `replicas(deployment)` lists the live replicas of a deployment with their process ids, from the
@@ -24,6 +25,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_local_ray(num_cpus: int) -> str:
+    """Start a new local Ray cluster for this process and return its address. `address="local"`, because without it
+    `ray.init` joins the cluster RAY_ADDRESS names (a developer's, or another test run's) or the one `ray start` last
+    started on this machine, and the tests would deploy into a cluster they do not own (and its CPUs)."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return str(ray.get_runtime_context().gcs_address)
 
 
 @dataclass(frozen=True)
@@ -51,10 +62,9 @@ class RayCluster:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self) -> RayCluster:
-        import ray
         from ray import serve
 
-        ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+        start_local_ray(self.num_cpus)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         return self
 

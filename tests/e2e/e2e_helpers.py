@@ -54,7 +54,9 @@ class Server:
 
     def start(self, timeout: float = 180) -> Server:
         self.starts += 1
-        env = {**os.environ, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port)}
+        # a Ray address of the caller's environment is not inherited: a server joins only a cluster its test names
+        inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {**inherited, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port)}
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "talkative.cli", "serve"],

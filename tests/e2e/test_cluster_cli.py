@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from e2e_helpers import FAST, REPO, Server, recv_until
+from ray_cluster import start_local_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e, pytest.mark.integration]
 
@@ -23,9 +24,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e, pytest.mark.in
 def ray_address() -> Iterator[str]:
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    address = start_local_ray(4)  # a cluster of this module's own, whatever RAY_ADDRESS says
     try:
-        yield str(ray.get_runtime_context().gcs_address)
+        yield address
     finally:
         ray.shutdown()
 

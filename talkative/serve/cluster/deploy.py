@@ -85,7 +85,9 @@ def connect(settings: Settings) -> bool:
     if settings.ray_address:
         ray.init(address=settings.ray_address)
         return False
-    ray.init()
+    # "local": a plain ray.init() would join the cluster `ray start` last started on this machine, and this
+    # process would then shut down a cluster it does not own
+    ray.init(address="local")
     return True
 
 
