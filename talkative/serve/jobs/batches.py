@@ -292,7 +292,13 @@ class Batches:
                 batch.id, self.runner, self.lease_seconds
             ):
                 continue  # another replica was quicker
-            await self._resume(batch)
+            try:
+                await self._resume(batch)
+            except Exception:
+                # not fed here after all: give it back rather than renew a lease nothing here feeds
+                self._deactivate(batch.id)
+                await self.store.release(batch.id, self.runner)
+                raise
 
     def _relinquish(self, active: Active) -> None:
         """Another runner feeds this batch now (this one was too slow to renew): stop feeding it here. Its items'
