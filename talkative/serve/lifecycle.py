@@ -3,7 +3,9 @@
 * **A WebSocket closes.** The queued and running jobs it followed (submitted on it, or picked up with
   `subscribe`) and that its caller owns are cancelled, unless another open connection still follows them: nobody
   is left to read their results, and on a shared accelerator every second matters. Jobs that had finished stay
-  readable by id. A page reload therefore cancels a running analysis (the UI re-subscribes after a reconnect and
+  readable by id. With several ingress replicas on one store, the same holds for the jobs the connection followed
+  that another replica runs: they are read from the store, and the cancellation is asked through it (that replica
+  cancels them at its next lease renewal). A page reload therefore cancels a running analysis (the UI re-subscribes after a reconnect and
   is told so); a client that wants work to outlive its connection submits it over REST.
 * **SIGTERM** (or Ctrl-C) drains instead of dropping work: the server stops accepting (new requests get 503 with
   `Retry-After`, new WebSockets a close 1013, `/ready` 503), admits no queued job and starts no new engine batch,
@@ -45,12 +47,14 @@ async def cancel_abandoned(svc: Service, conn: Connection, followed: list[str]) 
     cancelled = 0
     for job_id in followed:
         job = sched.jobs.get(job_id)
+        if job is None and sched.leases is not None:
+            job = await sched.store.get(job_id)  # another replica runs it (or it ended there)
         if job is None or job.terminal or job.owner != conn.identity.key:
             continue
         if any(not other.closed for other in svc.hub.subscribers.get(job_id, ())):
             continue
         try:
-            await sched.cancel(job_id, reason=DISCONNECT_REASON)
+            await sched.cancel(job_id, reason=DISCONNECT_REASON, wait=False)
             cancelled += 1
         except (SchedulerError, KeyError):
             continue  # finished meanwhile

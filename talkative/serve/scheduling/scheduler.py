@@ -540,7 +540,10 @@ class Scheduler:
         except TimeoutError:
             return self.jobs.get(job_id, job)
 
-    async def cancel(self, job_id: str, reason: str = "Cancelled by user") -> Job:
+    async def cancel(self, job_id: str, reason: str = "Cancelled by user", *, wait: bool = True) -> Job:
+        """Cancel a job: at once when this scheduler holds it; else (another replica runs it) through the store's
+        request, which that replica sees at its next renewal: `wait` for its end (up to a lease), or return the job
+        as stored when asked (a closing connection cancels its jobs without waiting for each)."""
         job = self.jobs.get(job_id)
         if job is None:
             stored = await self.store.get(job_id)
@@ -554,6 +557,8 @@ class Scheduler:
                     raise UnknownRequest(job_id)
                 raise SchedulerError(409, f"request {job_id} is already {ended.status}")
             # another replica runs it: it hears of the request when it next renews its leases
+            if not wait:
+                return stored
             ended = await self.wait(job_id, timeout=self.leases.lease_seconds)
             if ended.terminal and ended.status != CANCELLED:
                 raise SchedulerError(409, f"request {job_id} is already {ended.status}")

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from talkative.serve.catalog.registry import parse_registry
 from talkative.serve.jobs.analysis import AnalysisKind
 from talkative.serve.jobs.record import CANCELLED, COMPLETED, PROCESSING, QUEUED, Job, new_id
 from talkative.serve.jobs.store import JobStore
+from talkative.serve.lifecycle import cancel_abandoned
 from talkative.serve.scheduling.leases import Leases
 from talkative.serve.scheduling.policy import FifoGroupPhases
 from talkative.serve.scheduling.queue import JobQueue
@@ -210,5 +212,33 @@ def test_cancelling_a_job_another_replica_finished_is_a_conflict(tmp_path: Path)
             with pytest.raises(SchedulerError, match="already completed") as refused:
                 await b.sched.cancel(job.id)
             assert refused.value.status == 409
+
+    go(tmp_path, body)
+
+
+def test_a_closing_connection_cancels_the_jobs_it_followed_that_another_replica_runs(tmp_path: Path) -> None:
+    """The disconnect rule of one process holds across replicas: the closing connection's caller's unfinished jobs
+    that no other open connection follows are cancelled, through the store, on the replica that runs them."""
+
+    async def body(tmp: Path) -> None:
+        async with replica(tmp, "a", delay=0.2) as a, replica(tmp, "b") as b:
+            mine = await submit(a, words(200))
+            watched = await submit(a, words(200))  # another open connection on b still follows it
+            theirs = await a.sched.submit(
+                "analyze", {"text": words(200), "options": {}}, model_id="a1", owner="bob"
+            )
+            await until(lambda: a.sched.jobs[mine.id].status == PROCESSING)
+            closing = SimpleNamespace(id="c1", identity=SimpleNamespace(key="alice"), closed=True)
+            still_open = SimpleNamespace(closed=False)
+            svc = SimpleNamespace(
+                scheduler=b.sched, hub=SimpleNamespace(subscribers={watched.id: [still_open]})
+            )
+            followed = [mine.id, watched.id, theirs.id]
+            assert await cancel_abandoned(svc, closing, followed) == 1  # type: ignore[arg-type]
+            await until(lambda: finals(a.sink.events, mine.id) == ["request_cancelled"])
+            stored = await b.store.get(mine.id)
+            assert stored is not None and stored.status == CANCELLED
+            for kept in (watched, theirs):
+                assert not a.sched.jobs[kept.id].terminal
 
     go(tmp_path, body)
