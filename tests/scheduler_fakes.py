@@ -19,6 +19,7 @@ from talkative.nla.lm import LMPool
 from talkative.serve.catalog.registry import parse_registry
 from talkative.serve.catalog.residency import GroupRuntime
 from talkative.serve.jobs.analysis import AnalysisKind
+from talkative.serve.jobs.choices import ModelChoices
 from talkative.serve.jobs.kinds import JobKind
 from talkative.serve.jobs.record import Job
 from talkative.serve.jobs.store import JobStore
@@ -207,6 +208,7 @@ def run(
 
     async def main() -> None:
         store = JobStore(cfg.store_path())
+        choices = ModelChoices(store.database)
         if before is not None:
             await before(store)
         sink = Sink()
@@ -230,6 +232,7 @@ def run(
             monitor=monitor if monitor is not None else Recorder(),
             policy=policy,
             client_cap=client_cap,
+            choices=choices,
         )
         await sched.start()
         for _ in range(200):
@@ -240,6 +243,7 @@ def run(
             await asyncio.wait_for(body(sched, engine, sink, residency), 60)
         finally:
             await sched.stop()
+            choices.close()
             store.close()
 
     asyncio.run(main())

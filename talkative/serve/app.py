@@ -41,6 +41,7 @@ from .catalog.residency import Residency
 from .jobs.analysis import AnalysisKind
 from .jobs.batches import Batches, BatchStore
 from .jobs.cache import ResultCache
+from .jobs.choices import ModelChoices
 from .jobs.database import Database, open_database
 from .jobs.generation import GenerateKind, Generations, TokenLogs
 from .jobs.kinds import JobKind, final_message
@@ -76,6 +77,7 @@ class Serving:
     logs: TokenLogs
     batches: Batches
     shares: ShareStore
+    choices: ModelChoices
     database: Database  # every store's; closed after them
 
     async def start(self) -> None:
@@ -89,6 +91,7 @@ class Serving:
         await self.generations.close()
         self.logs.close()
         await self.service.stop()
+        self.choices.close()  # after the scheduler, which reads and writes it
         self.database.close()
 
 
@@ -142,6 +145,7 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
     # replicas of a cluster share the store: each runs the jobs and feeds the batches it holds a lease on, and
     # adopts dead ones'; one runner id names the replica in both
     runner = runner_id() if settings.backend == "ray" else LOCAL_RUNNER
+    choices = ModelChoices(database)  # current models, in the store: every replica resolves requests alike
     scheduler = Scheduler(
         scheduler_settings,
         registry,
@@ -153,6 +157,7 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
         monitor=metrics,
         policy=policy,
         client_cap=access.client_cap,
+        choices=choices,
         leases=Leases(store, runner, settings.lease_seconds) if settings.backend == "ray" else None,
     )
     service = Service(settings, registry, residency, store, scheduler, hub, cache)
@@ -168,7 +173,7 @@ def build_serving(settings: Settings, registry: Registry, access: AccessPolicy, 
         lease_seconds=settings.lease_seconds,
     )
     metrics.bind(service)
-    return Serving(service, generations, logs, batches, ShareStore(database), database)
+    return Serving(service, generations, logs, batches, ShareStore(database), choices, database)
 
 
 def protect(

@@ -79,7 +79,7 @@ class Service:
                 400,
                 f"the text has {length} characters, more than MAX_TEXT_LENGTH ({self.settings.max_text_length})",
             )
-        model = self.scheduler.resolve_model(model_id, owner)
+        model = await self.scheduler.resolve_model(model_id, owner)
         try:
             await self.scheduler.check_analysis(model, request["options"])
         except AnalysisError as exc:
@@ -153,7 +153,7 @@ class Service:
         return await self.scheduler.submit(
             "switch",
             {"model_id": model_id, "scope": "server" if server_default else "client"},
-            model_id=self.scheduler.resolve_model(model_id),
+            model_id=await self.scheduler.resolve_model(model_id),
             client_request_id=client_request_id,
             owner=owner,
             subscriber=subscriber,
@@ -169,7 +169,7 @@ class Service:
         }
 
     # -- descriptions ---------------------------------------------------------------------------------------------
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, Any]:
         sched = self.scheduler
         cuda = torch.cuda.is_available()
         return {
@@ -179,7 +179,7 @@ class Service:
             "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
             "queue_size": sched.queue_summary()["queue_size"],
             "ready": sched.ready,
-            "current_model": sched.current_model,
+            "current_model": await sched.server_model(),
             "devices": [d.describe() for d in sched.devices],
             "error": sched.startup_error,
         }

@@ -149,23 +149,25 @@ async def refund_cache_hit(conn: HTTPConnection, identity: ClientIdentity, job: 
 
 
 # -- which model, and what the catalogue looks like to this client ---------------------------------------------------
-def model_for(svc: Service, model_id: str | None, who: ClientIdentity) -> str:
-    """The model a request runs on (the one it names, else the client's current model), checked for this
-    client: 404 for an unknown model, 403 for one reserved for the administrator."""
-    resolved = svc.scheduler.resolve_model(model_id, who.key)
+async def model_for(svc: Service, model_id: str | None, who: ClientIdentity) -> str:
+    """The model a request runs on (the one it names, else the client's current model, read from the store),
+    checked for this client: 404 for an unknown model, 403 for one reserved for the administrator."""
+    resolved = await svc.scheduler.resolve_model(model_id, who.key)
     return visibility.check_use(svc.registry, resolved, who, named=model_id is not None)
 
 
-def catalog_state(svc: Service, who: ClientIdentity) -> CatalogState:
-    """The scheduler's and the residency's view of what is loaded, for the catalogue's builders."""
+async def catalog_state(svc: Service, who: ClientIdentity) -> CatalogState:
+    """The scheduler's and the residency's view of what is loaded, and the client's current model, for the
+    catalogue's builders."""
     sched = svc.scheduler
+    current, own = await sched.current_choice(who.key)
     return CatalogState(
         on_device=sched.loaded_groups(),
         cached_groups=svc.residency.cached_groups(),
         cached_models=svc.residency.cached_models(),
         loaded_models=frozenset(m for m in svc.registry.models if sched.is_loaded(m)),
-        current=sched.current_for(who.key),
-        own=sched.client_models.get(who.key),
+        current=current,
+        own=own,
         switching=sched.is_switching(),
     )
 
@@ -174,8 +176,8 @@ Identity = Annotated[ClientIdentity, Depends(client_identity)]
 ServiceDep = Annotated[Service, Depends(service_of)]
 
 
-def _catalog(svc: ServiceDep, who: Identity) -> CatalogState:
-    return catalog_state(svc, who)
+async def _catalog(svc: ServiceDep, who: Identity) -> CatalogState:
+    return await catalog_state(svc, who)
 
 
 Catalog = Annotated[CatalogState, Depends(_catalog)]

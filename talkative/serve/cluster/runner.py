@@ -34,6 +34,7 @@ from ..catalog.registry import Registry
 from ..catalog.residency import Residency
 from ..jobs.analysis import AnalysisKind
 from ..jobs.cache import CacheMonitor, CachePlan
+from ..jobs.choices import ModelChoices
 from ..jobs.generation import GenerateKind
 from ..jobs.kinds import JobKind
 from ..jobs.record import Job
@@ -184,6 +185,9 @@ class ReplicaRunner:
             engine=engine,
         )
         self.store = JobStore(self.settings.store_path())
+        self.choices = ModelChoices(
+            self.store.database
+        )  # scratch too: the ingress keeps the clients' choices
         self.scheduler = Scheduler(
             self.settings,
             registry,
@@ -195,6 +199,7 @@ class ReplicaRunner:
             monitor=self.counters,
             policy=policy,
             client_cap=lambda _owner: None,
+            choices=self.choices,
         )
 
     async def start(self) -> None:
@@ -202,6 +207,7 @@ class ReplicaRunner:
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+        self.choices.close()
         self.store.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
 

@@ -136,11 +136,21 @@ BATCH_LEASES_V3 = (
     "ALTER TABLE batches ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
     "CREATE INDEX IF NOT EXISTS batches_status ON batches(status)",
 )
+#: each client's current model and the server's default (jobs/choices.py), kept where every ingress replica reads
+#: them: a switch on one replica is what a request on another runs on
+MODEL_CHOICES_V4 = (
+    """CREATE TABLE IF NOT EXISTS model_choices (
+    client TEXT PRIMARY KEY,
+    model_id TEXT NOT NULL,
+    chosen_at {double} NOT NULL
+)""",
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs, batches, the result cache and shares", JOBS_V1 + BATCHES_V1 + CACHE_V1 + SHARES_V1),
     Migration(2, "job leases", LEASES_V2),
     Migration(3, "batch leases", BATCH_LEASES_V3),
+    Migration(4, "current models", MODEL_CHOICES_V4),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -12,7 +12,9 @@ calls the engine or moves weights itself; everything that blocks runs on a worke
 * **Backpressure**: no admissions while draining; beyond `MAX_QUEUE_SIZE` a 429 (503 before the server is ready);
   beyond a client's cap of unfinished jobs a 429.
 * **Switches**: a `switch` job changes a client's current model (or the server's default) once a device holds
-  the model's group; a client's repeated switches replace each other in the queue.
+  the model's group; a client's repeated switches replace each other in the queue. The choices are kept in the
+  store (`jobs/choices.py`), so every replica sharing it resolves a request the same way; a process that owns its
+  store forgets them at start, as it forgot them in memory.
 * **Cancellation** is terminal: a queued job leaves the queue, a running one gets no further chunks and the rows
   of its chunk in flight are dropped; nothing partial is kept.
 * **REQUEST_TIMEOUT** is checked whenever a device dispatches and every second (a stuck engine call wakes
@@ -40,6 +42,7 @@ from typing import Any
 from ...nla.options import resolve
 from ..catalog.registry import Registry
 from ..jobs.batches import is_batch_item
+from ..jobs.choices import ModelChoices
 from ..jobs.kinds import SWITCH, JobKind, final_message
 from ..jobs.record import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, Job, UnknownRequest, new_id
 from ..jobs.store import JobStore
@@ -99,6 +102,7 @@ class Scheduler:
         monitor: Monitor,
         policy: SchedulingPolicy,
         client_cap: Callable[[str | None], int | None],
+        choices: ModelChoices,
         leases: Leases | None = None,
     ) -> None:
         self.settings = settings
@@ -125,12 +129,13 @@ class Scheduler:
         ]
         self.draining = False  # shutting down: no admissions, no new engine batches, no submissions
         self.default_group: str | None = registry.default_group(settings)
-        self.current_model: str | None = (
+        #: the server's default before any administrator's switch: the default group's first model
+        self.configured_model: str | None = (
             registry.group(self.default_group).models[0].id if self.default_group else None
         )
-        #: the current model of each client (its identity key) that switched; requests of other clients that
-        #: name no model run on `current_model`, the server's default, which only the administrator changes
-        self.client_models: dict[str, str] = {}
+        #: the current model of each client (its identity key) that switched, and the server's default that only
+        #: the administrator changes (requests of clients that never switched run on it), in the store
+        self.choices = choices
         self.ready = False
         self.startup_error: str | None = None
         self.stats: dict[str, float] = dict.fromkeys(STAT_NAMES, 0)
@@ -165,6 +170,7 @@ class Scheduler:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.leases is None:
+            await self.choices.clear()  # this process owns the store: a restart starts every client afresh
             await self._recover()
         else:
             self.spawn(self._keep_leases())
@@ -349,12 +355,12 @@ class Scheduler:
             log.error("scheduler task failed", exc_info=task.exception())
 
     # -- submission -----------------------------------------------------------------------------------------------
-    def resolve_model(self, model_id: str | None, client: str | None = None) -> str:
-        """The model a request runs on: the one it names, else its client's current model."""
+    async def resolve_model(self, model_id: str | None, client: str | None = None) -> str:
+        """The model a request runs on: the one it names, else its client's current model (one store read)."""
         if model_id is not None:
             self.registry.model(model_id)  # UnknownModel for the caller to turn into a 404
             return model_id
-        current = self.current_for(client)
+        current = await self.current_for(client)
         if current is None:
             raise SchedulerError(
                 400,
@@ -362,11 +368,22 @@ class Scheduler:
             )
         return current
 
-    def current_for(self, client: str | None) -> str | None:
+    async def current_for(self, client: str | None) -> str | None:
         """A client's current model: the one it last switched to, else the server's default. One client's
         switch never changes what another client's requests run on."""
-        chosen = self.client_models.get(client) if client is not None else None
-        return chosen if chosen is not None and chosen in self.registry.models else self.current_model
+        return (await self.current_choice(client))[0]
+
+    async def current_choice(self, client: str | None) -> tuple[str | None, str | None]:
+        """(the client's current model, its own choice or None), read in one query. A stored model no longer
+        configured counts as no choice."""
+        chosen = await self.choices.read(client)
+        own = chosen.own if chosen.own in self.registry.models else None
+        server = chosen.server if chosen.server in self.registry.models else self.configured_model
+        return (own if own is not None else server), own
+
+    async def server_model(self) -> str | None:
+        """The server's default: the administrator's last switch, else the configured default."""
+        return await self.current_for(None)
 
     async def check_analysis(self, model_id: str, options: dict[str, Any]) -> None:
         """Options the model cannot honour are refused (`AnalysisError`) before queueing when a device holds the
@@ -423,6 +440,10 @@ class Scheduler:
             except SchedulerError as refusal:
                 self.monitor.reject(refusal.reason or "refused")
                 raise
+        if kind == SWITCH and job.status == PROCESSING:
+            # admitted at once (a device holds its group): it returns once its choice is stored, as when the
+            # choice was a scheduler's memory, so a request the client sends next runs on the new model
+            await self.wait(job.id)
         if kind == SWITCH and job.status == QUEUED:
             summary = self.queue_summary()
             position = self.queue_position(job.id) or 1
@@ -730,7 +751,7 @@ class Scheduler:
         assert dev.loaded is not None
         kind = self.kinds.get(job.kind)
         if job.kind == SWITCH:
-            self._complete_switch(job, dev)
+            self.spawn(self._complete_switch(job, dev))
         elif kind is not None:
             self.spawn(self.store.put(job))
             kind.start(job, dev, self)
@@ -809,22 +830,28 @@ class Scheduler:
                 self.spawn(self._preload_configured())
             self.schedule()
 
-    def _complete_switch(self, job: Job, dev: DeviceState) -> None:
+    async def _complete_switch(self, job: Job, dev: DeviceState) -> None:
+        """Store the switch's choice, then announce it: a request the client makes once it heard the switch end
+        runs on the new model, on whichever replica it lands."""
         assert job.model_id is not None and dev.loaded is not None
         missing = dev.loaded.missing(job.model_id)
         if missing is not None:
             self.finish(job, FAILED, error=missing)
             return
         server_wide = job.request.get("scope", "server") == "server"
-        previous = self.registry.models.get(
-            self.client_models.get(job.owner or "") or self.current_model or ""
-        )
-        if server_wide:  # the administrator's act: the default of every client that has not chosen its own
-            self.current_model = job.model_id
-            if job.owner is not None:
-                self.client_models.pop(job.owner, None)
-        elif job.owner is not None:  # this client's own choice; nobody else's requests change
-            self.client_models[job.owner] = job.model_id
+        try:
+            previous = self.registry.models.get(await self.current_for(job.owner) or "")
+            if server_wide:
+                # the administrator's act: the default of every client that has not chosen its own
+                await self.choices.set_default(job.model_id, job.owner)
+            elif job.owner is not None:  # this client's own choice; nobody else's requests change
+                await self.choices.choose(job.owner, job.model_id)
+        except Exception as exc:
+            log.exception("storing the switch to %s failed", job.model_id)
+            self.finish(job, FAILED, error=f"the switch could not be stored: {exc}")
+            return
+        if job.terminal:  # cancelled while its choice was being stored
+            return
         switched = previous is None or previous.group_id != job.group_id
         whose = "the current model" if server_wide else "your current model (other clients keep theirs)"
         result = {
@@ -935,15 +962,14 @@ class Scheduler:
                         503, f"the default group {self.default_group} could not be loaded again"
                     )
                 loaded = self.default_group
-                self.current_model = self.registry.group(self.default_group).models[0].id
-                self.client_models.clear()  # a reset starts every client afresh on the default
+                await self.choices.clear()  # a reset starts every client afresh on the configured default
         finally:
             self._resetting = False
             self.schedule()
         return {
             "unloaded_groups": unloaded,
             "loaded_group": loaded,
-            "current_model": self.current_model,
+            "current_model": await self.server_model(),
             "cancelled_requests": cancelled,
             "queued_requests": len(self.queue),
             "seconds": round(time.perf_counter() - t0, 3),

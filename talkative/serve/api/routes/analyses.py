@@ -30,7 +30,7 @@ async def analyze(body: AnalyzeRequest, svc: ServiceDep, who: Identity, request:
     """Queues the analysis and answers at once; read the outcome from `GET /status/{request_id}`. `options` are
     the engine's `AnalyzeOptions` (the seed's, nested `optimize_explanations_config` included). A request the
     result cache answers whole is already completed (`metadata.cached`) and costs no rate-limit budget."""
-    model_for(svc, body.model_id, who)
+    await model_for(svc, body.model_id, who)
     job = await svc.submit_analysis(
         body.engine_request(), model_id=body.model_id, client_request_id=body.client_request_id, owner=who.key
     )

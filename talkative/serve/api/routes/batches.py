@@ -253,7 +253,7 @@ async def submit_batch(
             413,
             f"the batch has {len(specs)} items, more than MAX_BATCH_ITEMS ({settings.max_batch_items}); split it",
         )
-    model = model_for(svc, defaults.model_id, who)
+    model = await model_for(svc, defaults.model_id, who)
     option_defaults = defaults.option_defaults()
     await svc.scheduler.check_analysis(model, option_defaults)
     batch = await batches.submit(who.key, model, option_defaults, specs, source)

@@ -26,8 +26,8 @@ async def diff(body: DiffRequest, svc: ServiceDep, who: Identity) -> Any:
     result row for A − B plus its `norm`, `a` and `b` the rows of each side's own activation plus `model_id,
     position, token, token_id, n_tokens, norm`."""
     default = body.model_id
-    model_a = model_for(svc, body.a.model_id or default, who)
-    model_b = model_for(svc, body.b.model_id or default, who)
+    model_a = await model_for(svc, body.a.model_id or default, who)
+    model_b = await model_for(svc, body.b.model_id or default, who)
     ma, mb = svc.registry.model(model_a), svc.registry.model(model_b)
     if ma.group_id != mb.group_id:
         raise HTTPException(

@@ -59,7 +59,7 @@ async def generate(
     `num_completions`, `stop_at_end_of_turn`. The result (`GET /status/{request_id}`) holds `completions`,
     `finish_reasons`, the rendered `prompt`, token counts, every completion's `token_texts`/`token_ids`, and
     metadata."""
-    model_id = model_for(svc, body.model_id, who)
+    model_id = await model_for(svc, body.model_id, who)
     job = await gens.submit(
         body.engine_request(), model_id=model_id, owner=who.key, client_request_id=body.client_request_id
     )

@@ -35,7 +35,7 @@ async def root(request: Request) -> Any:
 
 @router.get("/health", summary="Liveness, loaded model, devices and queue size")
 async def health(svc: ServiceDep) -> dict[str, Any]:
-    return visibility.public_health(svc.health(), svc.registry)
+    return visibility.public_health(await svc.health(), svc.registry)
 
 
 @router.get("/ready", summary="Readiness: 200 once the startup model group is loaded, 503 before")
@@ -45,6 +45,6 @@ async def ready(svc: ServiceDep) -> JSONResponse:
     body = {
         "ready": ok,
         "error": "the server is shutting down" if sched.draining else sched.startup_error,
-        "current_model": sched.current_model,
+        "current_model": await sched.server_model(),
     }
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -93,7 +93,7 @@ async def describe(body: DescribeRequest, svc: ServiceDep, who: Identity) -> Any
     without KL (a bare vector has no context). Answer: `results[i]` = `{index, token, token_id, token_assumed,
     explanation, explanation_structured, token_salience, mse, relative_rmse, cosine, nmse, fve, norm,
     logit_lens_top, tuned_lens_top}`, `metadata`, and with `options.return_vectors` the `reconstructions`."""
-    model_id = model_for(svc, body.model_id, who)
+    model_id = await model_for(svc, body.model_id, who)
     vectors = _wire(body.vectors, "vectors")
     n = _check_dimension(svc, model_id, vectors, "vectors")
     if n is not None and n > V.MAX_VECTORS:
@@ -118,7 +118,7 @@ async def score(body: ScoreRequest, svc: ServiceDep, who: Identity) -> Any:
     """Answer: `results[i]` = `{index, explanation, mse, relative_rmse, cosine, nmse, fve, token_salience}` per
     explanation, plus `token`, `token_id`, `token_assumed`, the vector's `norm`, `metadata` and, with
     `return_vectors`, the `reconstructions`."""
-    model_id = model_for(svc, body.model_id, who)
+    model_id = await model_for(svc, body.model_id, who)
     vector = _wire(body.vector, "vector")
     n = _check_dimension(svc, model_id, vector, "vector")
     if n is not None and n != 1:
@@ -139,7 +139,7 @@ async def extract(body: ExtractRequest, svc: ServiceDep, who: Identity) -> Any:
     """Answer: `{layer, d_model, prompt, n_tokens, tokens: [{position, token, token_id, norm}], activations}`
     with `activations[i]` the vector of `tokens[i]` (positions sorted, duplicates once)."""
     _check_length(svc, body)
-    model_id = model_for(svc, body.model_id, who)
+    model_id = await model_for(svc, body.model_id, who)
     job_request = {**body.input(), "positions": body.positions, "encoding": body.encoding}
     return await run_vector_job(svc, who, "extract", job_request, model_id)
 
@@ -149,5 +149,5 @@ async def tokenize(body: TokenizeRequest, svc: ServiceDep, who: Identity) -> Any
     """Answer: `{prompt, n_tokens, tokens: [{position, token, token_id}]}`; `prompt` is the text the tokens
     come from (for messages: rendered with the chat template, as analysis renders them)."""
     _check_length(svc, body)
-    model_id = model_for(svc, body.model_id, who)
+    model_id = await model_for(svc, body.model_id, who)
     return await run_vector_job(svc, who, "tokenize", body.input(), model_id)

@@ -82,10 +82,11 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         return  # refused: websocket_identity accepted it and closed it with 1008
     await websocket.accept()
     svc = service_of(websocket)
+    # the client's own choice (kept across reconnects), else the server's default unless hidden from it; read
+    # before the connection is attached, so that its first message is this greeting, never a queue_update
+    current = listing.shown_current(svc.registry, await catalog_state(svc, identity), identity)
     conn = svc.hub.attach(websocket, identity)
     sender = asyncio.get_running_loop().create_task(svc.hub.run_sender(conn))
-    # the client's own choice (kept across reconnects), else the server's default unless hidden from it
-    current = listing.shown_current(svc.registry, catalog_state(svc, identity), identity)
     conn.send(
         {
             "type": "connection_established",
@@ -189,7 +190,7 @@ def _error(
 async def analyze(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
     body = {k: v for k, v in data.items() if k != "type"}
     req = AnalyzeRequest.model_validate(body)
-    model_for(svc, req.model_id, conn.identity)
+    await model_for(svc, req.model_id, conn.identity)
     job = await svc.submit_analysis(
         req.engine_request(),
         model_id=req.model_id,
@@ -233,7 +234,7 @@ async def cancel(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
 @handles("list_model_groups")
 async def list_model_groups(svc: Service, conn: Connection, data: dict[str, Any]) -> None:
     who = conn.identity
-    view = listing.client_listing(svc.registry, svc.settings, catalog_state(svc, who), who)
+    view = listing.client_listing(svc.registry, svc.settings, await catalog_state(svc, who), who)
     conn.send({"type": "model_groups_list", **view, "client_request_id": _crid(data)})
 
 
@@ -288,7 +289,7 @@ async def generate(svc: Service, conn: Connection, data: dict[str, Any]) -> None
     """The REST body of `POST /generate`; `model_id` may sit at the top or in `options` (the seed's place).
     Answer: `queued`, `processing`, one `token` per token and completion, then `generation_complete`."""
     req = GenerateRequest.model_validate({k: v for k, v in data.items() if k != "type"})
-    model_id = model_for(svc, req.model_id, conn.identity)
+    model_id = await model_for(svc, req.model_id, conn.identity)
     await generations_of(conn.websocket).submit(
         req.engine_request(),
         model_id=model_id,
@@ -318,7 +319,7 @@ async def generate_and_analyze(svc: Service, conn: Connection, data: dict[str, A
     if unknown:
         raise ProtocolError(f"unknown analysis fields: {', '.join(sorted(unknown))}")
     req = GenerateRequest.model_validate({**generation, "client_request_id": crid})
-    model_id = model_for(svc, req.model_id, conn.identity)
+    model_id = await model_for(svc, req.model_id, conn.identity)
     analysis_model = analysis.get("model_id") or model_id
     # the analysed text is only known later; a placeholder validates the options and the model now
     areq = AnalyzeRequest.model_validate(

@@ -173,7 +173,7 @@ def test_a_failed_switch_leaves_the_previous_group_serving(
         assert done.status == "failed" and "group gb could not be loaded: broken checkpoint" in (
             done.error or ""
         )
-        assert sched.devices[0].group_id == "ga" and sched.current_model == "a1"
+        assert sched.devices[0].group_id == "ga" and await sched.server_model() == "a1"
         assert res.log == [("acquire", "ga"), ("release", "ga"), ("acquire", "gb"), ("acquire", "ga")]
         job = await sched.wait(await analyze(sched, words(3)), 10)
         assert job.status == "completed"
@@ -211,14 +211,23 @@ def test_switches_are_per_client_counted_and_coalesced(
         mine = await sched.submit(
             "switch", {"model_id": "a2", "scope": "client"}, model_id="a2", owner="key:bob"
         )
-        assert mine.status == "completed" and sched.current_model == "a1"
-        assert sched.resolve_model(None, "key:bob") == "a2" and sched.resolve_model(None, "key:alice") == "a1"
+        assert mine.status == "completed" and await sched.server_model() == "a1"
+        assert (
+            await sched.resolve_model(None, "key:bob") == "a2"
+            and await sched.resolve_model(None, "key:alice") == "a1"
+        )
         alice = await sched.wait(await analyze_as(sched, "key:alice"), 10)
         assert alice.model_id == "a1"
         await sched.submit("switch", {"model_id": "a2", "scope": "server"}, model_id="a2", owner="key:admin")
-        assert sched.resolve_model(None, "key:alice") == "a2" and sched.resolve_model(None, "key:bob") == "a2"
+        assert (
+            await sched.resolve_model(None, "key:alice") == "a2"
+            and await sched.resolve_model(None, "key:bob") == "a2"
+        )
         await sched.submit("switch", {"model_id": "a1", "scope": "server"}, model_id="a1", owner="key:admin")
-        assert sched.resolve_model(None, "key:alice") == "a1" and sched.resolve_model(None, "key:bob") == "a2"
+        assert (
+            await sched.resolve_model(None, "key:alice") == "a1"
+            and await sched.resolve_model(None, "key:bob") == "a2"
+        )
         engine.delay = 0.3  # the device stays busy with group a, so switches to group b wait in the queue
         await analyze(sched, words(30))
         ids = []
@@ -239,14 +248,14 @@ def test_switches_are_per_client_counted_and_coalesced(
             await analyze_as(sched, "key:bob")
         assert busy.value.reason == "client_busy"
         done = await sched.wait(ids[-1], 20)
-        assert done.status == "completed" and sched.resolve_model(None, "key:bob") == "b1"
-        assert sched.current_model == "a1"
+        assert done.status == "completed" and await sched.resolve_model(None, "key:bob") == "b1"
+        assert await sched.server_model() == "a1"
 
     run(tmp_path, body, client_cap=lambda owner: 3 if owner and owner.startswith("key:") else None)
 
 
 async def analyze_as(sched: Scheduler, owner: str) -> str:
-    model = sched.resolve_model(None, owner)
+    model = await sched.resolve_model(None, owner)
     job = await sched.submit("analyze", {"text": words(3), "options": {}}, model_id=model, owner=owner)
     return job.id
 

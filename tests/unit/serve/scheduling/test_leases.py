@@ -17,6 +17,7 @@ from scheduler_fakes import REGISTRY, Engine, FakeResidency, Recorder, Sink, unt
 
 from talkative.serve.catalog.registry import parse_registry
 from talkative.serve.jobs.analysis import AnalysisKind
+from talkative.serve.jobs.choices import ModelChoices
 from talkative.serve.jobs.record import CANCELLED, COMPLETED, PROCESSING, QUEUED, Job, new_id
 from talkative.serve.jobs.store import JobStore
 from talkative.serve.lifecycle import cancel_abandoned
@@ -51,6 +52,7 @@ async def replica(tmp_path: Path, runner: str, *, delay: float = 0.01) -> AsyncI
     engine = Engine()
     engine.delay = delay
     store = JobStore(cfg.store_path())
+    choices = ModelChoices(store.database)
     sink = Sink()
     policy = FifoGroupPhases()
     worker = LocalWorker(
@@ -72,6 +74,7 @@ async def replica(tmp_path: Path, runner: str, *, delay: float = 0.01) -> AsyncI
         monitor=Recorder(),
         policy=policy,
         client_cap=lambda owner: None,
+        choices=choices,
         leases=Leases(store, runner, LEASE),
     )
     await sched.start()
@@ -80,6 +83,7 @@ async def replica(tmp_path: Path, runner: str, *, delay: float = 0.01) -> AsyncI
         yield Replica(sched, sink, engine, store)
     finally:
         await sched.stop()
+        choices.close()
         store.close()
 
 
@@ -240,5 +244,36 @@ def test_a_closing_connection_cancels_the_jobs_it_followed_that_another_replica_
             assert stored is not None and stored.status == CANCELLED
             for kept in (watched, theirs):
                 assert not a.sched.jobs[kept.id].terminal
+
+    go(tmp_path, body)
+
+
+def test_a_switch_on_one_replica_is_what_a_request_on_the_other_runs_on(tmp_path: Path) -> None:
+    """A client's current model and the server's default are the store's, not a replica's: a switch answered on
+    one replica decides what the next request that names no model runs on, on any replica."""
+
+    async def body(tmp: Path) -> None:
+        async with replica(tmp, "a") as a, replica(tmp, "b") as b:
+            assert await b.sched.resolve_model(None, "key:bob") == "a1"
+            mine = await a.sched.submit(
+                "switch", {"model_id": "a2", "scope": "client"}, model_id="a2", owner="key:bob"
+            )
+            assert (await a.sched.wait(mine.id, timeout=30)).status == COMPLETED
+            assert await b.sched.resolve_model(None, "key:bob") == "a2"
+            assert await b.sched.resolve_model(None, "key:alice") == "a1"  # nobody else's changes
+            model = await b.sched.resolve_model(None, "key:bob")
+            job = await b.sched.submit(
+                "analyze", {"text": words(3), "options": {}}, model_id=model, owner="key:bob"
+            )
+            ran = await b.sched.wait(job.id, timeout=30)
+            assert ran.status == COMPLETED and ran.model_id == "a2"
+            # the administrator's switch on b moves the default a resolves with
+            moved = await b.sched.submit(
+                "switch", {"model_id": "b1", "scope": "server"}, model_id="b1", owner="key:admin"
+            )
+            assert (await b.sched.wait(moved.id, timeout=30)).status == COMPLETED
+            assert await a.sched.server_model() == "b1"
+            assert await a.sched.resolve_model(None, "key:alice") == "b1"
+            assert await a.sched.resolve_model(None, "key:bob") == "a2"  # its own choice stands
 
     go(tmp_path, body)

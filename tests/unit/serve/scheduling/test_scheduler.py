@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from scheduler_fakes import BUDGET, Engine, FakeResidency, Sink, analyze, run, until, words
 
+from talkative.serve.jobs.choices import ModelChoices
 from talkative.serve.jobs.kinds import WholeJobKind
 from talkative.serve.jobs.record import Job
 from talkative.serve.jobs.store import JobStore
@@ -139,18 +140,18 @@ def test_group_phases_never_break_running_work(tmp_path: Path, monkeypatch: pyte
 
 def test_switch_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        assert sched.current_model == "a1"
+        assert await sched.server_model() == "a1"
         same = await sched.submit("switch", {"model_id": "a2"}, model_id="a2")
-        assert same.status == "completed" and sched.current_model == "a2"  # same group: at once
+        assert same.status == "completed" and await sched.server_model() == "a2"  # same group: at once
         assert same.result and same.result["group_switched"] is False
         other = await sched.submit("switch", {"model_id": "b1"}, model_id="b1")
         assert sink.types(other.id) == ["group_switch_queued"]
         done = await sched.wait(other.id, 10)
-        assert done.status == "completed" and sched.current_model == "b1"
+        assert done.status == "completed" and await sched.server_model() == "b1"
         assert (
             done.result and done.result["group_switched"] is True and done.result["model_info"]["is_loaded"]
         )
-        assert sched.resolve_model(None) == "b1"
+        assert await sched.resolve_model(None) == "b1"
         assert sink.types(other.id)[-1] == "model_switch_complete"
 
     run(tmp_path, body)
@@ -268,8 +269,24 @@ def test_batches_that_finish_a_job_are_filled_only_where_rows_are_cheap(
 
 def test_lazy_loading_waits_for_the_first_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
-        assert sched.ready and res.log == [] and sched.current_model == "a1"
+        assert sched.ready and res.log == [] and await sched.server_model() == "a1"
         job = await sched.wait(await analyze(sched, "x y"), 10)
         assert job.status == "completed" and res.log == [("acquire", "ga")]
 
     run(tmp_path, body, lazy_load_model=True)
+
+
+def test_a_process_that_owns_its_store_forgets_the_current_models_at_start(tmp_path: Path) -> None:
+    """One process (no leases): a restart starts every client on the configured default, as when the choices were
+    kept in its memory; replicas sharing a store keep them (test_leases)."""
+
+    async def before(store: JobStore) -> None:
+        left = ModelChoices(store.database)
+        await left.choose("key:bob", "a2")
+        await left.set_default("b1", None)
+        left.close()
+
+    async def body(sched: Scheduler, engine: Engine, sink: Sink, res: FakeResidency) -> None:
+        assert await sched.resolve_model(None, "key:bob") == "a1" and await sched.server_model() == "a1"
+
+    run(tmp_path, body, before=before)
