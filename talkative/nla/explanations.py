@@ -122,7 +122,10 @@ def parse(text: str) -> Claims | None:
     A text parses when it is exactly what `render` writes for the claims read from it, so every accepted text
     is in the canonical form of the grammar (no stray spaces, punctuation or missing parts)."""
     body = text.strip()
-    rest, genre, nexts, quote = body, None, (), None
+    rest = body
+    genre: str | None = None
+    nexts: tuple[str, ...] = ()
+    quote: str | None = None
     if m := _GENRE.match(rest):
         genre, rest = LABEL_GENRES[m.group(1)], rest[m.end() :].removeprefix(" ")
     if m := _NEXT.match(rest):
