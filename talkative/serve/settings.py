@@ -361,6 +361,11 @@ class Settings(BaseSettings):
             raise ValueError("LOG_LEVEL must be one of critical, error, warning, info, debug, trace")
         return v
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, v: str) -> str:
+        return check_url(v)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -378,11 +383,6 @@ class Settings(BaseSettings):
             dotenv_settings,
             JsonGroupsSettings(settings_cls, init_kwargs),
         )
-    @field_validator("database_url")
-    @classmethod
-    def _database_scheme(cls, v: str) -> str:
-        return check_url(v)
-
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
