@@ -13,6 +13,8 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import psycopg
 import uvicorn
 import websockets
 from e2e_helpers import FAST
-from ray_cluster import free_port
+from ray_cluster import RayCluster, free_port
 
 TERMINAL = {"completed", "failed", "cancelled"}
 FINAL_TYPES = {"result", "error", "request_cancelled"}
@@ -55,6 +57,40 @@ def write_groups(root: Path, model_dir: Path) -> Path:
     }
     path.write_text(json.dumps(groups))
     return path
+
+
+def fresh_database(pg_server: Any) -> Iterator[str]:
+    """A database of its own on the session's PostgreSQL server, dropped afterwards (the body of a fixture)."""
+    url: str = pg_server.fresh_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+def cluster_settings(root: Path, model_dir: Path, database: str, lease_seconds: float) -> Any:
+    """Settings of a cluster on `database` serving `write_groups`' pool; the result cache is off, so every request
+    reaches a worker replica, and leases are short, so a dead replica's jobs are adopted within seconds."""
+    from talkative.serve.settings import Settings
+
+    return Settings(
+        model_groups_file=write_groups(root, model_dir),
+        data_dir=root / "data",
+        database_url=database,
+        result_cache=False,
+        lease_seconds=lease_seconds,
+        env_overrides={},
+        _env_file=None,
+    )
+
+
+@contextmanager
+def deployed(settings: Any, ingress_replicas: int) -> Iterator[RayCluster]:
+    """A local Ray cluster with Talkative deployed on it, shut down on leaving."""
+    ray_cluster = RayCluster(num_cpus=3).start()
+    try:
+        ray_cluster.deploy(settings, ingress_replicas=ingress_replicas)
+        yield ray_cluster
+    finally:
+        ray_cluster.shutdown()
 
 
 class LocalIngress:
@@ -98,6 +134,15 @@ class LocalIngress:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(60)
+
+
+@contextmanager
+def local_ingress(settings: Any) -> Iterator[LocalIngress]:
+    ingress = LocalIngress(settings).start()
+    try:
+        yield ingress
+    finally:
+        ingress.stop()
 
 
 def analyze(

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from cluster_ingress_support import LocalIngress, write_groups
+from cluster_ingress_support import LocalIngress, cluster_settings, deployed, fresh_database, local_ingress
 from e2e_helpers import FAST
 from ray_cluster import RayCluster
 
@@ -31,44 +31,26 @@ BATCHES = "/api/v1/batches"
 
 @pytest.fixture(scope="module")
 def database(pg_server: object) -> Iterator[str]:
-    url: str = pg_server.fresh_database()  # type: ignore[attr-defined]
-    yield url
-    pg_server.drop_database(url)  # type: ignore[attr-defined]
+    yield from fresh_database(pg_server)
 
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path], database: str) -> object:
-    from talkative.serve.settings import Settings
-
-    root = tmp_path_factory.mktemp("cluster-batches")
-    return Settings(
-        model_groups_file=write_groups(root, tiny_dirs["a"]),
-        data_dir=root / "data",
-        database_url=database,
-        result_cache=False,
-        lease_seconds=LEASE_SECONDS,
-        env_overrides={},
-        _env_file=None,
+    return cluster_settings(
+        tmp_path_factory.mktemp("cluster-batches"), tiny_dirs["a"], database, LEASE_SECONDS
     )
 
 
 @pytest.fixture(scope="module")
 def cluster(settings: object) -> Iterator[RayCluster]:
-    ray_cluster = RayCluster(num_cpus=3).start()
-    try:
-        ray_cluster.deploy(settings, ingress_replicas=1)
+    with deployed(settings, ingress_replicas=1) as ray_cluster:
         yield ray_cluster
-    finally:
-        ray_cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
 def local(cluster: RayCluster, settings: object) -> Iterator[LocalIngress]:
-    ingress = LocalIngress(settings).start()
-    try:
+    with local_ingress(settings) as ingress:
         yield ingress
-    finally:
-        ingress.stop()
 
 
 def submit(base: str, n: int, words: int = 8) -> str:

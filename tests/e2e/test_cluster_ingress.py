@@ -22,12 +22,15 @@ from cluster_ingress_support import (
     TERMINAL,
     LocalIngress,
     analyze,
+    cluster_settings,
+    deployed,
     finals,
     follow,
+    fresh_database,
+    local_ingress,
     runner_of,
     status,
     wait,
-    write_groups,
 )
 from prometheus_client.parser import text_string_to_metric_families
 from ray_cluster import RayCluster
@@ -43,44 +46,26 @@ LONGER_TEXT = " ".join(f"sentence {i} of a long text that keeps the replica busy
 
 @pytest.fixture(scope="module")
 def database(pg_server: object) -> Iterator[str]:
-    url: str = pg_server.fresh_database()  # type: ignore[attr-defined]
-    yield url
-    pg_server.drop_database(url)  # type: ignore[attr-defined]
+    yield from fresh_database(pg_server)
 
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path], database: str) -> object:
-    from talkative.serve.settings import Settings
-
-    root = tmp_path_factory.mktemp("cluster-ingress")
-    return Settings(
-        model_groups_file=write_groups(root, tiny_dirs["a"]),
-        data_dir=root / "data",
-        database_url=database,
-        result_cache=False,
-        lease_seconds=LEASE_SECONDS,
-        env_overrides={},
-        _env_file=None,
+    return cluster_settings(
+        tmp_path_factory.mktemp("cluster-ingress"), tiny_dirs["a"], database, LEASE_SECONDS
     )
 
 
 @pytest.fixture(scope="module")
 def cluster(settings: object) -> Iterator[RayCluster]:
-    ray_cluster = RayCluster(num_cpus=3).start()
-    try:
-        ray_cluster.deploy(settings, ingress_replicas=2)
+    with deployed(settings, ingress_replicas=2) as ray_cluster:
         yield ray_cluster
-    finally:
-        ray_cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
 def local(cluster: RayCluster, settings: object) -> Iterator[LocalIngress]:
-    ingress = LocalIngress(settings).start()
-    try:
+    with local_ingress(settings) as ingress:
         yield ingress
-    finally:
-        ingress.stop()
 
 
 def _pid(runner: str | None) -> int:

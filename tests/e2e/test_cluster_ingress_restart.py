@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cluster_ingress_support import analyze, wait, write_groups
+from cluster_ingress_support import analyze, cluster_settings, fresh_database, wait
 from ray_cluster import RayCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres, pytest.mark.slow, pytest.mark.e2e]
@@ -22,9 +22,7 @@ TEXT = " ".join(f"sentence {i} of a long text that keeps the replica busy" for i
 
 @pytest.fixture(scope="module")
 def database(pg_server: object) -> Iterator[str]:
-    url: str = pg_server.fresh_database()  # type: ignore[attr-defined]
-    yield url
-    pg_server.drop_database(url)  # type: ignore[attr-defined]
+    yield from fresh_database(pg_server)
 
 
 def _unfinished(database: str) -> dict[str, str]:
@@ -36,17 +34,7 @@ def _unfinished(database: str) -> dict[str, str]:
 def test_queued_and_running_jobs_run_again_after_the_whole_cluster_restarts(
     tmp_path: Path, tiny_dirs: dict[str, Path], database: str
 ) -> None:
-    from talkative.serve.settings import Settings
-
-    settings = Settings(
-        model_groups_file=write_groups(tmp_path, tiny_dirs["a"]),
-        data_dir=tmp_path / "data",
-        database_url=database,
-        result_cache=False,
-        lease_seconds=3.0,
-        env_overrides={},
-        _env_file=None,
-    )
+    settings = cluster_settings(tmp_path, tiny_dirs["a"], database, lease_seconds=3.0)
     first = RayCluster(num_cpus=3).start()
     try:
         first.deploy(settings, ingress_replicas=1)
