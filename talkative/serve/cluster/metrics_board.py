@@ -22,13 +22,12 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import ray
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from ray.exceptions import RayError
 
-from .shared_limits import NAMESPACE
+from .shared_actor import NAMESPACE, shared_actor
 
 log = logging.getLogger("talkative.serve.cluster.metrics_board")
 
@@ -121,18 +120,7 @@ class ClusterMetrics:
         return {**self.__dict__, "_board": None, "_task": None}
 
     def _resolve(self) -> Any:
-        return (
-            ray.remote(MetricsBoard)
-            .options(
-                name=self.name,
-                namespace=self.namespace,
-                lifetime="detached",
-                get_if_exists=True,
-                max_restarts=-1,
-                num_cpus=0,
-            )
-            .remote()
-        )
+        return shared_actor(MetricsBoard, self.name, self.namespace)
 
     async def board(self) -> Any:
         if self._board is None:

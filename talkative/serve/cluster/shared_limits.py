@@ -19,15 +19,13 @@ import asyncio
 import logging
 from typing import Any
 
-import ray
 from ray.exceptions import RayError
 
 from ..auth.ratelimit import MovingWindow
+from .shared_actor import NAMESPACE, shared_actor
 
 log = logging.getLogger("talkative.serve.cluster.shared_limits")
 
-#: the namespace of every named actor Talkative's replicas share (Serve's replicas run in their own namespace)
-NAMESPACE = "talkative"
 ACTOR_NAME = "rate-limits"
 
 
@@ -57,18 +55,7 @@ class SharedRateStorage:
         return {"name": self.name, "namespace": self.namespace, "_actor": None}
 
     def _resolve(self) -> Any:
-        return (
-            ray.remote(RateCounter)
-            .options(
-                name=self.name,
-                namespace=self.namespace,
-                lifetime="detached",
-                get_if_exists=True,
-                max_restarts=-1,
-                num_cpus=0,
-            )
-            .remote()
-        )
+        return shared_actor(RateCounter, self.name, self.namespace)
 
     async def _counter(self) -> Any:
         if self._actor is None:
