@@ -34,22 +34,9 @@ from typing import Any
 
 import websockets
 from _server_process import ServerProcess
+from _texts import SHORT_TEXTS
 
 REPO = Path(__file__).resolve().parents[1]
-TEXTS = [
-    "The capital of France is Paris.",
-    "Dogs are loyal and friendly animals.",
-    "Water boils at one hundred degrees.",
-    "She plays the violin every evening.",
-    "The stock market fell sharply today.",
-    "Photosynthesis turns light into sugar.",
-    "He forgot his umbrella on the train.",
-    "Mount Everest is the highest mountain.",
-    "The recipe needs two cups of flour.",
-    "Our team won the final match easily.",
-    "Bees communicate by dancing in the hive.",
-    "The library opens at nine tomorrow.",
-]
 SHORT = "The quick brown fox jumps over the lazy dog."
 
 
@@ -129,7 +116,7 @@ def measure(workdir: Path, args: argparse.Namespace, options: dict[str, Any]) ->
 
     port = free_port()
     url, ws_url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws"
-    texts = (TEXTS * ((args.requests + len(TEXTS) - 1) // len(TEXTS)))[: args.requests]
+    texts = (SHORT_TEXTS * ((args.requests + len(SHORT_TEXTS) - 1) // len(SHORT_TEXTS)))[: args.requests]
     local = ServerProcess(
         workdir, {"TORCH_THREADS": "1", "RESULT_CACHE": "false", "DATA_DIR": str(workdir / "local-data")}
     )

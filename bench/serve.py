@@ -23,23 +23,10 @@ from typing import Any
 
 import websockets
 from _server_process import ServerProcess
+from _texts import SHORT_TEXTS
 
 REPO = Path(__file__).resolve().parents[1]
 
-SHORT_TEXTS = [
-    "The capital of France is Paris.",
-    "Dogs are loyal and friendly animals.",
-    "Water boils at one hundred degrees.",
-    "She plays the violin every evening.",
-    "The stock market fell sharply today.",
-    "Photosynthesis turns light into sugar.",
-    "He forgot his umbrella on the train.",
-    "Mount Everest is the highest mountain.",
-    "The recipe needs two cups of flour.",
-    "Our team won the final match easily.",
-    "Bees communicate by dancing in the hive.",
-    "The library opens at nine tomorrow.",
-]
 TEN_TOKENS = "The quick brown fox jumps over the lazy dog."
 LONG_SENTENCES = [
     "The history of the city goes back more than two thousand years.",
