@@ -13,23 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..catalog import visibility
 from ..catalog.registry import Registry
-from ..observability.metrics import HIDDEN_LABEL
+from ..observability.metrics import HIDDEN_LABEL, device_families, engine_families
 from .runner import ReplicaRunner
-
-#: the engine counters of a scheduler's stats: metric name, stats key, help
-ENGINE_COUNTERS = (
-    ("talkative_positions_analysed", "positions", "Token positions explained"),
-    ("talkative_model_loads", "group_loads", "Model groups brought onto a device"),
-    ("talkative_engine_batches", "engine_batches", "Engine batches run"),
-    ("talkative_engine_merged_batches", "merged_batches", "Engine batches shared by several jobs"),
-    ("talkative_engine_rows", "engine_rows", "Rows (positions x best_of_k) explained"),
-    ("talkative_engine_seconds", "engine_seconds", "Seconds spent in engine batches"),
-)
 
 
 class WorkerCollector(Collector):
@@ -45,8 +35,7 @@ class WorkerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         sched = self.runner.scheduler
         stats = sched.stats
-        for name, key, doc in ENGINE_COUNTERS:
-            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
+        yield from engine_families(stats)
         finished = CounterMetricFamily(
             "talkative_worker_jobs_finished",
             "Jobs a worker replica ran to their end, by status",
@@ -61,19 +50,7 @@ class WorkerCollector(Collector):
         for stage, seconds in sorted(self.runner.counters.stages.items()):
             stages.add_metric([stage], seconds)
         yield stages
-        busy = GaugeMetricFamily(
-            "talkative_workers_busy", "Engine batches running, per device", labels=["device"]
-        )
-        jobs = GaugeMetricFamily("talkative_device_jobs", "Jobs admitted to a device", labels=["device"])
-        loaded = GaugeMetricFamily(
-            "talkative_device_group", "1 for the model group a device holds", labels=["device", "group"]
-        )
-        for dev in sched.devices:
-            busy.add_metric([dev.name], dev.inflight)
-            jobs.add_metric([dev.name], len(dev.works) + len(dev.whole))
-            if dev.group_id is not None:
-                loaded.add_metric([dev.name, self._group(dev.group_id)], 1)
-        yield from (busy, jobs, loaded)
+        yield from device_families(sched.devices, self._group)
 
 
 def worker_registry(runner: ReplicaRunner, registry: Registry) -> CollectorRegistry:

@@ -15,7 +15,7 @@ Logs are `logs.py`'s; the middleware that times requests and gives them ids is `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -268,6 +268,44 @@ def cluster_summary(samples: list[tuple[str, dict[str, str], float]]) -> dict[st
     }
 
 
+#: the engine counters of a scheduler's stats: metric name, stats key, help. A worker replica reports them under
+#: the same names as one server, so a sum over the `replica` label is the cluster's figure.
+ENGINE_COUNTERS = (
+    ("talkative_positions_analysed", "positions", "Token positions explained"),
+    ("talkative_model_loads", "group_loads", "Model groups brought onto a device"),
+    ("talkative_engine_batches", "engine_batches", "Engine batches run"),
+    ("talkative_engine_merged_batches", "merged_batches", "Engine batches shared by several jobs"),
+    ("talkative_engine_rows", "engine_rows", "Rows (positions x best_of_k) explained"),
+    ("talkative_engine_seconds", "engine_seconds", "Seconds spent in engine batches"),
+)
+
+
+def engine_families(stats: dict[str, Any]) -> Iterator[Metric]:
+    """The engine's counters from a scheduler's stats."""
+    for name, key, doc in ENGINE_COUNTERS:
+        yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
+
+
+def device_families(devices: Iterable[Any], label: Callable[[str], str]) -> Iterator[Metric]:
+    """Each device's state: engine batches running and allowed at once, jobs admitted, the group it holds
+    (`label` maps a group id to the series a scraper may see)."""
+    busy = GaugeMetricFamily(
+        "talkative_workers_busy", "Engine batches running, per device", labels=["device"]
+    )
+    slots = GaugeMetricFamily("talkative_workers", "Engine batches a device runs at once", labels=["device"])
+    jobs = GaugeMetricFamily("talkative_device_jobs", "Jobs admitted to a device", labels=["device"])
+    loaded = GaugeMetricFamily(
+        "talkative_device_group", "1 for the model group a device holds", labels=["device", "group"]
+    )
+    for dev in devices:
+        busy.add_metric([dev.name], dev.inflight)
+        slots.add_metric([dev.name], dev.slots)
+        jobs.add_metric([dev.name], len(dev.works) + len(dev.whole))
+        if dev.group_id is not None:
+            loaded.add_metric([dev.name, label(dev.group_id)], 1)
+    yield from (busy, slots, jobs, loaded)
+
+
 class _StateCollector(Collector):
     """Scheduler state as metrics, read at scrape time on the event loop (the scheduler's only thread)."""
 
@@ -300,33 +338,11 @@ class _StateCollector(Collector):
         for status in ("completed", "failed", "cancelled"):
             finished.add_metric([status], stats.get(status, 0))
         yield finished
-        for name, key, doc in (
-            ("talkative_jobs_submitted", "submitted", "Jobs accepted"),
-            ("talkative_positions_analysed", "positions", "Token positions explained"),
-            ("talkative_model_loads", "group_loads", "Model groups brought onto a device"),
-            ("talkative_engine_batches", "engine_batches", "Engine batches run"),
-            ("talkative_engine_merged_batches", "merged_batches", "Engine batches shared by several jobs"),
-            ("talkative_engine_rows", "engine_rows", "Rows (positions x best_of_k) explained"),
-            ("talkative_engine_seconds", "engine_seconds", "Seconds spent in engine batches"),
-        ):
-            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
-        busy = GaugeMetricFamily(
-            "talkative_workers_busy", "Engine batches running, per device", labels=["device"]
+        yield CounterMetricFamily(
+            "talkative_jobs_submitted", "Jobs accepted", value=stats.get("submitted", 0)
         )
-        slots = GaugeMetricFamily(
-            "talkative_workers", "Engine batches a device runs at once", labels=["device"]
-        )
-        jobs = GaugeMetricFamily("talkative_device_jobs", "Jobs admitted to a device", labels=["device"])
-        loaded = GaugeMetricFamily(
-            "talkative_device_group", "1 for the model group a device holds", labels=["device", "group"]
-        )
-        for dev in sched.devices:
-            busy.add_metric([dev.name], dev.inflight)
-            slots.add_metric([dev.name], dev.slots)
-            jobs.add_metric([dev.name], len(dev.works) + len(dev.whole))
-            if dev.group_id is not None:
-                loaded.add_metric([dev.name, label(dev.group_id)], 1)
-        yield from (busy, slots, jobs, loaded)
+        yield from engine_families(stats)
+        yield from device_families(sched.devices, label)
         yield GaugeMetricFamily(
             "talkative_websocket_connections", "Open WebSocket connections", value=len(svc.hub.connections)
         )

@@ -26,6 +26,7 @@ class Device:
     name: str
     group_id: str | None
     inflight: int = 0
+    slots: int = 2
     works: dict[str, Any] = field(default_factory=dict)
     whole: set[str] = field(default_factory=set)
 
@@ -73,6 +74,8 @@ def test_a_worker_posts_its_engine_figures_and_hides_groups_nobody_may_see() -> 
     assert ({"status": "completed"}, 2.0) in got["talkative_worker_jobs_finished_total"]
     assert got["talkative_worker_stage_seconds_total"] == [({"stage": "verbalize"}, 1.5)]
     assert got["talkative_device_group"] == [({"device": "cpu", "group": "hidden"}, 1.0)]
+    assert got["talkative_workers_busy"] == [({"device": "cpu"}, 1.0)]
+    assert got["talkative_workers"] == [({"device": "cpu"}, 2.0)]
     assert b"secret" not in text
     runner.scheduler.devices[0].group_id = "open"
     text = generate_latest(_registry(runner))
