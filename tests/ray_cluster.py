@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +26,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def tiny_group(gid: str, model_dir: Path, **pool: Any) -> dict[str, Any]:
+    """A `model_groups.json` entry of one model (layer 1 of a tiny test model, untrained) with its pool's keys."""
+    return {
+        "group_id": gid,
+        "group_name": gid,
+        "base_model_path": str(model_dir),
+        "models": [
+            {"id": f"{gid}-l1", "checkpoint": f"init:{model_dir}@1", "layer": 1, "auto_batch_size_max": 32}
+        ],
+        **pool,
+    }
 
 
 def start_local_ray(num_cpus: int) -> str:

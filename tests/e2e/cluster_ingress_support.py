@@ -23,7 +23,7 @@ import psycopg
 import uvicorn
 import websockets
 from e2e_helpers import FAST
-from ray_cluster import RayCluster, free_port
+from ray_cluster import RayCluster, free_port, tiny_group
 
 TERMINAL = {"completed", "failed", "cancelled"}
 FINAL_TYPES = {"result", "error", "request_cancelled"}
@@ -32,26 +32,14 @@ LONG = " ".join(f"word{i} and then some more of the sentence" for i in range(40)
 SLOW = {**FAST, "optimize_explanations_config": {"best_of_k": 4}}
 
 
-def group(gid: str, model_dir: Path, **more: Any) -> dict[str, Any]:
-    return {
-        "group_id": gid,
-        "group_name": gid,
-        "base_model_path": str(model_dir),
-        "models": [
-            {"id": f"{gid}-l1", "checkpoint": f"init:{model_dir}@1", "layer": 1, "auto_batch_size_max": 32}
-        ],
-        **more,
-    }
-
-
 def write_groups(root: Path, model_dir: Path) -> Path:
     """One worker replica of a pool that serves `tiny-a` and `tiny-hidden` (a group no listing shows, whose id
     must never appear in `/metrics`)."""
     path = root / "model_groups.json"
     groups = {
         "model_groups": [
-            group("tiny-a", model_dir, replicas=1, num_cpus=0.5, max_ongoing_requests=8),
-            group("tiny-hidden", model_dir, visible=False),
+            tiny_group("tiny-a", model_dir, replicas=1, num_cpus=0.5, max_ongoing_requests=8),
+            tiny_group("tiny-hidden", model_dir, visible=False),
         ],
         "settings": {"default_group": "tiny-a", "max_cpu_models": 1, "use_bf16": False},
     }

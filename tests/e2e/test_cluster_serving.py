@@ -18,23 +18,11 @@ from typing import Any
 import httpx
 import pytest
 from e2e_helpers import FAST
-from ray_cluster import RayCluster
+from ray_cluster import RayCluster, tiny_group
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
 TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps."
-
-
-def _group(gid: str, model_dir: Path, **pool: Any) -> dict[str, Any]:
-    return {
-        "group_id": gid,
-        "group_name": gid,
-        "base_model_path": str(model_dir),
-        "models": [
-            {"id": f"{gid}-l1", "checkpoint": f"init:{model_dir}@1", "layer": 1, "auto_batch_size_max": 32}
-        ],
-        **pool,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +35,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path]
     switching = {"pool": "switching", "num_cpus": 0.5}
     groups = {
         "model_groups": [
-            _group("tiny-a", a, **shared),
-            _group("tiny-b", b, pool="shared"),
-            _group("tiny-c", b, **narrow),
-            _group("tiny-d", a, **switching),
-            _group("tiny-e", b, pool="switching"),
+            tiny_group("tiny-a", a, **shared),
+            tiny_group("tiny-b", b, pool="shared"),
+            tiny_group("tiny-c", b, **narrow),
+            tiny_group("tiny-d", a, **switching),
+            tiny_group("tiny-e", b, pool="switching"),
         ],
         "settings": {"default_group": "tiny-a", "max_cpu_models": 1, "use_bf16": False},
     }
