@@ -44,11 +44,24 @@ def tiny_group(gid: str, model_dir: Path, **pool: Any) -> dict[str, Any]:
 def start_local_ray(num_cpus: int) -> str:
     """Start a new local Ray cluster for this process and return its address. `address="local"`, because without it
     `ray.init` joins the cluster RAY_ADDRESS names (a developer's, or another test run's) or the one `ray start` last
-    started on this machine, and the tests would deploy into a cluster they do not own (and its CPUs)."""
+    started on this machine, and the tests would deploy into a cluster they do not own (and its CPUs).
+
+    Tried up to three times: a head started in a process whose previous cluster has just stopped sometimes never
+    sees its raylet register (Ray waits a fixed 30 s and gives up, "The current node timed out during startup"),
+    most often on a loaded machine while the last cluster's processes are still exiting; a fresh attempt after a
+    clean shutdown starts."""
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return str(ray.get_runtime_context().gcs_address)
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return str(ray.get_runtime_context().gcs_address)
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(5)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

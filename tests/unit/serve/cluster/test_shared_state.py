@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
+from ray_cluster import start_local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.ray]
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     """A local Ray cluster of this module's own (free ports: the control store picks one), shut down after."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2)
     try:
         yield
     finally:
