@@ -44,7 +44,7 @@ def _gap(g: dict | None) -> str:
 def write_demo_doc(ckpt: Path, doc: Path) -> None:
     """docs/demo-model.md: per held-out set, the trained NLA against each baseline at equal k, and eval's examples."""
     cfg = json.loads((ckpt / "nla.json").read_text())
-    rel = ckpt.relative_to(ROOT)
+    rel = ckpt.resolve().relative_to(ROOT)
     lines = [
         "# The demo NLA for the bundled SmolLM2-135M-Instruct",
         "",
@@ -149,7 +149,7 @@ def write_demo_doc(ckpt: Path, doc: Path) -> None:
 def write_v2_doc(ckpt: Path, doc: Path) -> None:
     """The page of a sentence-language checkpoint: FVE, baselines and claims per held-out set, then examples."""
     cfg = json.loads((ckpt / "nla.json").read_text())
-    rel = ckpt.relative_to(ROOT)
+    rel = ckpt.resolve().relative_to(ROOT)
     lines = [
         f"# {ckpt.name}: results",
         "",

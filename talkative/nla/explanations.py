@@ -172,3 +172,24 @@ def check_claims(text: str, genre: str, recent_text: str, top_next: Sequence[str
     if claims.next:
         nxt = clean_piece(claims.next[0]) in {clean_piece(t) for t in top_next}
     return Verdict(True, stated_genre, quote, nxt)
+
+
+def claim_score(text: str, genre: str, recent_text: str, top_next: Sequence[str]) -> float:
+    """How much of what an explanation states is true, in [0, 1]: the mean over the three kinds of claim (a kind it
+    does not state scores 0), the quote graded by the share of its words, counted from its end, that occur
+    together in the recent text (the words nearest the token are the ones the activation carries best, and an
+    all-or-nothing quote gives a sampler nothing to climb). A text that does not parse scores 0. GRPO adds it to
+    the reward so the claims an explanation states become true ones, which `check_claims` then counts."""
+    claims = parse(text)
+    if claims is None:
+        return 0.0
+    verdict = check_claims(text, genre, recent_text, top_next)
+    quote = 0.0
+    if claims.quote is not None:
+        words = claims.quote.split(" ")
+        recent = clean_piece(recent_text)
+        true_tail = 0
+        while true_tail < len(words) and " ".join(words[-true_tail - 1 :]) in recent:
+            true_tail += 1
+        quote = true_tail / len(words)
+    return (float(bool(verdict.genre)) + float(bool(verdict.next)) + quote) / 3

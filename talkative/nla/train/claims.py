@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from ..explanations import RECENT_TOKENS, check_claims
+from ..explanations import RECENT_TOKENS, check_claims, claim_score
 from .data import ActivationSet
 
 KINDS = ("genre", "quote", "next")
@@ -55,6 +56,19 @@ def claim_report(tokenizer: Any, data: ActivationSet, idx: Tensor, ids: Tensor) 
             for kind in KINDS
         },
     }
+
+
+def claim_scores(tokenizer: Any, data: ActivationSet, idx: Tensor, ids: Tensor) -> Tensor:
+    """[n] `claim_score` of each explanation (`ids` [n, T], row i for sample idx[i]; idx may repeat, as in a GRPO
+    group): the share of its claims true of the sample, which GRPO's claim reward adds."""
+    genres = data.genres()
+    out = []
+    for row, i in enumerate(idx.tolist()):
+        ctx = [t for t in data.ctx[i].tolist() if t >= 0]
+        top = [tokenizer.decode([t]) for t in data.top[i].tolist() if t >= 0]
+        text = tokenizer.decode(ids[row].tolist())
+        out.append(claim_score(text, genres[i], tokenizer.decode(ctx[-RECENT_TOKENS:]), top))
+    return torch.tensor(out)
 
 
 def claims_markdown(claims: dict[str, dict[str, Any]]) -> list[str]:

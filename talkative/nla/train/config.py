@@ -76,6 +76,9 @@ class TrainConfig:
     # grpo: subtracted from the reward (-nMSE) of an explanation that does not parse in the sentence language,
     # so GRPO cannot buy FVE by leaving the language
     parse_penalty: float = 0.0
+    # grpo: claim_reward · `claim_score` (the share of the explanation's claims that are true of the sample: genre,
+    # quote, first next token) is added to the reward, so the explanations GRPO favours state true claims
+    claim_reward: float = 0.0
 
     def validate(self) -> TrainConfig:
         if self.stage not in STAGES:
@@ -91,6 +94,8 @@ class TrainConfig:
             raise ValueError("explanations must be context or sentence")
         if self.parse_penalty < 0 or (self.parse_penalty > 0 and self.explanations != "sentence"):
             raise ValueError("parse_penalty is a non-negative penalty of the sentence language")
+        if self.claim_reward < 0 or (self.claim_reward > 0 and self.explanations != "sentence"):
+            raise ValueError("claim_reward is a non-negative reward of the sentence language's claims")
         return self
 
     def to_dict(self) -> dict[str, Any]:

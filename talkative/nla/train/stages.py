@@ -4,8 +4,9 @@
   activation; loss = nMSE (direction) + a small term that keeps the norm right, so raw MSE is meaningful too.
 * `av-sft`: the verbalizer learns next-token prediction of the warm-start explanation given the activation; its
   held-out loss is compared with the same loss given shuffled activations (the gap is the signal it reads).
-* `grpo`: the verbalizer samples G explanations per activation, each rewarded by −nMSE of its reconstruction;
-  advantages are normalised within the group; optional KL to a reference verbalizer and entropy bonus; the
+* `grpo`: the verbalizer samples G explanations per activation, each rewarded by −nMSE of its reconstruction
+  (in the sentence language, minus a penalty when it does not parse, plus a reward for the share of its claims
+  that are true of the sample); advantages are normalised within the group; optional KL to a reference verbalizer and entropy bonus; the
   reconstructor keeps training on the rollouts (online), as in the official recipe.
 
 Warm-start explanations come from the data itself (`targets.py`, no hosted model): the T tokens of context just
@@ -30,6 +31,7 @@ from ..loading import open_nla
 from ..reconstructor import SoftPromptReconstructor
 from ..sampling import SEED_BOUND
 from ..verbalizer import LayerReplacementVerbalizer
+from .claims import claim_scores
 from .data import ActivationSet, cross_document_derangement
 from .loop import Run
 from .targets import WarmStart, context_ids
@@ -201,6 +203,10 @@ def grpo(run: Run) -> tuple[Callable[[], dict[str, float]], Callable[[], dict[st
             parses = parse_rate(tokenizer, ids).to(n.device)
             reward = reward - cfg.parse_penalty * (1 - parses)
             rec["parse_rate"] = float(parses.mean())
+        if cfg.claim_reward > 0:
+            truth = claim_scores(tokenizer, data, idx.repeat_interleave(G), ids).to(n.device)
+            reward = reward + cfg.claim_reward * truth
+            rec["claim_score"] = float(truth.mean())
         reward = reward.view(-1, G)
         adv = ((reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-6)).view(-1)
         logp, entropy = v.token_logprobs(A_rep, ids)

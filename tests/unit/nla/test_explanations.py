@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from talkative.nla.explanations import GENRE_LABELS, Claims, check_claims, parse, render
+from talkative.nla.explanations import GENRE_LABELS, Claims, check_claims, claim_score, parse, render
 
 FULL = 'A recipe. Next likely "flour" or "sugar". Reading: add two cups'
 
@@ -74,3 +74,16 @@ def test_claims_are_checked_against_the_sample():
     spanning = check_claims("A recipe. Reading: the eggs, then", "recipe", "Whisk the eggs,\nthen add", top)
     assert spanning.quote is True and spanning.next is None
     assert check_claims("two cups of flour", "recipe", recent, top).parses is False
+
+
+def test_the_claim_score_is_the_share_of_true_claims_with_the_quote_graded_from_its_end():
+    recent = "Whisk the eggs, then add two cups of"
+    top = [" flour", " sugar", " water", " milk", " the"]
+    assert claim_score(FULL, "recipe", recent, top) == 1.0
+    # wrong genre and next token; of the quote "three cups", only the last word occurs in the context
+    half_quote = claim_score('A news report. Next likely "salt". Reading: three cups', "recipe", recent, top)
+    assert half_quote == pytest.approx((0 + 0 + 1 / 2) / 3)
+    # a true first word does not count when the words nearer the token are false
+    assert claim_score("A recipe. Reading: two spoons", "recipe", recent, top) == pytest.approx(1 / 3)
+    assert claim_score("two cups of flour", "recipe", recent, top) == 0.0  # not in the language
+    assert claim_score('Next likely "flour".', "recipe", recent, top) == pytest.approx(1 / 3)

@@ -84,11 +84,19 @@ def test_the_stages_train_and_eval_reports_claims(tmp_path, modern_ds, tiny_llam
         progress=False,
     )
     grpo_cfg = _cfg(
-        tmp_path, modern_ds, tiny_llama_dir, "grpo", init=str(av), parse_penalty=1.0, kl_weight=0.05
+        tmp_path,
+        modern_ds,
+        tiny_llama_dir,
+        "grpo",
+        init=str(av),
+        parse_penalty=1.0,
+        kl_weight=0.05,
+        claim_reward=0.5,
     )
     out = train(Run(load_config(None, **grpo_cfg)), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["parse_rate"] <= 1.0 for r in rows if "eval" not in r)
+    assert all(0.0 <= r["claim_score"] <= r["parse_rate"] for r in rows if "eval" not in r)
     assert "parse_rate_k1" in next(r for r in rows if "eval" in r)["eval"]
     nla = open_nla(str(out))
     held = ActivationSet(modern_ds / "heldout")
@@ -106,3 +114,10 @@ def test_the_stages_train_and_eval_reports_claims(tmp_path, modern_ds, tiny_llam
 def test_a_parse_penalty_needs_the_sentence_language():
     with pytest.raises(ValueError, match="parse_penalty"):
         load_config(None, stage="grpo", parse_penalty=1.0)
+
+
+def test_a_claim_reward_needs_the_sentence_language():
+    with pytest.raises(ValueError, match="claim_reward"):
+        load_config(None, stage="grpo", claim_reward=0.5)
+    with pytest.raises(ValueError, match="claim_reward"):
+        load_config(None, stage="grpo", explanations="sentence", claim_reward=-1.0)
