@@ -36,7 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-salience", action="store_true", help="skip per-token salience")
     p.add_argument("--logit-lens", action="store_true", help="add logit-lens top tokens")
     p.add_argument("--last-n-messages", type=int, help="with --messages: analyse only the last N messages")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="model weights dtype; auto (default): bfloat16 where this machine computes it natively, else float32",
+    )
     p.add_argument("--json", action="store_true", help="print the rows (and metadata) as JSON")
     p.add_argument("--server", help="analyse on a running Talkative server at this URL instead of locally")
     p.add_argument(
@@ -116,6 +121,7 @@ def _local(
     from ..nla.checkpoint import CheckpointError
     from ..nla.formats.native import read_config
     from ..nla.loading import open_nla
+    from ..nla.precision import resolve_dtype
     from ..nla.sources import DEFAULT_SOURCE, ModelSourceError
 
     spec = args.checkpoint or default_checkpoint_spec()
@@ -129,7 +135,8 @@ def _local(
         )
         spec = f"init:{DEFAULT_SOURCE}@{args.layer}"
     try:
-        nla = open_nla(spec, dtype=args.dtype, layer=args.layer, trust_checkpoint=args.trust_checkpoint)
+        dtype = resolve_dtype(args.dtype, "cpu")
+        nla = open_nla(spec, dtype=dtype, layer=args.layer, trust_checkpoint=args.trust_checkpoint)
         result = analyze(nla, text, messages, options)
     except (AnalysisError, CheckpointError, ModelSourceError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     )
 
     # -- per-model defaults at the GLOBAL_ level --------------------------------------------------------------------
-    global_use_bf16: bool | None = None
+    global_use_bf16: bool | Literal["auto"] | None = None
     global_no_orig: bool | None = None
     global_no_kl: bool | None = None
     global_batch_size: int | None = Field(None, ge=1)

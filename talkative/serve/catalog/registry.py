@@ -13,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -28,7 +28,7 @@ log = logging.getLogger("talkative.serve.catalog.registry")
 
 DEFAULT_CHECKPOINT = "default"
 SETTING_TYPES: dict[str, Any] = {
-    "use_bf16": bool,
+    "use_bf16": bool | Literal["auto"],
     "no_orig": bool,
     "no_kl": bool,
     "batch_size": int | None,
@@ -105,6 +105,8 @@ def parse_setting(name: str, value: Any) -> Any:
         if low in {"true", "1", "yes", "on"}:
             return True
         return value
+    if name == "use_bf16" and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
     if name == "batch_size" and isinstance(value, str) and value.strip().lower() in {"", "none", "auto"}:
         return None
     return TypeAdapter(SETTING_TYPES[name]).validate_python(value, strict=False)

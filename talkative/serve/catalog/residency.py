@@ -26,6 +26,7 @@ from ...nla.identity import content_hash
 from ...nla.lens import TunedLens, load_tuned_lens
 from ...nla.lm import LMPool
 from ...nla.loading import INIT_PREFIX, open_nla
+from ...nla.precision import AUTO, resolve_dtype
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -86,14 +87,17 @@ class Residency:
         self._lock = threading.Lock()
 
     # -- loading --------------------------------------------------------------------------------------------------
-    def _dtype(self, group_id: str) -> str:
+    def _dtype(self, group_id: str, device: str) -> str:
+        """use_bf16: true, false, or "auto" (bfloat16 where the device computes it natively, `resolve_dtype`)."""
         bf16 = self.registry.model_setting(self.settings, "use_bf16", group_id=group_id)
+        if bf16 == AUTO:
+            return resolve_dtype(AUTO, device)
         return "bfloat16" if bf16 else "float32"
 
     def load_fresh(self, group: GroupEntry, device: str) -> GroupRuntime:
         """Build a group's NLAs on one new pool. A model that fails is recorded; the group fails if all do."""
         t0 = time.perf_counter()
-        pool = LMPool(dtype=self._dtype(group.group_id), device=device)
+        pool = LMPool(dtype=self._dtype(group.group_id, device), device=device)
         rt = GroupRuntime(group_id=group.group_id, device=device, pool=pool)
         digests: dict[int, str] = {}  # base model digests, shared by the group's NLAs
         for m in group.models:

@@ -168,3 +168,24 @@ def test_cpu_cache_capacity_chain(tmp_path: Path) -> None:
     assert reg.max_cpu_groups(Settings(max_cpu_cached_models=3, global_max_cpu_models=1)) == 1
     # JSON settings.max_cpu_models feeds MAX_CPU_CACHED_MODELS when the environment does not set it
     assert Settings(model_groups_file=tmp_path / "model_groups.json").max_cpu_cached_models == 5
+
+
+def test_use_bf16_auto_picks_bfloat16_where_the_device_computes_it_natively(tmp_path: Path) -> None:
+    from talkative.nla.precision import bf16_is_fast
+    from talkative.serve.catalog.residency import Residency
+
+    reg = make(tmp_path)
+    s = Settings(model_groups_file=tmp_path / "model_groups.json")
+    reg.bind_environment({"MODEL_GROUP_qwen2_5_14b_USE_BF16": "AUTO"})
+    assert reg.model_setting(s, "use_bf16", group_id="qwen2.5-14b") == "auto"
+    native = "bfloat16" if bf16_is_fast("cpu") else "float32"
+    assert Residency(reg, s)._dtype("qwen2.5-14b", "cpu") == native
+    assert Residency(reg, s)._dtype("qwen2.5-14b", "meta") == "float32"  # no native bf16 known there
+    auto = Settings(model_groups_file=tmp_path / "model_groups.json", global_use_bf16="auto")
+    reg.bind_environment({})
+    assert reg.model_setting(auto, "use_bf16", group_id="gemma3-27b-it") == "auto"
+    # true and false still force one dtype; anything else names the variable
+    forced = Settings(model_groups_file=tmp_path / "model_groups.json", global_use_bf16=True)
+    assert Residency(reg, forced)._dtype("gemma3-27b-it", "meta") == "bfloat16"
+    with pytest.raises(RegistryError, match="MODEL_GROUP_QWEN2_5_14B_USE_BF16"):
+        reg.bind_environment({"MODEL_GROUP_qwen2_5_14b_USE_BF16": "sometimes"})
