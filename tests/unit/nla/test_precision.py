@@ -21,4 +21,6 @@ def test_auto_follows_the_cpu_flags_and_the_gpu() -> None:
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
     assert resolve_dtype("auto", "meta") == "float32"
     if torch.cuda.is_available():
-        assert resolve_dtype("auto", "cuda:0") == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
+        assert resolve_dtype("auto", "cuda:0") == (
+            "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        )
