@@ -90,8 +90,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+    def log(self, tail: int | None = 6000) -> str:
+        """The server's log: its last `tail` characters (enough for a failure message), or all of it with None
+        (what a test searching for a line needs: access lines of polling can push an early line out of a tail)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text if tail is None else text[-tail:]
 
     # -- clients ------------------------------------------------------------------------------------------------
     def get(self, path: str, **kw: Any) -> httpx.Response:

@@ -131,4 +131,4 @@ def test_restart_runs_unfinished_jobs_again(make_server: Callable[..., Server]) 
         len(server.status(running)["result"]["tokens"])
         == server.status(running)["result"]["metadata"]["n_positions"]
     )
-    assert "recovered 2 unfinished jobs" in server.log()
+    assert "recovered 2 unfinished jobs" in server.log(tail=None)

@@ -68,7 +68,7 @@ def test_preload_memory_info_and_gpu_stats(make_server: Any) -> None:
     assert memory["current_model"] == "tiny-a-l1" and memory["current_group"] == "tiny-a"
     # a switch to the preloaded group is a move from the cache
     assert server.post("/api/v2/models/switch", {"model_id": "tiny-b-l1"}).json()["group_switched"] is True
-    assert "moved group tiny-b from the CPU cache" in server.log()
+    assert "moved group tiny-b from the CPU cache" in server.log(tail=None)
 
     info = server.get("/api/v2/models/tiny-a-l2/info").json()
     assert {k: info[k] for k in ("model_id", "group_id", "layer", "is_current", "base_model")} == {
