@@ -3,8 +3,8 @@
 bf16 halves the weights' memory everywhere, but it is only faster where the matrix units take it natively: every
 CUDA GPU with bf16 support (Ampere and later) and CPUs with AVX512-BF16 or AMX instructions (about 2.6× the fp32
 matmul speed on this project's machines). On other CPUs bf16 is emulated and slower than fp32, so "auto" keeps
-float32 there. The demo checkpoints were measured to lose under 0.01 held-out FVE in bf16 (docs/demo-model.md),
-which is what makes "auto" a safe default for them.
+float32 there. Whether a checkpoint keeps its fidelity in bf16 is measured per checkpoint
+(`scripts/speed_and_dtype.py`: held-out FVE in bf16 against fp32) before "auto" becomes its default.
 """
 
 from __future__ import annotations

@@ -21,6 +21,14 @@ from .data import ActivationSet
 KINDS = ("genre", "quote", "next")
 
 
+def sample_evidence(tokenizer: Any, data: ActivationSet, i: int) -> tuple[str, list[str]]:
+    """What sample i's claims are checked against: the decoded text of its last RECENT_TOKENS tokens (current token
+    included) and its stored top next tokens, decoded (none where the dataset stores none)."""
+    ctx = [t for t in data.ctx[i].tolist() if t >= 0]
+    nexts = [tokenizer.decode([t]) for t in data.top[i].tolist() if t >= 0]
+    return tokenizer.decode(ctx[-RECENT_TOKENS:]), nexts
+
+
 def claim_report(tokenizer: Any, data: ActivationSet, idx: Tensor, ids: Tensor) -> dict[str, Any]:
     """Parse rate and per-kind truth of one explanation per sample (`ids` [n, T], row i for sample idx[i])."""
     genres = data.genres()
@@ -31,10 +39,10 @@ def claim_report(tokenizer: Any, data: ActivationSet, idx: Tensor, ids: Tensor) 
     stated = dict.fromkeys(KINDS, 0)
     true = dict.fromkeys(KINDS, 0)
     for row, i in enumerate(idx.tolist()):
-        ctx = [t for t in data.ctx[i].tolist() if t >= 0]
-        recent = tokenizer.decode(ctx[-RECENT_TOKENS:])
-        nexts = [tokenizer.decode([t]) for t in top[row].tolist()] if has_top else []
-        verdict = check_claims(tokenizer.decode(ids[row].tolist()), genres[i], recent, nexts)
+        recent, nexts = sample_evidence(tokenizer, data, i)
+        verdict = check_claims(
+            tokenizer.decode(ids[row].tolist()), genres[i], recent, nexts if has_top else []
+        )
         parsed += verdict.parses
         for kind in KINDS:
             value = getattr(verdict, kind)
@@ -64,10 +72,8 @@ def claim_scores(tokenizer: Any, data: ActivationSet, idx: Tensor, ids: Tensor) 
     genres = data.genres()
     out = []
     for row, i in enumerate(idx.tolist()):
-        ctx = [t for t in data.ctx[i].tolist() if t >= 0]
-        top = [tokenizer.decode([t]) for t in data.top[i].tolist() if t >= 0]
-        text = tokenizer.decode(ids[row].tolist())
-        out.append(claim_score(text, genres[i], tokenizer.decode(ctx[-RECENT_TOKENS:]), top))
+        recent, nexts = sample_evidence(tokenizer, data, i)
+        out.append(claim_score(tokenizer.decode(ids[row].tolist()), genres[i], recent, nexts))
     return torch.tensor(out)
 
 

@@ -31,12 +31,12 @@ from torch import Tensor
 
 from .. import metrics as M
 from ..checkpoint import NLA
-from ..explanations import RECENT_TOKENS, check_claims
+from ..explanations import check_claims
 from ..kvcache import KVCache, PrefixView
 from ..reconstructor import SoftPromptReconstructor
 from ..sampling import step_seeds
 from ..verbalizer import LayerReplacementVerbalizer
-from .claims import claim_report, claims_markdown
+from .claims import claim_report, claims_markdown, sample_evidence
 from .data import ActivationSet, cross_document_derangement, same_document_fraction
 
 KS = (1, 2, 4, 8, 16)
@@ -286,13 +286,8 @@ def _examples(
         A = data.acts[int(idx[i])]
         n = float(M.nmse(A, hats8[i]))
         explanation = tok.decode(ids8[i].tolist())
-        top = data.top[int(idx[i])].tolist()
-        verdict = check_claims(
-            explanation,
-            genres[int(idx[i])],
-            tok.decode(ctx[-RECENT_TOKENS:]),
-            [tok.decode([t]) for t in top if t >= 0],
-        )
+        recent, nexts = sample_evidence(tok, data, int(idx[i]))
+        verdict = check_claims(explanation, genres[int(idx[i])], recent, nexts)
         out.append(
             {
                 "context": tok.decode(ctx[-24:-1]),

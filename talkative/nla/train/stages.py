@@ -6,8 +6,9 @@
   held-out loss is compared with the same loss given shuffled activations (the gap is the signal it reads).
 * `grpo`: the verbalizer samples G explanations per activation, each rewarded by −nMSE of its reconstruction
   (in the sentence language, minus a penalty when it does not parse, plus a reward for the share of its claims
-  that are true of the sample); advantages are normalised within the group; optional KL to a reference verbalizer and entropy bonus; the
-  reconstructor keeps training on the rollouts (online), as in the official recipe.
+  that are true of the sample); advantages are normalised within the group; optional KL to a reference
+  verbalizer and entropy bonus; the reconstructor keeps training on the rollouts (online), as in the official
+  recipe.
 
 Warm-start explanations come from the data itself (`targets.py`, no hosted model): the T tokens of context just
 before the position (the activation at layer L is a function of that context, so recovering it is the most
