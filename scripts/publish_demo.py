@@ -241,6 +241,11 @@ def main() -> int:
     )
     ap.add_argument("--doc-only", action="store_true", help="only rewrite the page from the reports")
     ap.add_argument(
+        "--grammar",
+        help="the explanation language the published verbalizer samples in (talkative.nla.constrained; "
+        "'sentence' for the second demo): serving and eval then keep every explanation in it",
+    )
+    ap.add_argument(
         "--make-default",
         action="store_true",
         help="after publishing, make this checkpoint the default (talkative/defaults.py, model_groups.json) and "
@@ -263,7 +268,11 @@ def main() -> int:
         if src.resolve().is_relative_to(ROOT)
         else str(src),
     }
-    if not done:
+    if done:  # the published config stays, but a grammar asked for now is recorded in it
+        cfg = json.loads((args.out / "nla.json").read_text())
+    if args.grammar:
+        cfg["verbalizer"]["grammar"] = args.grammar
+    if not done or args.grammar:
         (args.out / "nla.json").write_text(json.dumps(cfg, indent=2) + "\n")
     curves = args.out / "training"
     curves.mkdir(exist_ok=True)

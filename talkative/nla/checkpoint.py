@@ -191,7 +191,12 @@ def build_verbalizer(cfg: dict[str, Any], lm: LM) -> VerbalizerModule:
         raise CheckpointError(
             f"unknown verbalizer mode {cfg.get('mode')!r} ({' or '.join(VERBALIZER_MODES)})"
         )
-    return design.from_settings(cfg, lm)
+    try:
+        return design.from_settings(cfg, lm)
+    except (
+        ValueError
+    ) as exc:  # a setting the design refuses (prompt without its placeholder, unknown grammar)
+        raise CheckpointError(f"verbalizer: {exc}") from None
 
 
 def build_reconstructor(cfg: dict[str, Any], lm: LM) -> ReconstructorModule:

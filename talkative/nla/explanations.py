@@ -28,6 +28,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import regex
+
 # genre key -> how an explanation names it. Modern genres (nla/train/modern.py) and the kinds of the historical
 # corpora, so every training document has a genre an explanation can state.
 GENRE_LABELS: dict[str, str] = {
@@ -141,6 +143,55 @@ def parse(text: str) -> Claims | None:
     if canonical != body:
         return None
     return Claims(genre, clean_piece(quote) if quote is not None else None, nexts)
+
+
+# The whole language as one pattern, for constrained sampling: `regex` answers whether a text is a prefix of some
+# explanation (partial matching), which `re` cannot. A token is a cleaned piece: no quotes, no line breaks, single
+# spaces inside, none at its ends.
+_PIECE = r'[^"\s]+(?: [^"\s]+)*'
+_PART_GENRE = rf"(?:{_LABELS})\."
+_PART_NEXT = rf'Next likely "{_PIECE}"(?: or "{_PIECE}")?\.'
+_PART_WORDS = re.escape(READING) + r".*"
+_LANGUAGE = regex.compile(
+    rf"(?:{_PART_GENRE}(?: {_PART_NEXT})?(?: {_PART_WORDS})?|{_PART_NEXT}(?: {_PART_WORDS})?|{_PART_WORDS})",
+    regex.DOTALL,
+)
+
+
+def viable(text: str) -> bool:
+    """Whether some continuation of `text` parses: leading padding spaces are free, and then the text must follow
+    the grammar so far. Once the words have begun anything may follow (they are the context as it is)."""
+    body = text.lstrip()
+    return not body or _LANGUAGE.fullmatch(body, partial=True) is not None
+
+
+_NEXT_OPEN, _OR_OPEN = 'Next likely "', ' or "'
+
+
+def completions(text: str) -> list[str]:
+    """Short continuations after which `text` parses ([""] when it parses already, [] when nothing can follow):
+    the rest of a started genre label or keyword, a stated token's closing quote and full stop, one word after
+    "Reading:". A sampler with a fixed token budget keeps a row only while one of these still fits."""
+    if not viable(text):
+        return []
+    if parse(text) is not None:
+        return [""]
+    body = text.lstrip()
+    tails = {"Code.", '".', 'x".', ".", "x"}
+
+    def rest_of(word: str, then: str) -> None:
+        for i in range(1, len(word)):
+            if body.endswith(word[:i]):
+                tails.add(word[i:] + then)
+        if body.endswith(word):
+            tails.add(then)
+
+    for label in LABEL_GENRES:
+        rest_of(label, ".")
+    rest_of(_NEXT_OPEN, 'x".')
+    rest_of(_OR_OPEN, 'x".')
+    rest_of(READING, "x")
+    return sorted((t for t in tails if parse(text + t) is not None), key=len)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from .constrained import GRAMMARS, GuidedSampler, check_grammar
 from .kvcache import KVCache
 from .lm import LM, sequence_bos_id
 from .prompts import PrefixMemo, encode_piece, end_of_turn_ids, tensor_key
@@ -78,6 +79,9 @@ class Verbalizer(Protocol):
     lm: LM
     fixed_length: bool  # exactly t_text tokens: no stop, nothing to parse, the budget is no failure
     edits_prompt: bool  # accepts replace_left / replace_right / hard tokens (a soft prompt around A)
+    grammar: (
+        str | None
+    )  # the explanation language sampling keeps to (`constrained.GRAMMARS`), None: free text
 
     def max_added_tokens(self) -> int | None:
         """The most forced tokens (`add_tokens`) an explanation can hold, None for no limit but the budget."""
@@ -107,6 +111,7 @@ class LayerReplacementVerbalizer(nn.Module):
         patch_layers: int = 5,
         t_text: int = 8,
         softcap_sampling: bool = False,
+        grammar: str | None = None,
     ) -> None:
         super().__init__()
         if prompt.count(EMBED_PLACEHOLDER) != 1:
@@ -122,6 +127,9 @@ class LayerReplacementVerbalizer(nn.Module):
         self.patch_layers = patch_layers
         self.t_text = t_text
         self.softcap_sampling = softcap_sampling
+        # the explanation language sampling keeps to (`constrained.GRAMMARS`), None for free text
+        self.grammar = check_grammar(grammar)
+        self._token_texts: list[str] | None = None  # each token's text alone, built on the first need
         left, right = prompt.split(EMBED_PLACEHOLDER)
         self.left_ids = encode_piece(lm, left)
         self.right_ids = encode_piece(lm, right)
@@ -218,16 +226,21 @@ class LayerReplacementVerbalizer(nn.Module):
             patch_layers=int(cfg.get("patch_layers", 5)),
             t_text=int(cfg.get("t_text", 8)),
             softcap_sampling=bool(cfg.get("softcap_sampling", False)),
+            grammar=cfg.get("grammar"),
         )
 
     def settings(self) -> dict[str, Any]:
-        """What a native `nla.json` records of it, besides its mode and base."""
-        return {
+        """What a native `nla.json` records of it, besides its mode and base (`grammar` only when set, so the
+        configs of free-text checkpoints read as before)."""
+        out: dict[str, Any] = {
             "prompt": self.prompt,
             "patch_layers": self.patch_layers,
             "t_text": self.t_text,
             "softcap_sampling": self.softcap_sampling,
         }
+        if self.grammar is not None:
+            out["grammar"] = self.grammar
+        return out
 
     # -- sizes -----------------------------------------------------------------------------------------------------
     def max_added_tokens(self) -> int | None:
@@ -275,6 +288,11 @@ class LayerReplacementVerbalizer(nn.Module):
             else KVCache(G, x.shape[1] + 1)
         )
         sampled: list[Tensor] = []
+        guide = (
+            GuidedSampler(GRAMMARS[self.grammar], lm.tokenizer, ov.add_ids, G * k, self.token_texts, n_sample)
+            if self.grammar is not None
+            else None
+        )
         if n_sample > 0:
             h = lm.forward(x, positions, cache=cache, patch=self._patch(projections, 0))
             logits = lm.logits(lm.final_norm(h[:, -1]), softcap=self.softcap_sampling).repeat_interleave(k, 0)
@@ -282,7 +300,12 @@ class LayerReplacementVerbalizer(nn.Module):
             pos = int(positions[0, -1]) + 1
             for t in range(n_sample):
                 stop_if(cancelled)
-                tok = sample_next(logits, temperature, seeds[:, t] if seeds is not None else None)
+                step_seeds = seeds[:, t] if seeds is not None else None
+                tok = (
+                    sample_next(logits, temperature, step_seeds)
+                    if guide is None
+                    else guide.next(logits, temperature, step_seeds, steps_left=n_sample - 1 - t)
+                )
                 sampled.append(tok)
                 if t == n_sample - 1:
                     break
@@ -298,6 +321,13 @@ class LayerReplacementVerbalizer(nn.Module):
             Explanation(ids=r, text=t, finish_reason="length", raw=t)
             for r, t in zip(ids.tolist(), texts, strict=True)
         ]
+
+    def token_texts(self) -> list[str]:
+        """Every token id's text decoded alone (the constrained sampler's whole-vocabulary fallback), kept."""
+        if self._token_texts is None:
+            tok = self.lm.tokenizer
+            self._token_texts = [tok.decode([i]) for i in range(len(tok))]
+        return self._token_texts
 
     # -- training ------------------------------------------------------------------------------------------------
     def token_logprobs(
@@ -332,6 +362,7 @@ class EmbeddingReplacementVerbalizer(nn.Module):
     mode = "embedding_replacement"
     fixed_length = False
     edits_prompt = False
+    grammar: str | None = None  # the official design writes free text until its stop string
     t_text = None  # explanations have no fixed length
 
     def __init__(

@@ -82,6 +82,7 @@ def test_preload_memory_info_and_gpu_stats(make_server: Any) -> None:
     assert info["location"] == "cpu_cache" and info["nla"] is None  # parked, not on a device
     loaded = server.get("/api/v2/models/tiny-b-l1/info").json()
     assert loaded["is_loaded"] and loaded["nla"]["d_model"] == 64 and loaded["nla"]["reads_current_token"]
+    assert loaded["nla"]["explanation_grammar"] is None  # a free-text checkpoint
     assert server.get("/api/v2/models/nope/info").status_code == 404
 
     stats = server.get("/api/gpu_stats").json()

@@ -282,6 +282,8 @@ class LocalWorker:
             "objective": nla.objective,
             "fve_variance": nla.fve_variance,
             "reads_current_token": reads_current_token(nla),
+            # the language every explanation is sampled in (null: free text), so a client knows it can parse them
+            "explanation_grammar": nla.verbalizer.grammar,
             "content_hash": rt.identities.get(model_id),
         }
 
