@@ -63,5 +63,5 @@ stage grpo configs/train-grpo-claims-v2.yaml
 # made on a first sample of the corpus; docs/demo-model.md): after training, which does not depend on it
 [ -f docs/figures/explanation-contents.json ] || $PY scripts/explanation_contents.py \
   --data data/smollm2-l12-modern data/smollm2-l12-main-v2 --out docs/figures/explanation-contents.json
-$PY scripts/publish_demo.py runs/demo-v2/grpo-claims --out checkpoints/smollm2-135m-l12-v2 --skip-done --grammar sentence \
+$PY scripts/publish_demo.py runs/demo-v2/grpo-claims --out checkpoints/smollm2-135m-l12-v2 --skip-done --grammar sentence --make-default \
   --heldout data/smollm2-l12-modern/heldout data/smollm2-l12-main-v2/heldout -n 256 --kl-samples 64

@@ -12,7 +12,7 @@ from pathlib import Path
 from .nla.sources import DEFAULT_SOURCE
 
 DEFAULT_LAYER = 12  # the demo checkpoint's layer: the untrained fallback explains the same one
-DEMO_CHECKPOINT_NAME = "smollm2-135m-l12"
+DEMO_CHECKPOINT_NAME = "smollm2-135m-l12-v2"
 
 
 def repo_root() -> Path:

@@ -38,9 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--last-n-messages", type=int, help="with --messages: analyse only the last N messages")
     p.add_argument(
         "--dtype",
-        default="float32",
+        default="auto",
         choices=["float32", "bfloat16", "auto"],
-        help="model weights dtype (default float32); auto: bfloat16 where this machine computes it natively",
+        help="model weights dtype (default auto: bfloat16 where this machine computes it natively, else float32)",
     )
     p.add_argument("--json", action="store_true", help="print the rows (and metadata) as JSON")
     p.add_argument("--server", help="analyse on a running Talkative server at this URL instead of locally")

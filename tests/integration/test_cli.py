@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from talkative.nla.explanations import parse
+
 pytestmark = pytest.mark.integration
 
 TEXT = "The capital of France is Paris."
@@ -54,8 +56,8 @@ def talkative(*args, env=None, timeout=600):
 
 @pytest.mark.slow
 def test_analyze_json_on_a_fresh_machine(tmp_path):
-    """Defaults (the committed demo NLA, layer 12; k=8, salience, KL), and an empty model cache: the bundled model is
-    converted on the way, with its progress on stderr and nothing but JSON on stdout."""
+    """Defaults (the committed demo NLA, layer 12, explanations of 24 tokens; k=8, salience, KL), and an empty model
+    cache: the bundled model is converted on the way, with its progress on stderr and nothing but JSON on stdout."""
     proc = talkative("analyze", TEXT, "--json", env=_env(TALKATIVE_CACHE=str(tmp_path / "cache")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
@@ -65,7 +67,8 @@ def test_analyze_json_on_a_fresh_machine(tmp_path):
     for r in rows:
         assert set(r) >= FIELDS
         assert r["layer"] == 12 and r["explanation"]
-        assert len(r["token_salience"]) == 8 and len(r["explanation_structured"]) == 8
+        assert len(r["token_salience"]) == 24 and len(r["explanation_structured"]) == 24
+        assert parse(r["explanation"]) is not None  # the default samples in its explanation language
         assert r["mse"] > 0 and r["relative_rmse"] > 0 and -1 <= r["cosine"] <= 1
         assert r["kl_divergence"] >= 0
     assert meta["best_of_k"] == 8 and meta["layer"] == 12 and meta["seed"] == 42

@@ -64,7 +64,7 @@ def _layers(checkpoints) -> dict[str, int]:
 
 
 def test_the_native_checkpoint_is_the_committed_demo(checkpoints):
-    assert Path(checkpoints["native"]) == REPO / "checkpoints" / "smollm2-135m-l12"
+    assert Path(checkpoints["native"]) == REPO / "checkpoints" / "smollm2-135m-l12-v2"
     assert _layers(checkpoints) == {"native": 12, "upstream": 12, "official": 20}
 
 

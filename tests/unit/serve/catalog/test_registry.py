@@ -181,6 +181,9 @@ def test_use_bf16_auto_picks_bfloat16_where_the_device_computes_it_natively(tmp_
     native = "bfloat16" if bf16_is_fast("cpu") else "float32"
     assert Residency(reg, s)._dtype("qwen2.5-14b", "cpu") == native
     assert Residency(reg, s)._dtype("qwen2.5-14b", "meta") == "float32"  # no native bf16 known there
+    # a model that nothing sets: auto is the default
+    assert reg.model_setting(s, "use_bf16", group_id="gemma3-27b-it") == "auto"
+    assert Residency(reg, s)._dtype("gemma3-27b-it", "cpu") == native
     auto = Settings(model_groups_file=tmp_path / "model_groups.json", global_use_bf16="auto")
     reg.bind_environment({})
     assert reg.model_setting(auto, "use_bf16", group_id="gemma3-27b-it") == "auto"
