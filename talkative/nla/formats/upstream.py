@@ -398,7 +398,12 @@ def build_nla(
     n_patch = cfg.patch_layers(base.n_layers)
     try:
         verbalizer = LayerReplacementVerbalizer(
-            base, prompt=cfg.decoder_prompt, patch_layers=n_patch, t_text=cfg.t_text, softcap_sampling=False
+            base,
+            prompt=cfg.decoder_prompt,
+            patch_layers=n_patch,
+            t_text=cfg.t_text,
+            softcap_sampling=False,
+            grammar=cfg.talkative.get("grammar"),
         )
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
@@ -564,6 +569,8 @@ def upstream_state(nla: NLA) -> tuple[dict[str, Any], dict[str, Tensor], dict[st
             "fve_baseline": nla.fve_baseline
             or (None if nla.fve_variance is None else {"variance": nla.fve_variance, "kind": "rawvar"}),
             "provenance": nla.provenance,
+            # upstream's own code samples free text; Talkative reads the grammar back and samples in it
+            "grammar": v.grammar,
         },
     }
     return config, decoder, encoder

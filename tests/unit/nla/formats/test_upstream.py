@@ -3,6 +3,7 @@ compared against the reference in `tests/formats_ref.py`, which reads the file's
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -332,3 +333,16 @@ def test_pickle_errors_are_not_mistaken_for_corruption(make_tiny, tmp_path):
     assert new.stat().st_mtime > old.stat().st_mtime
     with pytest.raises(CheckpointError, match="trust"):
         load_nla(tmp_path / "run", pool=_pool(lm, "tiny-llama"))
+
+
+def test_the_explanation_grammar_survives_native_to_upstream_and_back(make_tiny, tmp_path):
+    lm = make_tiny("llama", seed=5)
+    pool = _pool(lm, "tiny-llama")
+    native = NLA.init(lm, 1, subject_source="tiny-llama", t_text=8).save(tmp_path / "native")
+    cfg = json.loads((native / "nla.json").read_text())
+    cfg["verbalizer"]["grammar"] = "sentence"
+    (native / "nla.json").write_text(json.dumps(cfg))
+    guided = load_nla(native, pool=pool)
+    back = load_nla(save_upstream(guided, tmp_path / "up"), pool=pool)
+    assert back.verbalizer.grammar == "sentence" == guided.verbalizer.grammar
+    assert back.config()["verbalizer"] == guided.config()["verbalizer"]
