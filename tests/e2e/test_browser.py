@@ -87,7 +87,14 @@ def test_analyse_a_sentence_then_read_strip_tooltip_keyboard_table_and_legend(
         "#analyse-model optgroup", "gs => gs.map(g => [g.label, [...g.children].map(o => o.textContent)])"
     )
     assert groups == [
-        ["SmolLM2 135M Instruct", ["SmolLM2 135M L12 · layer 12", "SmolLM2 135M L10 (untrained) · layer 10"]]
+        [
+            "SmolLM2 135M Instruct",
+            [
+                "SmolLM2 135M L12 · layer 12",
+                "SmolLM2 135M L12 (first demo) · layer 12",
+                "SmolLM2 135M L10 (untrained) · layer 10",
+            ],
+        ]
     ]
     expect(page.locator("#analyse-model-info")).to_contain_text("loaded on")
     expect(page.locator("#analyse-model-info")).to_contain_text("The default NLA")
