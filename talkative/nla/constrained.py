@@ -90,7 +90,8 @@ class GuidedSampler:
         self.vocabulary = vocabulary  # each token id's text alone, for the whole-vocabulary fallback
         self.ids = [list(forced_ids) for _ in range(rows)]
         # a forced start outside the language (a request's add_tokens) leaves nothing to keep: sample freely
-        start_ok = self._fits(tokenizer.decode(forced_ids), steps) if forced_ids else True
+        start = tokenizer.decode(forced_ids)
+        start_ok = not forced_ids or (grammar.viable(start) and self._fits(start, steps))
         self.guided = [start_ok] * rows
         self.settled = [False] * rows
         self.given_up = 0

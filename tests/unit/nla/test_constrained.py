@@ -142,7 +142,9 @@ def test_a_forced_start_outside_the_language_turns_the_guide_off(tokenizer):
     forced = tokenizer.encode("  A speech", add_special_tokens=False)
     guide = GuidedSampler(GRAMMARS["sentence"], tokenizer, forced, 2, _texts(tokenizer), 24)
     logits = _logits(tokenizer, {" zebra": 9.0}, 2)
+    assert guide.guided == [False, False]  # not tried and given up: never guided
     assert tokenizer.decode([int(t) for t in guide.next(logits, 0.0, None, steps_left=10)]) == " zebra zebra"
+    assert guide.given_up == 0
 
 
 def _bias(lm, boost: dict[int, float]) -> None:
