@@ -13,6 +13,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ log = logging.getLogger("talkative.serve.jobs.sqlite")
 
 #: seconds a statement waits for another connection's write lock before failing
 BUSY_TIMEOUT = 30
+WAL_RETRY_SECONDS = 0.01  # between attempts to switch a new file to WAL while another connection switches it
 
 
 class SQLiteConn:
@@ -36,7 +38,7 @@ class SQLiteConn:
     def __init__(self, path: Path) -> None:
         self.raw = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
         self.raw.row_factory = sqlite3.Row
-        self.raw.execute("PRAGMA journal_mode=WAL")
+        _enter_wal(self.raw)
         self.raw.execute("PRAGMA synchronous=NORMAL")
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
@@ -59,6 +61,22 @@ class SQLiteConn:
 
     def close(self) -> None:
         self.raw.close()
+
+
+def _enter_wal(raw: sqlite3.Connection) -> None:
+    """Switch the file to WAL, waiting out other connections doing the same. Switching needs the file to itself,
+    and SQLite answers "database is locked" at once rather than calling the busy handler when several
+    connections race to switch a new file (processes starting together on an empty store: measured 21 of 200
+    six-way races here); once the file is in WAL the switch is a no-op that never waits."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            raw.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_RETRY_SECONDS)
 
 
 class SQLiteDatabase(Database):
