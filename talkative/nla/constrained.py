@@ -31,7 +31,7 @@ from torch import Tensor
 from . import explanations
 from .sampling import sample_next
 
-MAX_TRIES = 64  # draws per row and step before a row is given up (the struck tokens are the likeliest first)
+MAX_TRIES = 64  # draws per row and step before the allowed set is computed over the whole vocabulary
 
 
 @dataclass(frozen=True)
