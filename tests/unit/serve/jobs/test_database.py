@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from at_once import at_once
 from pydantic import ValidationError
 
 from talkative.serve.jobs.database import DatabaseURLError, check_url, open_database, redacted
@@ -60,25 +61,10 @@ def test_an_unreachable_postgresql_fails_at_startup_naming_the_host_not_the_pass
 def test_connections_racing_to_switch_a_new_file_to_wal_all_open(tmp_path: Path) -> None:
     """Six connections opening a new SQLite file at once: SQLite refuses some of the WAL switches at once ("database
     is locked", without waiting; about one six-way race in ten here), so the switch is retried. Sixty races."""
-    import threading
-
     from talkative.serve.jobs.sqlite import SQLiteConn
 
     errors: list[BaseException] = []
     for race in range(60):
         path = tmp_path / f"race-{race}.sqlite3"
-        start = threading.Barrier(6)
-
-        def connect(path: Path = path, start: threading.Barrier = start) -> None:
-            start.wait()
-            try:
-                SQLiteConn(path).close()
-            except BaseException as exc:  # collected: the assertion below names it
-                errors.append(exc)
-
-        threads = [threading.Thread(target=connect) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors += at_once(6, lambda path=path: SQLiteConn(path).close())
     assert errors == []

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from at_once import at_once
 
 from talkative.serve.jobs.batches import BatchStore
 from talkative.serve.jobs.database import Database
@@ -176,21 +176,7 @@ def test_processes_starting_at_once_migrate_once(open_database: Callable[[], Dat
     """Replicas starting together on one empty database: one migrates, the others wait for it and find nothing to
     do (without the schema lock, concurrent CREATE TABLEs collide on PostgreSQL)."""
     opened: list[Database] = []
-    failures: list[BaseException] = []
-    start = threading.Barrier(6)
-
-    def replica() -> None:
-        start.wait()
-        try:
-            opened.append(open_database())
-        except BaseException as exc:  # collected: the assertion below names it
-            failures.append(exc)
-
-    threads = [threading.Thread(target=replica) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    failures = at_once(6, lambda: opened.append(open_database()))
     assert failures == [] and len(opened) == 6
     assert _versions(opened[0]) == list(range(1, LATEST + 1))
 
