@@ -193,9 +193,8 @@ def build_verbalizer(cfg: dict[str, Any], lm: LM) -> VerbalizerModule:
         )
     try:
         return design.from_settings(cfg, lm)
-    except (
-        ValueError
-    ) as exc:  # a setting the design refuses (prompt without its placeholder, unknown grammar)
+    # a setting the design refuses (prompt without its placeholder, unknown grammar)
+    except ValueError as exc:
         raise CheckpointError(f"verbalizer: {exc}") from None
 
 

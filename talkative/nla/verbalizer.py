@@ -79,9 +79,8 @@ class Verbalizer(Protocol):
     lm: LM
     fixed_length: bool  # exactly t_text tokens: no stop, nothing to parse, the budget is no failure
     edits_prompt: bool  # accepts replace_left / replace_right / hard tokens (a soft prompt around A)
-    grammar: (
-        str | None
-    )  # the explanation language sampling keeps to (`constrained.GRAMMARS`), None: free text
+    # the explanation language sampling keeps to (`constrained.GRAMMARS`), None: free text
+    grammar: str | None
 
     def max_added_tokens(self) -> int | None:
         """The most forced tokens (`add_tokens`) an explanation can hold, None for no limit but the budget."""
@@ -127,7 +126,6 @@ class LayerReplacementVerbalizer(nn.Module):
         self.patch_layers = patch_layers
         self.t_text = t_text
         self.softcap_sampling = softcap_sampling
-        # the explanation language sampling keeps to (`constrained.GRAMMARS`), None for free text
         self.grammar = check_grammar(grammar)
         self._token_texts: list[str] | None = None  # each token's text alone, built on the first need
         left, right = prompt.split(EMBED_PLACEHOLDER)
@@ -300,11 +298,11 @@ class LayerReplacementVerbalizer(nn.Module):
             pos = int(positions[0, -1]) + 1
             for t in range(n_sample):
                 stop_if(cancelled)
-                step_seeds = seeds[:, t] if seeds is not None else None
+                this_step = seeds[:, t] if seeds is not None else None
                 tok = (
-                    sample_next(logits, temperature, step_seeds)
+                    sample_next(logits, temperature, this_step)
                     if guide is None
-                    else guide.next(logits, temperature, step_seeds, steps_left=n_sample - 1 - t)
+                    else guide.next(logits, temperature, this_step, steps_left=n_sample - 1 - t)
                 )
                 sampled.append(tok)
                 if t == n_sample - 1:
